@@ -1,0 +1,26 @@
+"""trp-edge: Trained Rank Pruning (Xu et al., IJCAI 2020) for CNNs, lowered to edge devices.
+
+The public API is imported lazily, so `import trp_edge` (and `trp-edge --help`) load no torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CompressConfig": "config", "DecomposeConfig": "config", "TRPConfig": "config",
+    "TrpEdgeError": "errors", "InputError": "errors", "ConfigError": "errors", "ValidationError": "errors",
+    "load_model": "models", "load_data": "data",
+    "decompose_": "lowrank", "SCHEMES": "lowrank", "energy_rank": "lowrank", "LowRankConv2d": "lowrank",
+    "TRPTrainer": "trp", "count_macs": "flops", "export_onnx": "export", "compress": "compress",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'trp_edge' has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""The trp-edge command line: parse options into a config, call one library function, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import TrpEdgeError
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO if verbose == 0 else logging.WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    ours = logging.getLogger("trp_edge")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("trp-edge: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(level)
+    ours.propagate = False
+
+
+def _parse_ranks(value: str | None) -> dict[str, int] | None:
+    """--ranks 'layer1.0.conv1=8,layer1.0.conv2=6' or a JSON file {name: rank}."""
+    if not value:
+        return None
+    if Path(value).is_file():
+        try:
+            d = json.loads(Path(value).read_text())
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{value}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise click.BadParameter(f"{value}: expected a JSON object {{layer: rank}}")
+        return {str(k): v for k, v in d.items()}
+    out = {}
+    for item in value.split(","):
+        name, sep, k = item.partition("=")
+        if not sep or not k.strip().isdigit():
+            raise click.BadParameter(f"expected NAME=RANK[,NAME=RANK...] or a JSON file, got {item!r}")
+        out[name.strip()] = int(k)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trp-edge")
+def main() -> None:
+    """Trained Rank Pruning for CNNs, lowered to edge devices, with latency measured on the device."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--scheme", type=click.Choice(["channel", "spatial"]), default="channel", show_default=True,
+              help="channel: kh x kw conv then 1x1 (Zhang et al.); spatial: kh x 1 then 1 x kw (Jaderberg et al.)")
+@click.option("--energy", "-e", type=float, default=0.02, show_default=True,
+              help="TSVD energy e: keep the smallest rank whose dropped singular values hold <= e of the energy")
+@click.option("--nuclear", type=float, default=0.0, show_default=True, help="nuclear-norm weight lambda (paper: 3e-4)")
+@click.option("--period", "-m", type=int, default=20, show_default=True, help="TSVD projection every m steps")
+@click.option("--epochs", type=int, default=None, help="training epochs")
+@click.option("--steps", type=int, default=None, help="training steps (overrides --epochs; 0: decompose directly)")
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--batch", type=int, default=128, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]")
+@click.option("--svd-device", type=click.Choice(["auto", "cpu", "same"]), default="auto", show_default=True,
+              help="where the TRP SVDs run (auto: on the training device)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="data loader workers (imagefolder)")
+@click.option("--data", default=None, help="fashion-mnist[:DIR], cifar10:DIR, imagefolder:DIR or synthetic[:CxHxW]")
+@click.option("--arch", default=None, help="architecture of a .pt state_dict (inferred from its keys when omitted)")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="weights for a built-in model name")
+@click.option("--trust-pickle", is_flag=True, help="allow a .pt holding a pickled nn.Module (runs code from the file)")
+@click.option("--in-channels", type=int, default=None, help="input channels of a built-in model (default: the data's)")
+@click.option("--num-classes", type=int, default=None, help="classes of a built-in model (default: the data's)")
+@click.option("--input-size", type=int, default=None, help="input size without --data (default 32 CIFAR, 224 ImageNet)")
+@click.option("--skip-stem", is_flag=True, help="leave the first conv dense")
+@click.option("--ranks", default=None, help="explicit per-layer ranks: NAME=K,... or a JSON file")
+@click.option("--target-speedup", type=float, default=None,
+              help="choose e by bisection so the decomposed model has X times fewer MACs")
+@click.option("--out", "-o", default=None, help="output directory (default trp-edge-out/<model-name>)")
+@click.option("--force", is_flag=True, help="replace an existing --out")
+@click.option("--resume", is_flag=True, help="go on from --out/checkpoint.pt")
+@click.option("--quiet", "-q", count=True, help="less output (no progress bars)")
+@click.option("--verbose", "-v", count=True)
+def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
+             device, svd_device, seed, workers, data, arch, weights, trust_pickle, in_channels, num_classes,
+             input_size, skip_stem, ranks, target_speedup, out, force, resume, quiet, verbose):
+    """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
+
+    MODEL is a built-in name (resnet18/34/50, resnet20/32/56) or a .pt file (state_dict, checkpoint
+    dict, or with --trust-pickle a pickled nn.Module)."""
+    _setup_logging(verbose - quiet)
+    from .compress import compress as run
+    from .config import CompressConfig, DecomposeConfig, TRPConfig
+
+    try:
+        cfg = CompressConfig(
+            model=model, arch=arch, weights=weights, trust_pickle=trust_pickle, in_channels=in_channels,
+            num_classes=num_classes, input_size=input_size, data=data, out=out, force=force, resume=resume,
+            decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
+                                      target_speedup=target_speedup),
+            trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
+                          momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
+                          seed=seed, workers=workers, svd_device=svd_device))
+        result = run(cfg, progress=quiet == 0 and sys.stderr.isatty())
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    r = result.report
+
+    def acc(v):
+        return "n/a" if v is None else f"{v:.2f}%"
+
+    left = sum(1 for la in r["layers"] if la["rank"] is None)
+    click.echo(f"{r['model']}: {r['scheme']} scheme, e={r['energy']:.4g}: {r['mac_speedup']:.2f}x fewer MACs "
+               f"({r['dense']['macs'] / 1e6:.1f}M -> {r['compressed']['macs'] / 1e6:.1f}M), "
+               f"{len(r['layers']) - left}/{len(r['layers'])} convs decomposed")
+    click.echo(f"accuracy: dense {acc(r['dense']['accuracy'])}, decomposed {acc(r['compressed']['accuracy'])}; "
+               f"ONNX max abs diff {r['onnx']['max_abs_diff']:.2g}")
+    click.echo(f"artifacts in {result.out}/ (compressed.pt, dense.onnx, model.onnx, report.json, ranks.png)")
+
+
+if __name__ == "__main__":
+    main()

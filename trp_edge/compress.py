@@ -1,0 +1,164 @@
+"""`trp-edge compress`: load -> TRP training -> decompose_ -> ONNX export -> report.
+
+Artifacts go to a staging folder inside --out and replace the old ones only when everything has
+been written and validated, so a failed run loses nothing already there."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CompressConfig
+from .errors import InputError
+from .flops import count_macs, param_count
+from .lowrank import LayerPlan, conv_layers, decompose_
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ("compressed.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png")
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    report: dict[str, Any]
+
+
+def default_out(name: str) -> Path:
+    return Path("trp-edge-out") / name
+
+
+def _prepare_out(cfg: CompressConfig, name: str) -> Path:
+    out = Path(cfg.out) if cfg.out else default_out(name)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (cfg.force or cfg.resume):
+        raise InputError(f"--out {out}: already holds a result; pass --force to replace it or --resume to go on")
+    if cfg.force and (out / "checkpoint.pt").exists():
+        (out / "checkpoint.pt").unlink()
+    return out
+
+
+def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> CompressResult:
+    from .data import load_data
+    from .export import export_onnx, onnx_macs
+    from .models import compressed_payload, default_input_size, load_model
+    from .trp import TRPTrainer, evaluate, resolve_device
+
+    data = load_data(cfg.data, workers=cfg.trp.workers, seed=cfg.trp.seed) if cfg.data else None
+    in_ch = cfg.in_channels or (data.in_channels if data else None)
+    n_cls = cfg.num_classes or (data.num_classes if data else None)
+    loaded = load_model(cfg.model, arch=cfg.arch, weights=cfg.weights, trust_pickle=cfg.trust_pickle,
+                        in_channels=in_ch, num_classes=n_cls)
+    if loaded.lowrank is not None:
+        raise InputError(f"{cfg.model}: already a trp-edge compressed model; compress its dense source instead")
+    model, spec = loaded.model, loaded.spec
+    if data is not None:
+        if spec["in_channels"] != data.in_channels:
+            raise InputError(f"{cfg.model}: takes {spec['in_channels']}-channel input but {data.name} has "
+                             f"{data.in_channels} channels")
+        if spec["num_classes"] != data.num_classes:
+            raise InputError(f"{cfg.model}: has {spec['num_classes']} classes but {data.name} has {data.num_classes}")
+        example = data.example
+    else:
+        size = cfg.input_size or default_input_size(spec)
+        example = torch.zeros(1, spec["in_channels"], size, size)
+    out = _prepare_out(cfg, loaded.name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dcfg, tcfg = cfg.decompose, cfg.trp
+    dense_macs = count_macs(model, example)
+    layers = conv_layers(model, example, dcfg)
+    other_macs = dense_macs.total - sum(la.macs_dense for la in layers)
+    device = resolve_device(tcfg.device)
+
+    initial_acc = evaluate(model.to(device), data.test, device) if data is not None and tcfg.trains else None
+    train = None
+    if tcfg.trains:
+        trainer = TRPTrainer(model, data, tcfg, dcfg, checkpoint=out / "checkpoint.pt", other_macs=other_macs,
+                             progress=progress, on_step=on_step)
+        train = trainer.train(resume=cfg.resume)
+        log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", train.steps, train.train_seconds,
+                 train.step_ms, train.svd_ms_per_step)
+    model = model.cpu().eval()
+    dense_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
+    dense_model = copy.deepcopy(model)
+
+    plans, energy = decompose_(model, dcfg, example, other_macs=other_macs)
+    comp_macs = count_macs(model, example)
+    comp_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
+
+    stage = out / ".staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        diff_dense = export_onnx(dense_model, example, stage / "dense.onnx")
+        diff_model = export_onnx(model, example, stage / "model.onnx")
+        onnx_count = {"dense": onnx_macs(stage / "dense.onnx"), "compressed": onnx_macs(stage / "model.onnx")}
+        report = _report(cfg, loaded.name, spec, energy, plans, dense_macs, comp_macs, dense_model, model,
+                         initial_acc, dense_acc, comp_acc, train, {"dense": diff_dense, "compressed": diff_model},
+                         onnx_count, example)
+        ranks = {p.name: p.rank for p in plans if p.rank is not None}
+        payload = compressed_payload(model, spec, dcfg.scheme, ranks,
+                                     {"energy": energy, "input_shape": list(example.shape)})
+        torch.save(payload, stage / "compressed.pt")
+        from .report import plot_ranks, write_json
+
+        write_json(stage / "report.json", report)
+        plot_ranks(report, stage / "ranks.png")
+        for name in ARTIFACTS:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("wrote %s", ", ".join(str(out / n) for n in ARTIFACTS))
+    return CompressResult(out, report)
+
+
+def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], dense_macs, comp_macs, dense_model,
+            model, initial_acc, dense_acc, comp_acc, train, diffs, onnx_count, example) -> dict[str, Any]:
+    dcfg, tcfg = cfg.decompose, cfg.trp
+    layers = []
+    for p in plans:
+        d = p.to_dict()
+        # per-layer MACs as torch.utils.flop_counter counts them on the built modules
+        d["macs_dense"] = dense_macs.per_module.get(p.name, p.macs_dense)
+        d["macs_lowrank"] = comp_macs.per_module.get(p.name) if p.rank is not None else p.macs_lowrank
+        layers.append(d)
+    rel = {k: abs(onnx_count[k] - v) / max(v, 1) for k, v in (("dense", dense_macs.total),
+                                                                ("compressed", comp_macs.total))}
+    return {
+        "model": name,
+        "arch": spec,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "scheme": dcfg.scheme,
+        "energy": energy,
+        "nuclear": tcfg.nuclear,
+        "period": tcfg.period,
+        "target_speedup": dcfg.target_speedup,
+        "input_shape": list(example.shape),
+        "data": cfg.data,
+        "dense": {"macs": dense_macs.total, "params": param_count(dense_model), "accuracy": dense_acc},
+        "compressed": {"macs": comp_macs.total, "params": param_count(model), "accuracy": comp_acc},
+        "initial_accuracy": initial_acc,
+        "mac_speedup": dense_macs.total / comp_macs.total,
+        "param_ratio": param_count(dense_model) / param_count(model),
+        "layers": layers,
+        "onnx": {"max_abs_diff": max(diffs.values()), "max_abs_diff_dense": diffs["dense"],
+                 "max_abs_diff_compressed": diffs["compressed"], "macs_dense": onnx_count["dense"],
+                 "macs_compressed": onnx_count["compressed"], "macs_rel_diff": max(rel.values())},
+        "training": None if train is None else {
+            "steps": train.steps, "epochs": train.epochs_done, "seconds": train.train_seconds,
+            "step_ms": train.step_ms, "svd_ms_per_step": train.svd_ms_per_step, "device": str(tcfg.device),
+            "train_accuracy_last_epoch": train.train_accuracy},
+        "trajectory": [] if train is None else train.history,
+        "config": cfg.to_dict(),
+    }

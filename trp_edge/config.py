@@ -1,0 +1,132 @@
+"""One frozen, validated config object per workflow; each round-trips to JSON so every artifact
+records how it was made."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEME_NAMES = ("channel", "spatial")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+class _JSONMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        _check(not unknown, f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DecomposeConfig(_JSONMixin):
+    """How eligible convs become low-rank pairs.
+
+    energy: the e of TSVD(W, e): keep the smallest rank k with sum_{j>k} s_j^2 <= e * sum s_j^2.
+    ranks: explicit per-layer ranks (layer name -> k); they override the energy rule for those layers.
+    target_speedup: choose e by bisection so the decomposed model has this many times fewer MACs.
+    """
+
+    scheme: str = "channel"
+    energy: float = 0.02
+    ranks: Mapping[str, int] | None = None
+    skip_stem: bool = False
+    target_speedup: float | None = None
+
+    def __post_init__(self):
+        _check(self.scheme in SCHEME_NAMES, f"unknown scheme {self.scheme!r}: use one of {', '.join(SCHEME_NAMES)}")
+        _check(0.0 < self.energy < 1.0, f"energy must be in (0, 1), got {self.energy}")
+        if self.ranks is not None:
+            bad = {k: v for k, v in self.ranks.items() if not (isinstance(v, int) and v >= 1)}
+            _check(not bad, f"explicit ranks must be integers >= 1, got {bad}")
+            object.__setattr__(self, "ranks", dict(self.ranks))
+        if self.target_speedup is not None:
+            _check(self.target_speedup > 1.0, f"target speedup must be > 1, got {self.target_speedup}")
+
+
+@dataclass(frozen=True)
+class TRPConfig(_JSONMixin):
+    """TRP training (Xu et al., IJCAI 2020, Alg. 1): every `period` steps project each eligible conv
+    onto TSVD(W, e) and take the step there; `nuclear` > 0 adds lambda * U_tru V_tru^T each step."""
+
+    period: int = 20
+    nuclear: float = 0.0
+    epochs: int | None = None
+    steps: int | None = None
+    lr: float = 0.01
+    batch: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    svd_device: str = "auto"
+
+    def __post_init__(self):
+        _check(self.period >= 1, f"period must be >= 1, got {self.period}")
+        _check(self.nuclear >= 0.0, f"nuclear (lambda) must be >= 0, got {self.nuclear}")
+        _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        _check(self.steps is None or self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
+        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0.0, f"weight decay must be >= 0, got {self.weight_decay}")
+        _check(self.schedule in ("cosine", "step", "constant"), f"unknown schedule {self.schedule!r}: use cosine, step or constant")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"unknown device {self.device!r}: use auto, cpu or cuda")
+        _check(self.svd_device in ("auto", "cpu", "same"), f"unknown svd device {self.svd_device!r}: use auto, cpu or same")
+        _check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.steps) or (self.steps is None and bool(self.epochs))
+
+
+@dataclass(frozen=True)
+class CompressConfig(_JSONMixin):
+    """`trp-edge compress`: which model, which data, where the artifacts go, and how."""
+
+    model: str
+    decompose: DecomposeConfig = DecomposeConfig()
+    trp: TRPConfig = TRPConfig()
+    arch: str | None = None
+    weights: str | None = None
+    trust_pickle: bool = False
+    in_channels: int | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    data: str | None = None
+    out: str | None = None
+    force: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        _check(isinstance(self.decompose, DecomposeConfig), "decompose must be a DecomposeConfig")
+        _check(isinstance(self.trp, TRPConfig), "trp must be a TRPConfig")
+        _check(self.in_channels is None or self.in_channels >= 1, f"in-channels must be >= 1, got {self.in_channels}")
+        _check(self.num_classes is None or self.num_classes >= 2, f"num-classes must be >= 2, got {self.num_classes}")
+        _check(self.input_size is None or self.input_size >= 8, f"input size must be >= 8, got {self.input_size}")
+        _check(not (self.force and self.resume), "--force starts again and --resume goes on: pass one of them")
+        _check(not (self.trp.trains and self.data is None),
+               "TRP training needs data: pass --data (fashion-mnist, cifar10:DIR, imagefolder:DIR, synthetic) "
+               "or --steps 0 to decompose directly")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        d = dict(d)
+        d["decompose"] = DecomposeConfig.from_dict(d.get("decompose", {}))
+        d["trp"] = TRPConfig.from_dict(d.get("trp", {}))
+        return super().from_dict(d)

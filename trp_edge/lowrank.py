@@ -1,0 +1,392 @@
+"""Matrix forms, the energy rank, TSVD projection and the low-rank conv pairs.
+
+Two schemes (the SCHEMES registry) map a conv weight W of shape (n, c, kh, kw) to a matrix:
+- channel (Zhang et al.): n x (c*kh*kw); rank k gives a kh x kw conv with k filters, then a 1x1 conv.
+- spatial (Jaderberg et al.): (c*kh) x (n*kw); rank k gives a kh x 1 conv with k filters, then a 1 x kw
+  conv. Stride, padding and dilation split per axis: the vertical half takes the H parts, the
+  horizontal half the W parts.
+The bias always goes to the second conv.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DecomposeConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> torch.Tensor:
+    """Smallest k with sum_{j>k} s_j^2 <= energy * sum_j s_j^2, for s sorted in descending order.
+
+    Works on a batch (..., r) and returns ranks of shape (...), each in [1, r]."""
+    e2 = s.double() ** 2
+    cum = torch.cumsum(e2, dim=-1)
+    total = cum[..., -1:]
+    # tail after k = total - cum[k-1] <= energy * total  <=>  cum[k-1] >= (1 - energy) * total
+    need = (1.0 - energy) * total * (1 - 1e-12)
+    k = torch.searchsorted(cum.contiguous(), need.contiguous()).squeeze(-1) + 1
+    return k.clamp(1, s.shape[-1])
+
+
+def kept_energy(s: torch.Tensor, k: int) -> float:
+    """Fraction of sum s^2 kept by the first k singular values."""
+    e2 = s.double() ** 2
+    return float(e2[:k].sum() / e2.sum().clamp_min(1e-300))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A matrix form of a conv weight and the conv pair it factorizes into."""
+
+    name: str
+    to_matrix: Callable[[torch.Tensor], torch.Tensor]  # (..., n, c, kh, kw) -> (..., rows, cols)
+    from_matrix: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
+    halves: Callable[[nn.Conv2d, int], tuple[nn.Conv2d, nn.Conv2d]]
+    # (first, second) weights of the pair from the factors A (rows x k) and B (k x cols), M = A @ B
+    pair_weights: Callable[[torch.Tensor, torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]
+    ineligible: Callable[[nn.Conv2d], str | None]
+    pair_macs: Callable[[nn.Conv2d, tuple[int, int], tuple[int, int], int], int]
+
+
+def _common_ineligible(conv: nn.Conv2d) -> str | None:
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups})"
+    return None
+
+
+def dense_macs(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    n, cg, kh, kw = conv.weight.shape
+    return n * cg * kh * kw * out_hw[0] * out_hw[1]
+
+
+# ---- channel-wise (Zhang et al.) -----------------------------------------------------------------
+
+def _channel_to_matrix(w: torch.Tensor) -> torch.Tensor:
+    return w.flatten(-3)
+
+
+def _channel_from_matrix(m: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return m.reshape(*m.shape[:-2], *shape)
+
+
+def _channel_halves(conv: nn.Conv2d, k: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    n, c, kh, kw = conv.weight.shape
+    first = nn.Conv2d(c, k, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                      bias=False, padding_mode=conv.padding_mode)
+    second = nn.Conv2d(k, n, 1, bias=conv.bias is not None)
+    return first, second
+
+
+def _channel_pair_weights(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]):
+    n, c, kh, kw = shape
+    k = a.shape[1]
+    return b.reshape(k, c, kh, kw), a.reshape(n, k, 1, 1)
+
+
+def _channel_pair_macs(conv: nn.Conv2d, in_hw, out_hw, k: int) -> int:
+    n, c, kh, kw = conv.weight.shape
+    return k * c * kh * kw * out_hw[0] * out_hw[1] + n * k * out_hw[0] * out_hw[1]
+
+
+# ---- spatial-wise (Jaderberg et al.) -------------------------------------------------------------
+
+def _spatial_to_matrix(w: torch.Tensor) -> torch.Tensor:
+    *lead, n, c, kh, kw = w.shape
+    # M[(ci, i), (no, j)] = W[no, ci, i, j]
+    return w.movedim(-4, -2).reshape(*lead, c * kh, n * kw)
+
+
+def _spatial_from_matrix(m: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n, c, kh, kw = shape
+    return m.reshape(*m.shape[:-2], c, kh, n, kw).movedim(-2, -4)
+
+
+def _spatial_halves(conv: nn.Conv2d, k: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    n, c, kh, kw = conv.weight.shape
+    (sh, sw), (dh, dw) = _pair(conv.stride), _pair(conv.dilation)
+    if isinstance(conv.padding, str):  # 'same' / 'valid' act per axis, so each half takes the string
+        first_pad = second_pad = conv.padding
+    else:
+        ph, pw = _pair(conv.padding)
+        first_pad, second_pad = (ph, 0), (0, pw)
+    first = nn.Conv2d(c, k, (kh, 1), stride=(sh, 1), padding=first_pad, dilation=(dh, 1),
+                      bias=False, padding_mode=conv.padding_mode)
+    second = nn.Conv2d(k, n, (1, kw), stride=(1, sw), padding=second_pad, dilation=(1, dw),
+                       bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    return first, second
+
+
+def _spatial_pair_weights(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]):
+    n, c, kh, kw = shape
+    k = a.shape[1]
+    first = a.T.reshape(k, c, kh, 1)
+    second = b.reshape(k, n, kw).transpose(0, 1).reshape(n, k, 1, kw)
+    return first, second
+
+
+def _spatial_ineligible(conv: nn.Conv2d) -> str | None:
+    kh, kw = conv.kernel_size
+    if kh == 1 and kw == 1:
+        return "1x1 kernel (the spatial scheme needs kh or kw > 1)"
+    return _common_ineligible(conv)
+
+
+def _spatial_pair_macs(conv: nn.Conv2d, in_hw, out_hw, k: int) -> int:
+    n, c, kh, kw = conv.weight.shape
+    # the vertical half keeps the input width (its W stride, padding and dilation are all 1 or 0)
+    return k * c * kh * out_hw[0] * in_hw[1] + n * k * kw * out_hw[0] * out_hw[1]
+
+
+SCHEMES: dict[str, Scheme] = {
+    "channel": Scheme("channel", _channel_to_matrix, _channel_from_matrix, _channel_halves,
+                      _channel_pair_weights, _common_ineligible, _channel_pair_macs),
+    "spatial": Scheme("spatial", _spatial_to_matrix, _spatial_from_matrix, _spatial_halves,
+                      _spatial_pair_weights, _spatial_ineligible, _spatial_pair_macs),
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ConfigError(f"unknown scheme {name!r}: use one of {', '.join(SCHEMES)}") from None
+
+
+class LowRankConv2d(nn.Module):
+    """A conv replaced by two convs: `first` (k filters) then `second` (the original outputs)."""
+
+    def __init__(self, first: nn.Conv2d, second: nn.Conv2d, scheme: str):
+        super().__init__()
+        self.first = first
+        self.second = second
+        self.scheme = scheme
+        self.rank = first.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, rank={self.rank}"
+
+
+def make_pair(conv: nn.Conv2d, scheme: str, k: int, *, init: bool = True) -> LowRankConv2d:
+    """The low-rank pair of `conv` at rank k. With init, weights come from the rank-k TSVD of
+    conv.weight (sqrt(s) on each side); without, they are left for a state_dict to fill."""
+    sch = get_scheme(scheme)
+    first, second = sch.halves(conv, k)
+    if init:
+        w = conv.weight.detach()
+        m = sch.to_matrix(w.double())
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        r = s[:k].sqrt()
+        a, b = u[:, :k] * r, r[:, None] * vh[:k]
+        fw, sw = sch.pair_weights(a, b, tuple(w.shape))
+        with torch.no_grad():
+            first.weight.copy_(fw.to(w.dtype))
+            second.weight.copy_(sw.to(w.dtype))
+            if conv.bias is not None:
+                second.bias.copy_(conv.bias.detach())
+    pair = LowRankConv2d(first, second, scheme)
+    return pair.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+# ---- the eligible layers of a model ----------------------------------------------------------------
+
+@dataclass
+class ConvLayer:
+    """A conv of the model with the shapes it sees on the example input."""
+
+    name: str
+    module: nn.Conv2d
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    reason: str | None  # why it is not eligible, None when it is
+
+    @property
+    def macs_dense(self) -> int:
+        return dense_macs(self.module, self.in_hw, self.out_hw)
+
+    def matrix(self, scheme: str) -> torch.Tensor:
+        return get_scheme(scheme).to_matrix(self.module.weight.detach())
+
+
+def conv_layers(model: nn.Module, example: torch.Tensor, config: DecomposeConfig) -> list[ConvLayer]:
+    """Every nn.Conv2d of the model in forward order with its input/output size, and whether the
+    scheme can decompose it."""
+    sch = get_scheme(config.scheme)
+    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
+    order: list[str] = []
+    hooks = []
+    names = {m: n for n, m in model.named_modules()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            def hook(m, inp, out, name=name):
+                if name not in shapes:
+                    order.append(name)
+                shapes[name] = (tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+            hooks.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    layers = []
+    for i, name in enumerate(order):
+        mod = modules[name]
+        reason = sch.ineligible(mod)
+        if reason is None and config.skip_stem and i == 0:
+            reason = "stem (--skip-stem)"
+        layers.append(ConvLayer(name, mod, *shapes[name], reason))
+    unused = [n for m, n in names.items() if isinstance(m, nn.Conv2d) and n not in shapes]
+    if unused:
+        log.debug("convs not reached by the forward pass (left as they are): %s", unused)
+    return layers
+
+
+def batched_svd(mats: Iterable[torch.Tensor], device: torch.device | str | None = None):
+    """SVD of many matrices, one batched call per distinct shape. Returns [(u, s, vh)] in order."""
+    mats = list(mats)
+    out: list = [None] * len(mats)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(tuple(m.shape), []).append(i)
+    for idx in groups.values():
+        stack = torch.stack([mats[i] for i in idx])
+        src = stack.device
+        if device is not None:
+            stack = stack.to(device)
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+        for j, i in enumerate(idx):
+            out[i] = (u[j].to(src), s[j].to(src), vh[j].to(src))
+    return out
+
+
+# ---- planning: which rank for which layer ----------------------------------------------------------
+
+@dataclass
+class LayerPlan:
+    """The decision for one conv: a low-rank pair at `rank`, or dense with the `reason`."""
+
+    name: str
+    scheme: str
+    rank: int | None
+    full_rank: int
+    macs_dense: int
+    macs_lowrank: int | None
+    reason: str | None = None
+    energy_rank: int | None = None
+    kept_energy: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan_layers(layers: list[ConvLayer], svals: dict[str, torch.Tensor], config: DecomposeConfig,
+                energy: float | None = None) -> list[LayerPlan]:
+    """Ranks for every conv from its singular values (energy rule or explicit ranks), leaving dense
+    each layer that is not eligible or whose pair would not save MACs."""
+    sch = get_scheme(config.scheme)
+    e = config.energy if energy is None else energy
+    explicit = dict(config.ranks or {})
+    unknown = set(explicit) - {layer.name for layer in layers}
+    if unknown:
+        raise ConfigError(f"explicit ranks name layers the model does not have: {sorted(unknown)}")
+    plans = []
+    for layer in layers:
+        dense = layer.macs_dense
+        if layer.reason is not None:
+            plans.append(LayerPlan(layer.name, config.scheme, None, 0, dense, None, layer.reason))
+            continue
+        s = svals[layer.name]
+        full = s.shape[-1]
+        k_e = int(energy_rank(s, e))
+        k = min(explicit.get(layer.name, k_e), full)
+        macs = sch.pair_macs(layer.module, layer.in_hw, layer.out_hw, k)
+        plan = LayerPlan(layer.name, config.scheme, k, full, dense, macs, None, k_e, kept_energy(s, k))
+        if macs >= dense:
+            plan.rank = None
+            plan.reason = f"low-rank pair at rank {k}/{full} costs {macs} MACs >= dense {dense}"
+        plans.append(plan)
+    return plans
+
+
+def planned_macs(plans: list[LayerPlan]) -> tuple[int, int]:
+    """(dense, planned) MACs summed over the planned convs."""
+    dense = sum(p.macs_dense for p in plans)
+    low = sum(p.macs_lowrank if p.rank is not None else p.macs_dense for p in plans)
+    return dense, low
+
+
+def energy_for_speedup(layers: list[ConvLayer], svals: dict[str, torch.Tensor], config: DecomposeConfig,
+                       other_macs: int, target: float, iters: int = 60) -> float:
+    """Smallest energy e whose plan gives `target` times fewer MACs for the whole model (bisection;
+    the speedup is non-decreasing in e). `other_macs` are the model's MACs outside the convs."""
+
+    def speedup(e: float) -> float:
+        dense, low = planned_macs(plan_layers(layers, svals, config, e))
+        return (dense + other_macs) / (low + other_macs)
+
+    lo, hi = 1e-9, 1.0 - 1e-9
+    best = speedup(hi)
+    if best < target:
+        raise ConfigError(f"a {target:g}x MAC speedup is out of reach with the {config.scheme} scheme: at most "
+                          f"{best:.2f}x (rank 1 everywhere; layers left dense and non-conv layers limit it)")
+    if speedup(lo) >= target:
+        return lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if speedup(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Tensor]:
+    eligible = [layer for layer in layers if layer.reason is None]
+    svds = batched_svd(layer.matrix(scheme).double() for layer in eligible)
+    return {layer.name: s for layer, (_, s, _) in zip(eligible, svds)}
+
+
+def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: list[LayerPlan], *, init: bool = True) -> None:
+    """Replace each planned conv by its low-rank pair, in place."""
+    by_name = {layer.name: layer for layer in layers}
+    for p in plans:
+        if p.rank is not None:
+            model.set_submodule(p.name, make_pair(by_name[p.name].module, p.scheme, p.rank, init=init))
+
+
+def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
+               other_macs: int | None = None) -> tuple[list[LayerPlan], float]:
+    """Replace every eligible conv of `model` by its low-rank pair, in place.
+
+    The rank of each layer comes from config.energy (or config.ranks); with config.target_speedup the
+    energy is found by bisection, which needs `other_macs` (the MACs outside the convs). Returns the
+    per-layer plans and the energy used."""
+    layers = conv_layers(model, example, config)
+    svals = singular_values(layers, config.scheme)
+    energy = config.energy
+    if config.target_speedup is not None:
+        if other_macs is None:
+            raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
+        energy = energy_for_speedup(layers, svals, config, other_macs, config.target_speedup)
+    plans = plan_layers(layers, svals, config, energy)
+    apply_plan_(model, layers, plans)
+    return plans, energy

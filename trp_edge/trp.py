@@ -1,0 +1,284 @@
+"""The TRP trainer (Xu et al., IJCAI 2020, Algorithm 1).
+
+Every `period` steps each eligible conv weight is projected onto TSVD(W, e) in the scheme's matrix
+form and the SGD step is taken at the projected weights; the other steps are plain SGD. With a
+nuclear-norm weight lambda > 0, lambda * U_tru V_tru^T (the sub-gradient of the nuclear norm, from the
+singular vectors of the non-zero singular values) is added to each eligible layer's gradient at
+every step. The SVDs run batched, one call per distinct weight shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DecomposeConfig, TRPConfig
+from .data import Dataset
+from .errors import InputError, TrpEdgeError
+from .lowrank import ConvLayer, conv_layers, energy_for_speedup, energy_rank, get_scheme
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(TrpEdgeError):
+    """Training stopped on request (Ctrl-C) after saving a checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, device: torch.device, batch: int = 500) -> float:
+    """Top-1 accuracy in percent."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y in split.batches(batch):
+            out = model(x.to(device, non_blocking=True))
+            correct += int((out.argmax(1).cpu() == y).sum())
+            total += len(y)
+    finally:
+        model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+@dataclass
+class _Group:
+    """Eligible layers whose weights share one shape: their SVDs run as one batched call."""
+
+    layers: list[ConvLayer]
+    shape: tuple[int, ...]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: float
+    train_seconds: float
+    step_ms: float
+    svd_ms_per_step: float
+    history: list[dict] = field(default_factory=list)  # one entry per TSVD projection
+    energy: float = 0.0
+    train_accuracy: float | None = None
+
+
+class TRPTrainer:
+    def __init__(self, model: nn.Module, data: Dataset, tcfg: TRPConfig, dcfg: DecomposeConfig, *,
+                 checkpoint: Path | None = None, other_macs: int = 0, progress: bool = True,
+                 on_step: Callable[[TRPTrainer], None] | None = None):
+        self.tcfg, self.dcfg, self.data = tcfg, dcfg, data
+        self.device = resolve_device(tcfg.device)
+        self.model = model.to(self.device)
+        self.scheme = get_scheme(dcfg.scheme)
+        example = data.example.to(self.device)
+        self.layers = [la for la in conv_layers(self.model, example, dcfg) if la.reason is None]
+        groups: dict[tuple[int, ...], list[ConvLayer]] = {}
+        for la in self.layers:
+            groups.setdefault(tuple(la.module.weight.shape), []).append(la)
+        self.groups = [_Group(v, k) for k, v in groups.items()]
+        self.svd_device = self.device if tcfg.svd_device in ("auto", "same") else torch.device("cpu")
+        self.checkpoint, self.other_macs = checkpoint, other_macs
+        self.progress, self.on_step = progress, on_step
+        self.steps_per_epoch = data.train.num_batches(tcfg.batch, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise InputError(f"the training set ({len(data.train)} images) is smaller than one batch ({tcfg.batch})")
+        self.total_steps = tcfg.steps if tcfg.steps is not None else (tcfg.epochs or 0) * self.steps_per_epoch
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum,
+                                   weight_decay=tcfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.step = 0
+        self.energy = dcfg.energy
+        self.history: list[dict] = []
+        self.stop_requested = False
+        self._svd_seconds = 0.0
+
+    # ---- schedule ----
+    def _lr_factor(self, t: int) -> float:
+        T = max(self.total_steps, 1)
+        if self.tcfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, T) / T))
+        if self.tcfg.schedule == "step":
+            return 0.1 ** sum(t >= int(T * f) for f in (0.5, 0.75))
+        return 1.0
+
+    # ---- the two TRP operations ----
+    def _svd(self, g: _Group):
+        w = torch.stack([la.module.weight.detach() for la in g.layers])
+        m = self.scheme.to_matrix(w).to(self.svd_device)
+        return torch.linalg.svd(m, full_matrices=False)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def project_(self) -> dict[str, int]:
+        """W <- TSVD(W, e) for every eligible conv; returns the rank kept per layer. Also caches the
+        truncated singular vectors for the nuclear-norm term of this step."""
+        t0 = time.perf_counter()
+        svds = [self._svd(g) for g in self.groups]
+        if self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum
+            svals = {la.name: s[i].cpu() for g, (_, s, _) in zip(self.groups, svds) for i, la in enumerate(g.layers)}
+            self.energy = energy_for_speedup(self.layers, svals, self.dcfg, self.other_macs, self.dcfg.target_speedup)
+        explicit = self.dcfg.ranks or {}
+        ranks: dict[str, int] = {}
+        self._cached = []
+        for g, (u, s, vh) in zip(self.groups, svds):
+            k = energy_rank(s, self.energy)
+            for i, la in enumerate(g.layers):
+                if la.name in explicit:
+                    k[i] = min(explicit[la.name], s.shape[-1])
+                ranks[la.name] = int(k[i])
+            keep = (torch.arange(s.shape[-1], device=s.device)[None, :] < k[:, None].to(s.device)).to(s.dtype)
+            m = (u * (s * keep)[:, None, :]) @ vh
+            w = self.scheme.from_matrix(m, g.shape).to(self.device)
+            for i, la in enumerate(g.layers):
+                la.module.weight.copy_(w[i])
+            self._cached.append((u, keep, vh))
+        self._sync()
+        self._svd_seconds += time.perf_counter() - t0
+        return ranks
+
+    @torch.no_grad()
+    def add_nuclear_grad_(self, cached: bool) -> None:
+        """grad += lambda * U_tru V_tru^T in each eligible layer's matrix form."""
+        t0 = time.perf_counter()
+        lam = self.tcfg.nuclear
+        for gi, g in enumerate(self.groups):
+            if cached:
+                u, keep, vh = self._cached[gi]
+            else:
+                u, s, vh = self._svd(g)
+                tol = s[:, :1] * max(u.shape[-2], vh.shape[-1]) * torch.finfo(s.dtype).eps
+                keep = (s > tol).to(s.dtype)
+            sub = self.scheme.from_matrix((u * keep[:, None, :]) @ vh, g.shape).to(self.device)
+            for i, la in enumerate(g.layers):
+                if la.module.weight.grad is not None:
+                    la.module.weight.grad.add_(sub[i], alpha=lam)
+        self._sync()
+        self._svd_seconds += time.perf_counter() - t0
+
+    # ---- checkpoints ----
+    def _state(self, epoch: int, batch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch, "batch": batch,
+                "energy": self.energy, "history": self.history,
+                "config": {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}}
+
+    def save_checkpoint(self, epoch: int, batch: int) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        torch.save(self._state(epoch, batch), tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def load_checkpoint(self) -> tuple[int, int]:
+        path = self.checkpoint
+        if path is None or not path.exists():
+            raise InputError(f"--resume: no checkpoint at {path}")
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        mine = {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}
+        if st.get("config") != mine:
+            diff = sorted(f"{sec}.{k}" for sec in mine for k in mine[sec]
+                          if st.get("config", {}).get(sec, {}).get(k) != mine[sec][k])
+            raise InputError(f"{path}: the checkpoint was made with other settings ({', '.join(diff)}); "
+                             "resume with the same options or start again with --force")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.step, self.energy, self.history = st["step"], st["energy"], st["history"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, st["epoch"], st["batch"])
+        return st["epoch"], st["batch"]
+
+    # ---- the loop ----
+    def train(self, resume: bool = False) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        epoch, start = self.load_checkpoint() if resume else (0, 0)
+        model, cfg = self.model, self.tcfg
+        model.train()
+        loss_fn = nn.CrossEntropyLoss()
+        n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        try:
+            prev = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C handling stays as it is
+            prev = None
+        t_start = time.perf_counter()
+        steps_at_start = self.step
+        correct = seen = 0
+        ranks = self.history[-1]["ranks"] if self.history else {}
+        try:
+            while self.step < self.total_steps:
+                bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
+                           initial=start, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not self.progress,
+                           leave=False, dynamic_ncols=True)
+                for b, (x, y) in enumerate(self.data.train.batches(cfg.batch, epoch=epoch, seed=cfg.seed, shuffle=True, start=start), start=start):
+                    if self.stop_requested:
+                        self.save_checkpoint(epoch, b)
+                        raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint}: "
+                                          "run the same command with --resume to go on")
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    projected = self.step % cfg.period == 0
+                    if projected:
+                        ranks = self.project_()
+                        self.history.append({"step": self.step, "energy": self.energy, "ranks": ranks})
+                    out = model(x)
+                    loss = loss_fn(out, y)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.nuclear > 0:
+                        self.add_nuclear_grad_(cached=projected)
+                    self.opt.step()
+                    self.sched.step()
+                    self.step += 1
+                    correct += int((out.argmax(1) == y).sum())
+                    seen += len(y)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}",
+                                    rank=sum(ranks.values()), refresh=False)
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if self.step >= self.total_steps:
+                        break
+                bar.close()
+                epoch, start = epoch + 1, 0
+                if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                    self.save_checkpoint(epoch, 0)
+                    log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch, loss.item(),
+                             100 * correct / max(seen, 1), sum(ranks.values()))
+                    correct = seen = 0
+        finally:
+            if prev is not None:
+                signal.signal(signal.SIGINT, prev)
+        self._sync()
+        seconds = time.perf_counter() - t_start
+        done = max(self.step - steps_at_start, 1)
+        return TrainResult(self.step, self.step / self.steps_per_epoch, seconds, 1000 * seconds / done,
+                           1000 * self._svd_seconds / done, self.history, self.energy,
+                           100 * correct / seen if seen else None)
+
+    def _on_sigint(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        log.warning("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to quit at once)")
+        self.stop_requested = True
+
