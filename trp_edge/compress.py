@@ -23,7 +23,7 @@ from .lowrank import LayerPlan, conv_layers, decompose_
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = ("compressed.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png")
+ARTIFACTS = ("compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png")
 
 
 @dataclass
@@ -56,6 +56,7 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
     data = load_data(cfg.data, workers=cfg.trp.workers, seed=cfg.trp.seed) if cfg.data else None
     in_ch = cfg.in_channels or (data.in_channels if data else None)
     n_cls = cfg.num_classes or (data.num_classes if data else None)
+    torch.manual_seed(cfg.trp.seed)  # random init of built-in models is part of the run's identity
     loaded = load_model(cfg.model, arch=cfg.arch, weights=cfg.weights, trust_pickle=cfg.trust_pickle,
                         in_channels=in_ch, num_classes=n_cls)
     if loaded.lowrank is not None:
@@ -110,6 +111,7 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         payload = compressed_payload(model, spec, dcfg.scheme, ranks,
                                      {"energy": energy, "input_shape": list(example.shape)})
         torch.save(payload, stage / "compressed.pt")
+        torch.save(dense_model.state_dict(), stage / "dense.pt")  # the trained dense model, before decomposition
         from .report import plot_ranks, write_json
 
         write_json(stage / "report.json", report)

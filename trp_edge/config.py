@@ -59,7 +59,8 @@ class DecomposeConfig(_JSONMixin):
 @dataclass(frozen=True)
 class TRPConfig(_JSONMixin):
     """TRP training (Xu et al., IJCAI 2020, Alg. 1): every `period` steps project each eligible conv
-    onto TSVD(W, e) and take the step there; `nuclear` > 0 adds lambda * U_tru V_tru^T each step."""
+    onto TSVD(W, e) and take the step there; `nuclear` > 0 adds lambda * U_tru V_tru^T each step.
+    period = 0 is plain SGD (the paper's baseline, decomposed directly afterwards)."""
 
     period: int = 20
     nuclear: float = 0.0
@@ -76,7 +77,7 @@ class TRPConfig(_JSONMixin):
     svd_device: str = "auto"
 
     def __post_init__(self):
-        _check(self.period >= 1, f"period must be >= 1, got {self.period}")
+        _check(self.period >= 0, f"period must be >= 0 (0: plain SGD, no TSVD), got {self.period}")
         _check(self.nuclear >= 0.0, f"nuclear (lambda) must be >= 0, got {self.nuclear}")
         _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         _check(self.steps is None or self.steps >= 0, f"steps must be >= 0, got {self.steps}")

@@ -243,9 +243,10 @@ def _torch_load(path: Path, trust_pickle: bool):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
         msg = str(e)
-        pickled_code = "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg
-        if not pickled_code:
-            raise InputError(f"{path}: not a readable PyTorch file ({msg.splitlines()[0][:160]})") from None
+        if "Unsupported global" not in msg:  # anything else is a damaged or foreign file
+            detail = next((line.strip() for line in msg.splitlines() if "Unsupported operand" in line),
+                          msg.splitlines()[0][:160] if msg else type(e).__name__)
+            raise InputError(f"{path}: not a readable PyTorch file ({detail})") from None
     if not trust_pickle:
         raise InputError(f"{path}: holds pickled Python objects (a whole nn.Module?); unpickling runs code from "
                          "the file: pass --trust-pickle if you trust it, or save its state_dict instead")

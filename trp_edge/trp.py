@@ -237,7 +237,7 @@ class TRPTrainer:
                         raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint}: "
                                           "run the same command with --resume to go on")
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    projected = self.step % cfg.period == 0
+                    projected = cfg.period > 0 and self.step % cfg.period == 0
                     if projected:
                         ranks = self.project_()
                         self.history.append({"step": self.step, "energy": self.energy, "ranks": ranks})

@@ -1,0 +1,70 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from trp_edge.data import fashion_mnist, load_data, synthetic
+from trp_edge.errors import InputError
+
+
+def _write_idx(path, arr: np.ndarray):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    return tmp_path
+
+
+def test_fashion_mnist_idx_files_are_read(fmnist_dir):
+    ds = load_data(f"fashion-mnist:{fmnist_dir}")
+    assert (ds.in_channels, ds.num_classes, ds.image_size) == (1, 10, 28)
+    assert len(ds.train) == 64 and len(ds.test) == 32
+    x, y = next(ds.test.batches(8))
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_truncated_idx_is_a_clear_error(fmnist_dir):
+    p = fmnist_dir / "t10k-images-idx3-ubyte.gz"
+    data = gzip.decompress(p.read_bytes())
+    p.write_bytes(gzip.compress(data[:-100]))
+    with pytest.raises(InputError, match="truncated"):
+        fashion_mnist(str(fmnist_dir))
+
+
+def test_missing_data_directory_names_the_package(tmp_path):
+    with pytest.raises(InputError, match="dataset-fashion-mnist"):
+        load_data(f"fashion-mnist:{tmp_path / 'nowhere'}")
+    with pytest.raises(InputError, match="unknown data set"):
+        load_data("mnist-ish")
+    with pytest.raises(InputError, match="imagefolder needs"):
+        load_data("imagefolder")
+
+
+def test_cifar10_batches_are_read(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (10, 3072)).astype(np.uint8),
+                         b"labels": list(rng.integers(0, 10, 10))}, f)
+    ds = load_data(f"cifar10:{tmp_path}")
+    assert len(ds.train) == 50 and len(ds.test) == 10 and ds.in_channels == 3
+
+
+def test_batches_replay_exactly_from_any_position():
+    ds = synthetic("3x16x16", n_train=100)
+    full = list(ds.train.batches(16, epoch=3, seed=7, shuffle=True))
+    tail = list(ds.train.batches(16, epoch=3, seed=7, shuffle=True, start=2))
+    assert len(full) == 6 and len(tail) == 4
+    for (xa, ya), (xb, yb) in zip(full[2:], tail):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = next(ds.train.batches(16, epoch=4, seed=7, shuffle=True))
+    assert not torch.equal(other[0], full[0][0])  # a new epoch reshuffles and re-augments

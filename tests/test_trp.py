@@ -1,0 +1,85 @@
+import dataclasses
+
+import pytest
+import torch
+
+from trp_edge.compress import compress
+from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
+from trp_edge.data import synthetic
+from trp_edge.models import build, builtin_spec, load_model
+from trp_edge.trp import Interrupted, TRPTrainer
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_rank_never_increases_across_tsvd_iterations(scheme):
+    """Theorem 2's regime: with a small step size the rank after each projection never rises."""
+    data = synthetic("1x16x16", n_train=256, classes=4)
+    model = build(builtin_spec("resnet20", in_channels=1, num_classes=4))
+    tr = TRPTrainer(model, data, TRPConfig(steps=60, period=5, lr=1e-3, batch=32, nuclear=3e-4),
+                    DecomposeConfig(scheme=scheme, energy=0.05), progress=False)
+    res = tr.train()
+    assert len(res.history) == 12
+    for prev, cur in zip(res.history, res.history[1:]):
+        for name, k in cur["ranks"].items():
+            assert k <= prev["ranks"][name], (name, prev["step"], cur["step"])
+    first, last = sum(res.history[0]["ranks"].values()), sum(res.history[-1]["ranks"].values())
+    assert last < first  # and it does fall
+
+
+def test_nuclear_term_is_lambda_u_vt(tiny):
+    data = synthetic("3x16x16", n_train=64, classes=4)
+    tr = TRPTrainer(tiny, data, TRPConfig(steps=1, nuclear=0.5, batch=16), DecomposeConfig(scheme="channel"), progress=False)
+    for p in tiny.parameters():
+        p.grad = torch.zeros_like(p)
+    tr.add_nuclear_grad_(cached=False)
+    w = tiny.conv3.weight.detach()
+    u, s, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
+    expected = 0.5 * (u @ vh).reshape(w.shape)
+    assert torch.allclose(tiny.conv3.weight.grad, expected, atol=1e-5)
+
+
+def test_projection_keeps_the_energy_and_batches_by_shape():
+    model = build(builtin_spec("resnet20", in_channels=1, num_classes=4))
+    data = synthetic("1x16x16", n_train=64, classes=4)
+    tr = TRPTrainer(model, data, TRPConfig(steps=1, batch=16), DecomposeConfig(scheme="spatial", energy=0.1), progress=False)
+    assert len(tr.groups) < len(tr.layers)  # one SVD call per distinct shape
+    before = {la.name: la.module.weight.detach().clone() for la in tr.layers}
+    ranks = tr.project_()
+    for la in tr.layers:
+        m0 = tr.scheme.to_matrix(before[la.name])
+        m1 = tr.scheme.to_matrix(la.module.weight.detach())
+        assert torch.linalg.matrix_rank(m1) == ranks[la.name]
+        assert (m0 - m1).norm() ** 2 <= 0.1 * m0.norm() ** 2 + 1e-6
+
+
+def _cfg(out, **kw):
+    return CompressConfig(model="resnet20", data="synthetic:1x16x16", out=str(out),
+                          decompose=DecomposeConfig(scheme="channel", energy=0.05),
+                          trp=TRPConfig(epochs=2, batch=64, lr=0.05, period=3, nuclear=3e-4), **kw)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    straight = compress(_cfg(tmp_path / "a"), progress=False)
+
+    def stop_at_5(tr):
+        if tr.step == 5:
+            tr.stop_requested = True
+
+    with pytest.raises(Interrupted, match="--resume"):
+        compress(_cfg(tmp_path / "b"), progress=False, on_step=stop_at_5)
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "model.onnx").exists()
+    resumed = compress(_cfg(tmp_path / "b", resume=True), progress=False)
+    a = load_model(str(tmp_path / "a")).model.state_dict()
+    b = load_model(str(tmp_path / "b")).model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert straight.report["trajectory"] == resumed.report["trajectory"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    compress(_cfg(tmp_path / "a"), progress=False)
+    cfg = _cfg(tmp_path / "a", resume=True)
+    cfg = dataclasses.replace(cfg, trp=dataclasses.replace(cfg.trp, lr=0.1))
+    with pytest.raises(Exception, match="other settings.*trp.lr"):
+        compress(cfg, progress=False)
