@@ -56,7 +56,13 @@ def test_train_decompose_and_report_on_synthetic_data(tmp_path):
                "--nuclear", "3e-4", "--scheme", "channel", "--lr", "0.05", "--out", "o", "-q"], tmp_path)
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert [t["step"] for t in r["trajectory"]] == [0, 4, 8, 12, 16, 20]
+    assert [t["step"] for t in r["trajectory"]] == [0, 4, 8, 12, 16, 20, 24]
+    final = r["trajectory"][-1]
+    assert final.get("final") and final["ranks"] == r["trajectory"][-2]["ranks"]  # the last TSVD's ranks
+    decomposed = {la["name"]: la["rank"] for la in r["layers"] if la["rank"] is not None}
+    assert decomposed and all(final["ranks"][n] == k for n, k in decomposed.items())
+    # the decomposition reproduces the TRP output exactly, so nothing is lost at decomposition
+    assert r["compressed"]["accuracy"] == r["dense"]["accuracy"]
     assert r["dense"]["accuracy"] is not None and r["compressed"]["accuracy"] is not None
     assert r["training"]["steps"] == 24
     assert r["onnx"]["max_abs_diff"] < 1e-4

@@ -6,6 +6,7 @@ been written and validated, so a failed run loses nothing already there."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -82,18 +83,25 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
     device = resolve_device(tcfg.device)
 
     initial_acc = evaluate(model.to(device), data.test, device) if data is not None and tcfg.trains else None
-    train = None
+    train = last_iterate_acc = final_ranks = None
     if tcfg.trains:
         trainer = TRPTrainer(model, data, tcfg, dcfg, checkpoint=out / "checkpoint.pt", other_macs=other_macs,
                              progress=progress, on_step=on_step)
         train = trainer.train(resume=cfg.resume)
         log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", train.steps, train.train_seconds,
                  train.step_ms, train.svd_ms_per_step)
+        last_iterate_acc = evaluate(model, data.test, device)
+        final_ranks = trainer.finalize_()
+        if final_ranks is not None:  # decompose at exactly the ranks of TRP's last TSVD(W, e)
+            dcfg = dataclasses.replace(dcfg, ranks={**final_ranks, **(dcfg.ranks or {})}, target_speedup=None)
+            energy_used = trainer.energy
     model = model.cpu().eval()
     dense_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
     dense_model = copy.deepcopy(model)
 
     plans, energy = decompose_(model, dcfg, example, other_macs=other_macs)
+    if final_ranks is not None:
+        energy = energy_used
     comp_macs = count_macs(model, example)
     comp_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
 
@@ -105,7 +113,7 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         diff_model = export_onnx(model, example, stage / "model.onnx")
         onnx_count = {"dense": onnx_macs(stage / "dense.onnx"), "compressed": onnx_macs(stage / "model.onnx")}
         report = _report(cfg, loaded.name, spec, energy, plans, dense_macs, comp_macs, dense_model, model,
-                         initial_acc, dense_acc, comp_acc, train, {"dense": diff_dense, "compressed": diff_model},
+                         initial_acc, last_iterate_acc, dense_acc, comp_acc, train, {"dense": diff_dense, "compressed": diff_model},
                          onnx_count, example)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
         payload = compressed_payload(model, spec, dcfg.scheme, ranks,
@@ -125,7 +133,8 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
 
 
 def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], dense_macs, comp_macs, dense_model,
-            model, initial_acc, dense_acc, comp_acc, train, diffs, onnx_count, example) -> dict[str, Any]:
+            model, initial_acc, last_iterate_acc, dense_acc, comp_acc, train, diffs, onnx_count,
+            example) -> dict[str, Any]:
     dcfg, tcfg = cfg.decompose, cfg.trp
     layers = []
     for p in plans:
@@ -160,7 +169,9 @@ def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], den
         "training": None if train is None else {
             "steps": train.steps, "epochs": train.epochs_done, "seconds": train.train_seconds,
             "step_ms": train.step_ms, "svd_ms_per_step": train.svd_ms_per_step, "device": str(tcfg.device),
-            "train_accuracy_last_epoch": train.train_accuracy},
+            "train_accuracy_last_epoch": train.train_accuracy,
+            # accuracy of the last SGD iterate, before TRP's final TSVD (dense.accuracy is after it)
+            "last_iterate_accuracy": last_iterate_acc},
         "trajectory": [] if train is None else train.history,
         "config": cfg.to_dict(),
     }

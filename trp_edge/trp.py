@@ -127,15 +127,15 @@ class TRPTrainer:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def project_(self) -> dict[str, int]:
-        """W <- TSVD(W, e) for every eligible conv; returns the rank kept per layer. Also caches the
-        truncated singular vectors for the nuclear-norm term of this step."""
+    def project_(self, fixed: dict[str, int] | None = None) -> dict[str, int]:
+        """W <- TSVD(W, e) for every eligible conv (or the rank-k truncation at `fixed` ranks); returns
+        the rank kept per layer. Also caches the truncated singular vectors for the nuclear-norm term."""
         t0 = time.perf_counter()
         svds = [self._svd(g) for g in self.groups]
-        if self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum
+        if fixed is None and self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum
             svals = {la.name: s[i].cpu() for g, (_, s, _) in zip(self.groups, svds) for i, la in enumerate(g.layers)}
             self.energy = energy_for_speedup(self.layers, svals, self.dcfg, self.other_macs, self.dcfg.target_speedup)
-        explicit = self.dcfg.ranks or {}
+        explicit = fixed if fixed is not None else self.dcfg.ranks or {}
         ranks: dict[str, int] = {}
         self._cached = []
         for g, (u, s, vh) in zip(self.groups, svds):
@@ -275,6 +275,16 @@ class TRPTrainer:
         return TrainResult(self.step, self.step / self.steps_per_epoch, seconds, 1000 * seconds / done,
                            1000 * self._svd_seconds / done, self.history, self.energy,
                            100 * correct / seen if seen else None)
+
+    def finalize_(self) -> dict[str, int] | None:
+        """End TRP on low-rank weights: truncate each layer to the rank its last TSVD(W, e) chose (the
+        last iterate is that projection plus fewer than m SGD steps, so little is cut). Returns the
+        ranks, at which the decomposition reproduces the model exactly; None for plain SGD."""
+        if self.tcfg.period == 0:
+            return None
+        ranks = self.project_(fixed=self.history[-1]["ranks"] if self.history else None)
+        self.history.append({"step": self.step, "energy": self.energy, "ranks": ranks, "final": True})
+        return ranks
 
     def _on_sigint(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C stops at once
