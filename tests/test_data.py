@@ -68,3 +68,25 @@ def test_batches_replay_exactly_from_any_position():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     other = next(ds.train.batches(16, epoch=4, seed=7, shuffle=True))
     assert not torch.equal(other[0], full[0][0])  # a new epoch reshuffles and re-augments
+
+
+def test_imagefolder_train_and_val(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    ds = load_data(f"imagefolder:{tmp_path}", workers=0)
+    assert (ds.in_channels, ds.num_classes) == (3, 2)
+    from trp_edge.data import FolderSplit
+
+    train = FolderSplit(tmp_path / "train", 16, True, workers=0)
+    a = [x for x, _ in train.batches(4, epoch=1, seed=3, shuffle=True)]
+    b = [x for x, _ in train.batches(4, epoch=1, seed=3, shuffle=True)]
+    assert a[0].shape == (4, 3, 16, 16) and torch.equal(a[0], b[0])  # augmentation replays exactly
+    x, y = next(FolderSplit(tmp_path / "val", 16, False).batches(6))
+    assert x.shape == (6, 3, 16, 16) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]

@@ -121,7 +121,9 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
                f"{len(r['layers']) - left}/{len(r['layers'])} convs decomposed")
     click.echo(f"accuracy: dense {acc(r['dense']['accuracy'])}, decomposed {acc(r['compressed']['accuracy'])}; "
                f"ONNX max abs diff {r['onnx']['max_abs_diff']:.2g}")
-    click.echo(f"artifacts in {result.out}/ (compressed.pt, dense.onnx, model.onnx, report.json, ranks.png)")
+    from .compress import ARTIFACTS
+
+    click.echo(f"artifacts in {result.out}/ ({', '.join(ARTIFACTS)})")
 
 
 if __name__ == "__main__":
