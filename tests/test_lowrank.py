@@ -126,9 +126,9 @@ def test_planned_macs_agree_with_the_flop_counter(scheme, tiny):
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_tsvd_projection_and_decomposition_agree(scheme, tiny):
     """The dense model with TSVD-projected weights computes what the decomposed model computes."""
-    from trp_edge.trp import TRPTrainer
     from trp_edge.config import TRPConfig
     from trp_edge.data import synthetic
+    from trp_edge.trp import TRPTrainer
 
     data = synthetic("3x16x16", n_train=64, n_test=32, classes=4)
     dcfg = DecomposeConfig(scheme=scheme, energy=0.4)

@@ -30,7 +30,8 @@ def test_rank_never_increases_across_tsvd_iterations(scheme):
 
 def test_nuclear_term_is_lambda_u_vt(tiny):
     data = synthetic("3x16x16", n_train=64, classes=4)
-    tr = TRPTrainer(tiny, data, TRPConfig(steps=1, nuclear=0.5, batch=16), DecomposeConfig(scheme="channel"), progress=False)
+    tr = TRPTrainer(tiny, data, TRPConfig(steps=1, nuclear=0.5, batch=16), DecomposeConfig(scheme="channel"),
+                    progress=False)
     for p in tiny.parameters():
         p.grad = torch.zeros_like(p)
     tr.add_nuclear_grad_(cached=False)
@@ -43,7 +44,8 @@ def test_nuclear_term_is_lambda_u_vt(tiny):
 def test_projection_keeps_the_energy_and_batches_by_shape():
     model = build(builtin_spec("resnet20", in_channels=1, num_classes=4))
     data = synthetic("1x16x16", n_train=64, classes=4)
-    tr = TRPTrainer(model, data, TRPConfig(steps=1, batch=16), DecomposeConfig(scheme="spatial", energy=0.1), progress=False)
+    tr = TRPTrainer(model, data, TRPConfig(steps=1, batch=16), DecomposeConfig(scheme="spatial", energy=0.1),
+                    progress=False)
     assert len(tr.groups) < len(tr.layers)  # one SVD call per distinct shape
     before = {la.name: la.module.weight.detach().clone() for la in tr.layers}
     ranks = tr.project_()

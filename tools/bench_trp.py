@@ -76,7 +76,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     sgd = {r["scheme"]: r for r in results if r["run"] == "SGD+TSVD"}
     base_ms = next(iter(sgd.values()))["step_ms"] if sgd else None
-    lines = [f"| run | scheme | dense acc | decomposed acc | MAC speedup | step time vs SGD |",
+    lines = ["| run | scheme | dense acc | decomposed acc | MAC speedup | step time vs SGD |",
              "|---|---|---|---|---|---|"]
     for r in results:
         rel = f"{r['step_ms'] / base_ms:.2f}x" if base_ms else "n/a"

@@ -58,7 +58,8 @@ def main() -> None:
 @click.option("--energy", "-e", type=float, default=0.02, show_default=True,
               help="TSVD energy e: keep the smallest rank whose dropped singular values hold <= e of the energy")
 @click.option("--nuclear", type=float, default=0.0, show_default=True, help="nuclear-norm weight lambda (paper: 3e-4)")
-@click.option("--period", "-m", type=int, default=20, show_default=True, help="TSVD projection every m steps (0: plain SGD)")
+@click.option("--period", "-m", type=int, default=20, show_default=True,
+              help="TSVD projection every m steps (0: plain SGD)")
 @click.option("--epochs", type=int, default=None, help="training epochs")
 @click.option("--steps", type=int, default=None, help="training steps (overrides --epochs; 0: decompose directly)")
 @click.option("--lr", type=float, default=0.01, show_default=True)

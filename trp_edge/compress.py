@@ -113,7 +113,8 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         diff_model = export_onnx(model, example, stage / "model.onnx")
         onnx_count = {"dense": onnx_macs(stage / "dense.onnx"), "compressed": onnx_macs(stage / "model.onnx")}
         report = _report(cfg, loaded.name, spec, energy, plans, dense_macs, comp_macs, dense_model, model,
-                         initial_acc, last_iterate_acc, dense_acc, comp_acc, train, {"dense": diff_dense, "compressed": diff_model},
+                         initial_acc, last_iterate_acc, dense_acc, comp_acc, train,
+                         {"dense": diff_dense, "compressed": diff_model},
                          onnx_count, example)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
         payload = compressed_payload(model, spec, dcfg.scheme, ranks,

@@ -85,10 +85,12 @@ class TRPConfig(_JSONMixin):
         _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
         _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0.0, f"weight decay must be >= 0, got {self.weight_decay}")
-        _check(self.schedule in ("cosine", "step", "constant"), f"unknown schedule {self.schedule!r}: use cosine, step or constant")
+        _check(self.schedule in ("cosine", "step", "constant"),
+               f"unknown schedule {self.schedule!r}: use cosine, step or constant")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"unknown device {self.device!r}: use auto, cpu or cuda")
-        _check(self.svd_device in ("auto", "cpu", "same"), f"unknown svd device {self.svd_device!r}: use auto, cpu or same")
+        _check(self.svd_device in ("auto", "cpu", "same"),
+               f"unknown svd device {self.svd_device!r}: use auto, cpu or same")
         _check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
 
     @property

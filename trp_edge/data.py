@@ -34,8 +34,20 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+class _Batching:
+    """Batch counting and the epoch's order, shared by every split kind."""
+
+    def num_batches(self, batch: int, drop_last: bool) -> int:
+        return len(self) // batch if drop_last else math.ceil(len(self) / batch)  # type: ignore[arg-type]
+
+    def _order(self, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
+        n = len(self)  # type: ignore[arg-type]
+        return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch))) if shuffle \
+            else torch.arange(n)
+
+
 @dataclass
-class TensorSplit:
+class TensorSplit(_Batching):
     """A split held in memory as uint8 images (N, C, H, W) and int64 labels."""
 
     x: torch.Tensor
@@ -48,9 +60,6 @@ class TensorSplit:
 
     def __len__(self) -> int:
         return len(self.y)
-
-    def num_batches(self, batch: int, drop_last: bool) -> int:
-        return len(self) // batch if drop_last else math.ceil(len(self) / batch)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
@@ -73,11 +82,8 @@ class TensorSplit:
 
     def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False,
                 start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch))) if shuffle \
-            else torch.arange(n)
-        nb = self.num_batches(batch, drop_last=shuffle)
-        for i in range(start, nb):
+        order = self._order(epoch, seed, shuffle)
+        for i in range(start, self.num_batches(batch, drop_last=shuffle)):
             idx = order[i * batch:(i + 1) * batch]
             x = self.x[idx]
             if self.augment:
@@ -194,7 +200,7 @@ def synthetic(shape: str | None = None, n_train: int = 512, n_test: int = 256, c
 
 # ---- ImageFolder -------------------------------------------------------------------------------------------
 
-class FolderSplit:
+class FolderSplit(_Batching):
     """An ImageFolder split decoded on the fly; each item's augmentation is seeded by
     (seed, epoch, index) so an epoch replays exactly."""
 
@@ -214,16 +220,10 @@ class FolderSplit:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def num_batches(self, batch: int, drop_last: bool) -> int:
-        return len(self) // batch if drop_last else math.ceil(len(self) / batch)
-
     def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False,
                 start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch))) if shuffle \
-            else torch.arange(n)
         nb = self.num_batches(batch, drop_last=shuffle)
-        items = order[start * batch: nb * batch].tolist()
+        items = self._order(epoch, seed, shuffle)[start * batch: nb * batch].tolist()
         loader = torch.utils.data.DataLoader(_Seeded(self, seed, epoch), batch_size=batch, sampler=items,
                                              num_workers=self.workers)
         yield from loader

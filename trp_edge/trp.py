@@ -231,7 +231,8 @@ class TRPTrainer:
                 bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
                            initial=start, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not self.progress,
                            leave=False, dynamic_ncols=True)
-                for b, (x, y) in enumerate(self.data.train.batches(cfg.batch, epoch=epoch, seed=cfg.seed, shuffle=True, start=start), start=start):
+                batches = self.data.train.batches(cfg.batch, epoch=epoch, seed=cfg.seed, shuffle=True, start=start)
+                for b, (x, y) in enumerate(batches, start=start):
                     if self.stop_requested:
                         self.save_checkpoint(epoch, b)
                         raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint}: "
