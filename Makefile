@@ -14,6 +14,7 @@ demo: setup
 	  --nuclear 3e-4 --epochs 1 --lr 0.05 --force
 
 test: setup
+	$(VENV)/ruff check trp_edge tests tools
 	$(VENV)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
