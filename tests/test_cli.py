@@ -49,11 +49,19 @@ def test_compress_a_torchvision_resnet18_state_dict(tmp_path):
         assert {"name", "scheme", "rank", "full_rank", "macs_dense", "macs_lowrank", "reason"} <= la.keys()
         assert (la["rank"] is None) == (la["reason"] is not None)
     assert "resnet18: spatial scheme" in res.output
+    lat = r["latency"]  # host onnxruntime timing, reported beside the MAC speedup
+    assert lat["runtime"] == "onnxruntime" and lat["threads"] == 1 and lat["device"]["cores"] >= 1
+    for side in ("dense", "compressed"):
+        assert lat[side]["runs"] >= 20 and lat[side]["p10_ms"] <= lat[side]["median_ms"] <= lat[side]["p90_ms"]
+    assert lat["latency_speedup"] == pytest.approx(lat["dense"]["median_ms"] / lat["compressed"]["median_ms"])
+    assert lat["efficiency"] == pytest.approx(lat["latency_speedup"] / r["mac_speedup"])
+    assert "latency here (onnxruntime" in res.output
 
 
 def test_train_decompose_and_report_on_synthetic_data(tmp_path):
     res = run(["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "24", "--period", "4", "--batch", "32",
-               "--nuclear", "3e-4", "--scheme", "channel", "--lr", "0.05", "--out", "o", "-q"], tmp_path)
+               "--nuclear", "3e-4", "--scheme", "channel", "--lr", "0.05", "--out", "o", "-q", "--no-latency"],
+              tmp_path)
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert [t["step"] for t in r["trajectory"]] == [0, 4, 8, 12, 16, 20, 24]
@@ -71,7 +79,7 @@ def test_train_decompose_and_report_on_synthetic_data(tmp_path):
 
 def test_target_speedup_is_met(tmp_path):
     res = run(["compress", "resnet20", "--steps", "0", "--target-speedup", "2.5", "--scheme", "channel",
-               "--out", "o", "-q"], tmp_path)
+               "--out", "o", "-q", "--no-latency"], tmp_path)
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["mac_speedup"] >= 2.5 and r["target_speedup"] == 2.5 and 0 < r["energy"] < 1
@@ -109,6 +117,6 @@ def test_an_existing_out_needs_force(tmp_path):
     res = run(["compress", "resnet20", "--steps", "0", "--out", "o"], tmp_path)
     assert res.exit_code != 0 and "--force" in res.output
     assert (out / "report.json").read_text() == "old"
-    res = run(["compress", "resnet20", "--steps", "0", "--out", "o", "--force", "-q"], tmp_path)
+    res = run(["compress", "resnet20", "--steps", "0", "--out", "o", "--force", "-q", "--no-latency"], tmp_path)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "report.json").read_text())["model"] == "resnet20"

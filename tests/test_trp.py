@@ -59,7 +59,7 @@ def test_projection_keeps_the_energy_and_batches_by_shape():
 def _cfg(out, **kw):
     return CompressConfig(model="resnet20", data="synthetic:1x16x16", out=str(out),
                           decompose=DecomposeConfig(scheme="channel", energy=0.05),
-                          trp=TRPConfig(epochs=2, batch=64, lr=0.05, period=3, nuclear=3e-4), **kw)
+                          trp=TRPConfig(epochs=2, batch=64, lr=0.05, period=3, nuclear=3e-4), latency=None, **kw)
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):

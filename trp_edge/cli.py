@@ -86,23 +86,27 @@ def main() -> None:
 @click.option("--out", "-o", default=None, help="output directory (default trp-edge-out/<model-name>)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--resume", is_flag=True, help="go on from --out/checkpoint.pt")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="time dense.onnx vs model.onnx in onnxruntime on this machine for the report")
+@click.option("--threads", type=int, default=1, show_default=True, help="threads for the latency check")
 @click.option("--quiet", "-q", count=True, help="less output (no progress bars)")
 @click.option("--verbose", "-v", count=True)
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
              device, svd_device, seed, workers, data, arch, weights, trust_pickle, in_channels, num_classes,
-             input_size, skip_stem, ranks, target_speedup, out, force, resume, quiet, verbose):
+             input_size, skip_stem, ranks, target_speedup, out, force, resume, latency, threads, quiet, verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
     MODEL is a built-in name (resnet18/34/50, resnet20/32/56) or a .pt file (state_dict, checkpoint
     dict, or with --trust-pickle a pickled nn.Module)."""
     _setup_logging(verbose - quiet)
     from .compress import compress as run
-    from .config import CompressConfig, DecomposeConfig, TRPConfig
+    from .config import CompressConfig, DecomposeConfig, ProfileConfig, TRPConfig
 
     try:
         cfg = CompressConfig(
             model=model, arch=arch, weights=weights, trust_pickle=trust_pickle, in_channels=in_channels,
             num_classes=num_classes, input_size=input_size, data=data, out=out, force=force, resume=resume,
+            latency=ProfileConfig(threads=threads) if latency else None,
             decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
                                       target_speedup=target_speedup),
             trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
@@ -122,6 +126,12 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
                f"{len(r['layers']) - left}/{len(r['layers'])} convs decomposed")
     click.echo(f"accuracy: dense {acc(r['dense']['accuracy'])}, decomposed {acc(r['compressed']['accuracy'])}; "
                f"ONNX max abs diff {r['onnx']['max_abs_diff']:.2g}")
+    if r["latency"]:
+        lat = r["latency"]
+        click.echo(f"latency here (onnxruntime, {lat['threads']} thread{'s' if lat['threads'] > 1 else ''}, batch 1): "
+                   f"dense {lat['dense']['median_ms']:.2f} ms, compressed {lat['compressed']['median_ms']:.2f} ms: "
+                   f"{lat['latency_speedup']:.2f}x for {r['mac_speedup']:.2f}x fewer MACs "
+                   f"(efficiency {lat['efficiency']:.2f})")
     from .compress import ARTIFACTS
 
     click.echo(f"artifacts in {result.out}/ ({', '.join(ARTIFACTS)})")

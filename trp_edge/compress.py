@@ -112,10 +112,16 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         diff_dense = export_onnx(dense_model, example, stage / "dense.onnx")
         diff_model = export_onnx(model, example, stage / "model.onnx")
         onnx_count = {"dense": onnx_macs(stage / "dense.onnx"), "compressed": onnx_macs(stage / "model.onnx")}
+        latency = None
+        if cfg.latency is not None:  # what the MACs became in milliseconds, here, from day one
+            from .profile import time_onnx_pair
+
+            latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(example.shape), cfg.latency)
+            latency["efficiency"] = latency["latency_speedup"] / (dense_macs.total / comp_macs.total)
         report = _report(cfg, loaded.name, spec, energy, plans, dense_macs, comp_macs, dense_model, model,
                          initial_acc, last_iterate_acc, dense_acc, comp_acc, train,
                          {"dense": diff_dense, "compressed": diff_model},
-                         onnx_count, example)
+                         onnx_count, example, latency)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
         payload = compressed_payload(model, spec, dcfg.scheme, ranks,
                                      {"energy": energy, "input_shape": list(example.shape)})
@@ -135,7 +141,7 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
 
 def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], dense_macs, comp_macs, dense_model,
             model, initial_acc, last_iterate_acc, dense_acc, comp_acc, train, diffs, onnx_count,
-            example) -> dict[str, Any]:
+            example, latency) -> dict[str, Any]:
     dcfg, tcfg = cfg.decompose, cfg.trp
     layers = []
     for p in plans:
@@ -173,6 +179,8 @@ def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], den
             "train_accuracy_last_epoch": train.train_accuracy,
             # accuracy of the last SGD iterate, before TRP's final TSVD (dense.accuracy is after it)
             "last_iterate_accuracy": last_iterate_acc},
+        # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
+        "latency": latency,
         "trajectory": [] if train is None else train.history,
         "config": cfg.to_dict(),
     }

@@ -99,6 +99,26 @@ class TRPConfig(_JSONMixin):
 
 
 @dataclass(frozen=True)
+class ProfileConfig(_JSONMixin):
+    """The timing protocol (see trp_edge.profile): warm-up runs, then alternating blocks of `block`
+    runs until every variant has `min_runs` runs and `min_seconds` of timed work (or `max_seconds`)."""
+
+    warmup: int = 5
+    block: int = 5
+    min_runs: int = 20
+    min_seconds: float = 1.0
+    max_seconds: float = 60.0
+    threads: int | None = None
+
+    def __post_init__(self):
+        _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        _check(self.block >= 1, f"block must be >= 1, got {self.block}")
+        _check(self.min_runs >= 1, f"min runs must be >= 1, got {self.min_runs}")
+        _check(self.min_seconds >= 0 and self.max_seconds > 0, "min/max seconds must be >= 0 / > 0")
+        _check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
 class CompressConfig(_JSONMixin):
     """`trp-edge compress`: which model, which data, where the artifacts go, and how."""
 
@@ -115,6 +135,7 @@ class CompressConfig(_JSONMixin):
     out: str | None = None
     force: bool = False
     resume: bool = False
+    latency: ProfileConfig | None = ProfileConfig()  # host ONNX Runtime timing in the report; None: skip
 
     def __post_init__(self):
         _check(isinstance(self.decompose, DecomposeConfig), "decompose must be a DecomposeConfig")
@@ -132,4 +153,7 @@ class CompressConfig(_JSONMixin):
         d = dict(d)
         d["decompose"] = DecomposeConfig.from_dict(d.get("decompose", {}))
         d["trp"] = TRPConfig.from_dict(d.get("trp", {}))
+        if d.get("latency") is not None:
+            d["latency"] = ProfileConfig.from_dict(d["latency"])
         return super().from_dict(d)
+
