@@ -94,14 +94,13 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         final_ranks = trainer.finalize_()
         if final_ranks is not None:  # decompose at exactly the ranks of TRP's last TSVD(W, e)
             dcfg = dataclasses.replace(dcfg, ranks={**final_ranks, **(dcfg.ranks or {})}, target_speedup=None)
-            energy_used = trainer.energy
     model = model.cpu().eval()
     dense_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
     dense_model = copy.deepcopy(model)
 
     plans, energy = decompose_(model, dcfg, example, other_macs=other_macs)
-    if final_ranks is not None:
-        energy = energy_used
+    if final_ranks is not None:  # the ranks came from TRP's last TSVD, at the energy it used
+        energy = trainer.energy
     comp_macs = count_macs(model, example)
     comp_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
 
