@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--nuclear", type=float, default=None,
+                    help="λ for the +Nu runs (default: the paper's 3e-4); scale it up for short schedules")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     ap.add_argument("--out", default="bench-out/trp")
     args = ap.parse_args()
@@ -53,6 +55,8 @@ def main() -> None:
     results = []
     for name in args.runs.split(","):
         scheme, period, nuclear = RUNS[name]
+        if nuclear and args.nuclear is not None:
+            nuclear = args.nuclear
         cfg = CompressConfig(
             model=args.model, data=args.data, out=str(out / name), force=True,
             decompose=DecomposeConfig(scheme=scheme, energy=args.energy),
@@ -68,7 +72,7 @@ def main() -> None:
                 decompose=DecomposeConfig(scheme=other, energy=args.energy), trp=TRPConfig(steps=0)),
                 progress=False).report))
         for sch, rep in rows:
-            row = {"run": name, "scheme": sch, "epochs": args.epochs, "energy": args.energy,
+            row = {"run": name, "scheme": sch, "epochs": args.epochs, "energy": args.energy, "nuclear": nuclear,
                    "dense_acc": rep["dense"]["accuracy"], "decomposed_acc": rep["compressed"]["accuracy"],
                    "mac_speedup": rep["mac_speedup"], "step_ms": r["training"]["step_ms"],
                    "svd_ms_per_step": r["training"]["svd_ms_per_step"], "wall_s": time.perf_counter() - t0}

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist gcc-aarch64-linux-gnu qemu-user-static)
+# debootstrap: the arm64 userland that runs aarch64 artifacts under qemu (tools/arm64_userland.sh).
+APT_PACKAGES=(dataset-fashion-mnist gcc-aarch64-linux-gnu qemu-user-static debootstrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,11 +25,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the project into .venv"
   # torch first, at the release this machine kind holds on local disk (x86-64, Python 3.11);
   # elsewhere let pip pick one that satisfies pyproject.toml.
+  # The pin goes into every install so no extra's dependency can move torch.
+  TORCH=()
   if [ "$(uname -m)" = x86_64 ] && .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
+    TORCH=("torch==2.14.1" "torchvision==0.29.1")
   fi
-  .venv/bin/pip install -q -e ".[all,test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import trp_edge, torch, onnxruntime, matplotlib" \
+  .venv/bin/pip install -q "${TORCH[@]}" -e ".[all,test]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import trp_edge, torch, onnxruntime, matplotlib, tvm, ai_edge_litert" \
     || { echo "setup: the install did not complete (see pip's output above)" >&2; exit 1; }
+  # The TFLite converter in its own environment (see pyproject.toml, extra "litert").
+  [ -x .venv-litert/bin/python ] || "$PY" -m venv .venv-litert
+  .venv-litert/bin/pip install -q "${TORCH[@]}" -e ".[litert]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv-litert/bin/python -c "import trp_edge, litert_torch" \
+    || { echo "setup: the TFLite converter environment did not install (see pip's output above)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

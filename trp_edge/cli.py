@@ -137,5 +137,79 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
     click.echo(f"artifacts in {result.out}/ ({', '.join(ARTIFACTS)})")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--target", "-t", default="host", show_default=True,
+              help="a name from `trp-edge targets` or a .toml file")
+@click.option("--runtime", "-r", "runtimes", default="all", show_default=True,
+              help="tvm, ort, tflite (comma-separated) or all (the target's runtimes)")
+@click.option("--tune-trials", type=int, default=0, show_default=True,
+              help="MetaSchedule trials for TVM (0: untuned); the tuning database is kept and reused")
+@click.option("--out", "-o", default=None, help="output folder [default: MODEL/build]")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="also build INT8 artifacts (ORT, TFLite)")
+@click.option("--calib", default=None,
+              help="data for INT8 calibration and accuracy (as --data of compress) [default: the model's own data]")
+@click.option("--calib-images", type=int, default=64, show_default=True)
+@click.option("--eval-images", type=int, default=500, show_default=True)
+@click.option("--gpu/--no-gpu", default=True, show_default=True, help="also build for the target's GPU (TVM)")
+@click.option("--emulate/--no-emulate", default=True, show_default=True,
+              help="validate foreign-CPU artifacts under qemu-user (correctness only)")
+@click.option("-q", "--quiet", count=True)
+@click.option("-v", "--verbose", count=True)
+def build(model, target, runtimes, tune_trials, out, int8, calib, calib_images, eval_images, gpu, emulate, quiet,
+          verbose) -> None:
+    """Build MODEL (a `trp-edge compress` output folder, or an .onnx file) for a device target: the compressed
+    and the dense model, per runtime, each artifact validated against torch. Writes OUT/<target>/<runtime>/
+    with a manifest.json."""
+    _setup_logging(verbose - quiet)
+    from .build import build as run
+    from .config import BuildConfig
+
+    try:
+        cfg = BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials, int8=int8,
+                          calib=calib, calib_images=calib_images, eval_images=eval_images, gpu=gpu, emulate=emulate)
+        result = run(cfg)
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    for rt, m in result.manifests.items():
+        click.echo(f"{m['target']}/{rt}: {result.out / rt}/ ({m['build_seconds']:.1f} s)")
+        for a in m["artifacts"]:
+            v = a["validation"]
+            what = v["status"]
+            if "max_abs_diff" in v:
+                what += f" ({v['where']}, max abs diff {v['max_abs_diff']:.2g})"
+            elif v.get("reason"):
+                what += f" ({v['reason']})"
+            acc = a.get("accuracy")
+            if acc and "quantized_top1" in acc:
+                what += f"; top-1 {acc['fp32_top1']:.2f}% fp32 -> {acc['quantized_top1']:.2f}% {a['precision']}"
+            elif acc:
+                what += f"; agrees with fp32 on {acc['agreement'] * 100:.1f}% of {acc['images']} inputs"
+            click.echo(f"  {a['file']:<28} {a['precision']:<5} {a['device']:<7} {what}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print every target as JSON")
+def targets(as_json: bool) -> None:
+    """List the device targets (targets/*.toml; more directories in $TRP_EDGE_TARGETS)."""
+    from .targets import all_targets
+
+    try:
+        found = all_targets()
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in found], indent=2))
+        return
+    rows = [("target", "cpu", "gpu", "runtimes", "threads", "description")]
+    for t in found:
+        cpu = f"{t.cpu.mcpu} ({t.cpu.triple}, {t.cpu.cores} cores)"
+        gpu = f"{t.gpu.api}:{t.gpu.device or t.gpu.arch or ''}".rstrip(":") if t.gpu else "-"
+        rows.append((t.name, cpu, gpu, ",".join(t.runtimes), str(t.run_threads), t.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+
+
 if __name__ == "__main__":
     main()

@@ -154,7 +154,7 @@ def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], den
     return {
         "model": name,
         "arch": spec,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "scheme": dcfg.scheme,
         "energy": energy,

@@ -157,3 +157,31 @@ class CompressConfig(_JSONMixin):
             d["latency"] = ProfileConfig.from_dict(d["latency"])
         return super().from_dict(d)
 
+
+
+@dataclass(frozen=True)
+class BuildConfig(_JSONMixin):
+    """`trp-edge build`: which model, for which target, with which runtimes.
+
+    runtimes: "all" (the target's) or comma-separated tvm, ort, tflite.
+    tune_trials: MetaSchedule trials for TVM (0: untuned; the tuning database is reused across builds).
+    int8: also build INT8 artifacts (ORT QDQ, TFLite), calibrated on `calib` (default: the data the
+    model was compressed with) and evaluated against fp32 on `eval_images` test images.
+    """
+
+    model: str
+    target: str = "host"
+    runtimes: str = "all"
+    out: str | None = None
+    tune_trials: int = 0
+    int8: bool = True
+    calib: str | None = None
+    calib_images: int = 64
+    eval_images: int = 500
+    gpu: bool = True
+    emulate: bool = True
+
+    def __post_init__(self):
+        _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")
+        _check(self.calib_images >= 1, f"calibration images must be >= 1, got {self.calib_images}")
+        _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
