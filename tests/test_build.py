@@ -1,0 +1,94 @@
+"""trp-edge build: every runtime's artifacts on a tiny compressed model, validated; bad input is one line."""
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from trp_edge.build import revalidate, sha256
+from trp_edge.cli import main
+from trp_edge.errors import ValidationError
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory) -> Path:
+    """A TRP-compressed CIFAR ResNet-20 on 1x16x16 synthetic images (the layers of the real thing, tiny)."""
+    out = tmp_path_factory.mktemp("model") / "resnet20"
+    res = invoke(["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "8", "--period", "4",
+                  "--batch", "32", "--scheme", "spatial", "--target-speedup", "2", "--out", str(out), "-q",
+                  "--no-latency"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def host_ort(compressed, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("build")
+    res = invoke(["build", str(compressed), "--target", "host", "--runtime", "ort", "--out", str(out),
+                  "--calib-images", "16", "--eval-images", "64", "-q"])
+    assert res.exit_code == 0, res.output
+    return out / "host" / "ort"
+
+
+def test_ort_build_on_host(host_ort):
+    m = json.loads((host_ort / "manifest.json").read_text())
+    assert m["target"] == "host" and m["runtime"] == "ort" and m["model"] == "resnet20"
+    assert m["mac_speedup"] >= 2.0 and set(m["macs"]) == {"dense", "compressed"}
+    assert m["reference"]["from"] == "torch" and (host_ort.parent / "reference.npz").is_file()
+    files = {a["file"]: a for a in m["artifacts"]}
+    assert set(files) == {"dense.onnx", "dense.int8.onnx", "compressed.onnx", "compressed.int8.onnx"}
+    for name, a in files.items():
+        assert a["sha256"] == sha256(host_ort / name)
+        v = a["validation"]
+        assert v["status"] == "passed" and v["where"] == "native", (name, v)
+        if a["precision"] == "fp32":
+            assert v["max_abs_diff"] <= 1e-4
+        else:  # quantized: accuracy against fp32 on the model's own (synthetic) test images
+            acc = a["accuracy"]
+            assert acc["images"] == 64 and 0 <= acc["agreement"] <= 1 and "quantized_top1" in acc
+    assert not list(host_ort.parent.glob(".*staging*"))
+
+
+def test_a_wrong_artifact_fails_validation(host_ort, tmp_path):
+    broken = tmp_path / "ort"
+    shutil.copytree(host_ort, broken)
+    shutil.copy(host_ort.parent / "reference.npz", tmp_path / "reference.npz")
+    assert revalidate(broken)["compressed.onnx"]["status"] == "passed"
+    m = onnx.load(str(broken / "compressed.onnx"))  # loads and runs, computes the wrong thing
+    w = next(t for t in m.graph.initializer if len(t.dims) == 4)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
+    onnx.save(m, str(broken / "compressed.onnx"))
+    with pytest.raises(ValidationError, match="compressed.onnx: max abs diff"):
+        revalidate(broken)
+    (broken / "compressed.onnx").write_bytes(b"\x00garbage")  # does not even load
+    with pytest.raises(ValidationError, match="compressed.onnx"):
+        revalidate(broken)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "rpi9"], "unknown target 'rpi9'"),
+    (["--target", "cuda", "--runtime", "tflite"], "target cuda does not support runtime tflite"),
+    (["--runtime", "coreml"], "unknown runtime 'coreml'"),
+    (["--tune-trials", "-1"], "--tune-trials must be >= 0"),
+])
+def test_bad_options_are_one_line_and_keep_the_build(compressed, host_ort, args, message):
+    before = (host_ort / "manifest.json").read_text()
+    res = CliRunner().invoke(main, ["build", str(compressed), "--out", str(host_ort.parent.parent), *args])
+    assert res.exit_code == 1 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert (host_ort / "manifest.json").read_text() == before
+
+
+def test_an_onnx_file_that_does_not_load(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    res = CliRunner().invoke(main, ["build", str(bad), "--runtime", "ort"])
+    assert res.exit_code == 1 and "not a loadable ONNX model" in res.output
+    assert not (tmp_path / "bad-build").exists()
