@@ -92,3 +92,17 @@ def test_an_onnx_file_that_does_not_load(tmp_path):
     res = CliRunner().invoke(main, ["build", str(bad), "--runtime", "ort"])
     assert res.exit_code == 1 and "not a loadable ONNX model" in res.output
     assert not (tmp_path / "bad-build").exists()
+
+
+@pytest.mark.slow
+def test_rpi4_artifacts_are_checked_under_emulation(compressed, tmp_path):
+    res = invoke(["build", str(compressed), "--target", "rpi4", "--runtime", "ort", "--out", str(tmp_path),
+                  "--calib-images", "8", "--eval-images", "16", "-q"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "rpi4" / "ort" / "manifest.json").read_text())
+    assert m["target_spec"]["cpu"]["triple"] == "aarch64-linux-gnu"
+    for a in m["artifacts"]:
+        v = a["validation"]
+        assert v["status"] == "passed" and v["where"].startswith("emulated (aarch64"), (a["file"], v)
+        if a["precision"] == "fp32":
+            assert v["max_abs_diff"] <= 1e-4
