@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -106,3 +107,58 @@ def test_rpi4_artifacts_are_checked_under_emulation(compressed, tmp_path):
         assert v["status"] == "passed" and v["where"].startswith("emulated (aarch64"), (a["file"], v)
         if a["precision"] == "fp32":
             assert v["max_abs_diff"] <= 1e-4
+
+
+def test_tvm_and_tflite_builds_on_host(compressed, tmp_path):
+    res = invoke(["build", str(compressed), "--target", "host", "--runtime", "tvm,tflite", "--out", str(tmp_path),
+                  "--calib-images", "16", "--eval-images", "32", "-q"])
+    assert res.exit_code == 0, res.output
+    tvm = json.loads((tmp_path / "host" / "tvm" / "manifest.json").read_text())
+    assert [a["file"] for a in tvm["artifacts"]] == ["dense.so", "compressed.so"]
+    assert tvm["tuning"]["trials_requested"] == 0 and not tvm["artifacts"][0]["tuned"]
+    tfl = json.loads((tmp_path / "host" / "tflite" / "manifest.json").read_text())
+    assert {a["file"] for a in tfl["artifacts"]} == {"dense.tflite", "dense.int8.tflite", "compressed.tflite",
+                                                     "compressed.int8.tflite"}
+    assert "no op profiler" in tfl["profiling"]
+    for m in (tvm, tfl):
+        for a in m["artifacts"]:
+            assert a["validation"]["status"] == "passed", (a["file"], a["validation"])
+            if a["precision"] == "fp32":
+                assert a["validation"]["max_abs_diff"] <= 1e-4
+    assert not (tmp_path / "host" / "ort").exists()  # only what was asked for
+
+
+@pytest.mark.slow
+def test_tuning_database_is_reused(tmp_path, tiny):
+    torch.onnx.export(tiny.eval(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "tiny.onnx"), input_names=["input"],
+                      dynamo=False)
+    args = ["build", str(tmp_path / "tiny.onnx"), "--runtime", "tvm", "--tune-trials", "6", "--out",
+            str(tmp_path / "b"), "-q"]
+    first = invoke(args)
+    assert first.exit_code == 0, first.output
+    m1 = json.loads((tmp_path / "b" / "host" / "tvm" / "manifest.json").read_text())
+    t1 = m1["tuning"]["per_model"]["tiny"]
+    assert t1["tuned"] == t1["tasks"] >= 3 and t1["trials"] >= t1["tasks"] and m1["artifacts"][0]["tuned"]
+    assert m1["artifacts"][0]["validation"]["status"] == "passed"
+    assert m1["reference"]["from"].startswith("onnxruntime")  # an ONNX file alone: no torch model to compare to
+    second = invoke(args)
+    assert second.exit_code == 0, second.output
+    m2 = json.loads((tmp_path / "b" / "host" / "tvm" / "manifest.json").read_text())
+    t2 = m2["tuning"]["per_model"]["tiny"]
+    assert t2["tuned"] == 0 and t2["reused_from_database"] == t1["tasks"] and t2["trials"] == 0
+
+
+@pytest.mark.slow
+def test_arm_and_gpu_targets(compressed, tmp_path):
+    res = invoke(["build", str(compressed), "--target", "rk3588-mali", "--runtime", "tvm", "--out", str(tmp_path),
+                  "--tune-trials", "4", "-q"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "rk3588-mali" / "tvm" / "manifest.json").read_text())
+    files = {a["file"]: a for a in m["artifacts"]}
+    assert set(files) == {"dense.so", "dense-opencl.so", "compressed.so", "compressed-opencl.so"}
+    assert "wrong CPU" in m["tuning"]["skipped"]  # no tuning of an ARM target on this x86 machine
+    assert files["compressed.so"]["validation"]["where"].startswith("emulated (aarch64")
+    assert files["compressed.so"]["validation"]["max_abs_diff"] <= 1e-4
+    assert files["compressed-opencl.so"]["validation"]["status"] == "compile-only"
+    assert (tmp_path / "rk3588-mali" / "tvm" / "compressed.so").read_bytes()[:4] == b"\x7fELF"
+    assert (tmp_path / "rk3588-mali" / "tvm" / "compressed.so").read_bytes()[18] == 183  # e_machine: AArch64

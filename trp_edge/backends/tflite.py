@@ -1,0 +1,80 @@
+"""TFLite: fp32 and static INT8 .tflite files converted from the torch models with litert-torch (no
+TensorFlow), run here by ai-edge-litert and on a device by ai-edge-litert or tflite-runtime.
+
+The converter lives in its own environment (see litert_convert.py); tools/setup.sh creates it as
+.venv-litert, or point $TRP_EDGE_LITERT_PYTHON at a python that has litert-torch and trp_edge."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..build import Artifact, Samples, Source
+from ..config import BuildConfig
+from ..errors import InputError, TrpEdgeError
+from ..targets import Target
+
+log = logging.getLogger(__name__)
+
+_REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def converter_python() -> Path:
+    env = os.environ.get("TRP_EDGE_LITERT_PYTHON")
+    return Path(env) if env else _REPO / ".venv-litert" / "bin" / "python"
+
+
+def check_available(target: Target, src: Source) -> None:
+    if any(v.torch is None for v in src.variants):
+        raise InputError(f"{src.path}: TFLite is converted from the torch model; pass a trp-edge compress output "
+                         "folder (an ONNX file alone cannot be converted without TensorFlow)")
+    if not converter_python().is_file():
+        raise TrpEdgeError(f"the TFLite converter environment is missing ({converter_python()}): run tools/setup.sh "
+                           "or set TRP_EDGE_LITERT_PYTHON to a python with litert-torch==0.10.0 and trp-edge")
+    try:
+        import ai_edge_litert  # noqa: F401
+    except ImportError:
+        raise TrpEdgeError("ai-edge-litert is not installed: pip install 'trp-edge[tflite]'") from None
+
+
+def convert(model_pt: Path, out: Path, shape: tuple[int, ...], calib: np.ndarray | None, folder: Path) -> None:
+    cmd = [str(converter_python()), "-m", "trp_edge.backends.litert_convert", str(model_pt.resolve()),
+           str(out.resolve()), "--shape", ",".join(map(str, shape))]
+    calib_file = folder / f".{out.stem}.calib.npy"
+    if calib is not None:
+        np.save(calib_file, calib)
+        cmd += ["--int8", str(calib_file.resolve()), str(out.with_suffix(".int8.tflite").resolve())]
+    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    finally:
+        calib_file.unlink(missing_ok=True)
+    if r.returncode != 0:
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()] or ["no output"]
+        raise TrpEdgeError(f"TFLite conversion of {model_pt.name} failed: {err[-1][:300]}")
+
+
+def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
+          samples: Samples | None) -> tuple[list[Artifact], dict[str, Any]]:
+    arts = []
+    int8 = cfg.int8 and samples is not None
+    for v in src.variants:
+        log.info("tflite: converting %s%s", v.name, " (fp32 and INT8)" if int8 else "")
+        out = folder / f"{v.name}.tflite"
+        convert(v.torch, out, src.input_shape, samples.calib if int8 else None, folder)
+        arts.append(Artifact(v.name, out.name, "tflite", extra={"layout": "NCHW input (transposed inside)"}))
+        if int8:
+            arts.append(Artifact(v.name, f"{v.name}.int8.tflite", "tflite", precision="int8",
+                                 extra={"fp32_file": out.name, "quantization": "static INT8 (ai-edge-quantizer, "
+                                        "min/max calibration), float32 input and output"}))
+    import ai_edge_litert
+
+    return arts, {"runtime_version": {"ai_edge_litert": getattr(ai_edge_litert, "__version__", "unknown")},
+                  "converter": "litert-torch 0.10.0",
+                  "profiling": "the Python interpreters (ai-edge-litert 2.3, tflite-runtime 2.14) expose no op "
+                               "profiler"}
