@@ -145,6 +145,8 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
               help="tvm, ort, tflite (comma-separated) or all (the target's runtimes)")
 @click.option("--tune-trials", type=int, default=0, show_default=True,
               help="MetaSchedule trials for TVM (0: untuned); the tuning database is kept and reused")
+@click.option("--tuning-db", default=None, help="TVM tuning database folder to use and extend, e.g. shared "
+              "between models [default: OUT/<target>/tuning]")
 @click.option("--out", "-o", default=None, help="output folder [default: MODEL/build]")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="also build INT8 artifacts (ORT, TFLite)")
 @click.option("--calib", default=None,
@@ -156,8 +158,8 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
               help="validate foreign-CPU artifacts under qemu-user (correctness only)")
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
-def build(model, target, runtimes, tune_trials, out, int8, calib, calib_images, eval_images, gpu, emulate, quiet,
-          verbose) -> None:
+def build(model, target, runtimes, tune_trials, tuning_db, out, int8, calib, calib_images, eval_images, gpu, emulate,
+          quiet, verbose) -> None:
     """Build MODEL (a `trp-edge compress` output folder, or an .onnx file) for a device target: the compressed
     and the dense model, per runtime, each artifact validated against torch. Writes OUT/<target>/<runtime>/
     with a manifest.json."""
@@ -166,7 +168,8 @@ def build(model, target, runtimes, tune_trials, out, int8, calib, calib_images, 
     from .config import BuildConfig
 
     try:
-        cfg = BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials, int8=int8,
+        cfg = BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials,
+                          tuning_db=tuning_db, int8=int8,
                           calib=calib, calib_images=calib_images, eval_images=eval_images, gpu=gpu, emulate=emulate)
         result = run(cfg)
     except TrpEdgeError as e:

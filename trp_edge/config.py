@@ -165,6 +165,7 @@ class BuildConfig(_JSONMixin):
 
     runtimes: "all" (the target's) or comma-separated tvm, ort, tflite.
     tune_trials: MetaSchedule trials for TVM (0: untuned; the tuning database is reused across builds).
+    tuning_db: where the tuning database lives (default OUT/<target>/tuning); share one between models.
     int8: also build INT8 artifacts (ORT QDQ, TFLite), calibrated on `calib` (default: the data the
     model was compressed with) and evaluated against fp32 on `eval_images` test images.
     """
@@ -180,6 +181,7 @@ class BuildConfig(_JSONMixin):
     eval_images: int = 500
     gpu: bool = True
     emulate: bool = True
+    tuning_db: str | None = None
 
     def __post_init__(self):
         _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")

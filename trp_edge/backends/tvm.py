@@ -100,9 +100,9 @@ def cpu_build(mod, target, _params):
     return tvm.tirx.build(mod, target=target)
 
 
-def tuning_dir(out: Path, target: Target, tvm_target) -> Path:
+def tuning_dir(root: Path, target: Target, tvm_target) -> Path:
     key = hashlib.sha256(json.dumps(str(tvm_target), sort_keys=True).encode()).hexdigest()[:10]
-    d = out / "tuning" / key
+    d = root / key
     d.mkdir(parents=True, exist_ok=True)
     (d / "target.json").write_text(json.dumps({"target": target.name, "tvm_target": str(tvm_target)}, indent=2))
     return d
@@ -202,7 +202,8 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
         tuning["skipped"] = (f"tuning {target.name} ({target.cpu.mcpu}) on this {target.cpu.arch} machine would "
                              "measure the wrong CPU; tune on the device over RPC")
         log.warning("tvm: %s", tuning["skipped"])
-    db_dir = tuning_dir(folder.parent, target, cpu_t) if tune_here else None
+    root = Path(cfg.tuning_db) if cfg.tuning_db else folder.parent / "tuning"
+    db_dir = tuning_dir(root, target, cpu_t) if tune_here else None
     arts = []
     for v in src.variants:
         t0 = time.perf_counter()
