@@ -335,6 +335,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 "config": cfg.to_dict(), "input": {"shape": list(src.input_shape), "dtype": "float32"},
                 "reference": {"file": "../reference.npz", "from": reference_source(src)},
                 "macs": {v.name: v.macs for v in src.variants}, "mac_speedup": src.mac_speedup,
+                "source_sha256": {v.name: sha256(v.onnx) for v in src.variants},
                 "artifacts": [a.to_dict(stage) for a in arts], "build_seconds": None, **info}
             manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
             (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

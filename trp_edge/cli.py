@@ -191,6 +191,126 @@ def build(model, target, runtimes, tune_trials, tuning_db, out, int8, calib, cal
             click.echo(f"  {a['file']:<28} {a['precision']:<5} {a['device']:<7} {what}")
 
 
+def _protocol_options(f):
+    f = click.option("--min-runs", type=int, default=20, show_default=True, help="timed runs per model, at least")(f)
+    f = click.option("--min-seconds", type=float, default=1.0, show_default=True,
+                     help="timed seconds per model, at least")(f)
+    f = click.option("--threads", type=int, default=None, help="runtime threads [default: the target's]")(f)
+    return f
+
+
+def _echo_report(path: Path) -> None:
+    r = json.loads(path.read_text())
+    em = " [EMULATED: not device latency]" if r["emulated"] else ""
+    slower = sum(1 for la in r["layers"] if la.get("slower"))
+    click.echo(f"{r['target']}/{r['runtime']} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}): dense "
+               f"{r['dense']['median_ms']:.3f} ms, compressed {r['compressed']['median_ms']:.3f} ms: "
+               f"{r['latency_speedup']:.2f}x for {r['mac_speedup']:.2f}x fewer MACs (efficiency {r['efficiency']:.2f})"
+               + (f"; {slower} layer(s) slower than dense" if slower else "") + em)
+    click.echo(f"  report: {path} (+ .md, .png)")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
+@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--tracker", default=None, help="register with a TVM RPC tracker at HOST:PORT")
+@click.option("--key", default="", help="the device key to register under (with --tracker)")
+@click.option("--runtimes", default=None, help="offer only these runtimes (comma-separated)")
+@click.option("-q", "--quiet", count=True)
+@click.option("-v", "--verbose", count=True)
+def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
+    """Device side: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models. Needs numpy, the TVM
+    runtime and the runtimes to offer; not torch."""
+    _setup_logging(verbose - quiet)
+    from .device.runner import runtime_versions
+    from .device.serve import serve as start
+
+    if tracker and not key:
+        raise click.ClickException("--tracker needs --key (the name clients request the device by)")
+    have = runtime_versions()
+    click.echo("runtimes here: " + ", ".join(f"{k} {v}" if v else f"{k} (missing)" for k, v in have.items()))
+    server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None)
+    click.echo(f"trp-edge serve: listening on {host}:{server.port}" + (f", tracker {tracker} key {key}" if tracker
+                                                                          else "") + " (Ctrl-C stops)")
+    try:
+        server.proc.join()
+    except KeyboardInterrupt:
+        server.terminate()
+
+
+@main.command()
+@click.option("--target", "-t", required=True, help="a name from `trp-edge targets` or a .toml file")
+@click.option("--model", "-m", default=None, help="a trp-edge compress output [default: the latest in trp-edge-out/]")
+@click.option("--runtime", "-r", "runtimes", default="all", show_default=True)
+@click.option("--host", default=None, help="the device's trp-edge serve address")
+@click.option("--port", type=int, default=None)
+@click.option("--tracker", default=None, help="a TVM RPC tracker HOST:PORT")
+@click.option("--key", default=None, help="the device key at the tracker [default: the target's]")
+@click.option("--local", is_flag=True, help="run on this machine (target host)")
+@click.option("--emulate", is_flag=True, help="run aarch64 artifacts under qemu here (correctness only)")
+@click.option("--tune-trials", type=int, default=0, show_default=True)
+@click.option("--timeout", type=float, default=900, show_default=True, help="seconds for one runtime's session")
+@click.option("--reports", default="reports", show_default=True)
+@click.option("--layers/--no-layers", default=True, show_default=True, help="per-layer breakdown")
+@_protocol_options
+@click.option("-q", "--quiet", count=True)
+@click.option("-v", "--verbose", count=True)
+def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tune_trials, timeout, reports, layers,
+           min_runs, min_seconds, threads, quiet, verbose) -> None:
+    """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
+    reports/<target>/<model>-<runtime>-<time>.{json,md,png}."""
+    _setup_logging(verbose - quiet)
+    from .config import DeployConfig, ProfileConfig
+    from .deploy import deploy as run
+
+    try:
+        cfg = DeployConfig(target=target, model=model, runtimes=runtimes, host=host, port=port, tracker=tracker,
+                           key=key, local=local, emulate=emulate, threads=threads, tune_trials=tune_trials,
+                           reports=reports, timeout=timeout, layers=layers,
+                           protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds))
+        paths = run(cfg)
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    for p in paths:
+        _echo_report(p)
+
+
+@main.command()
+@click.argument("artifact_dir")
+@click.option("--target", "-t", default="host", show_default=True)
+@click.option("--reports", default="reports", show_default=True)
+@_protocol_options
+@click.option("-q", "--quiet", count=True)
+@click.option("-v", "--verbose", count=True)
+def profile(artifact_dir, target, reports, min_runs, min_seconds, threads, quiet, verbose) -> None:
+    """Time an existing build (OUT/<target>/<runtime>/) on this machine and write its report."""
+    _setup_logging(verbose - quiet)
+    from .config import DeployConfig, ProfileConfig
+    from .deploy import profile_build
+
+    try:
+        cfg = DeployConfig(target=target, local=True, threads=threads, reports=reports,
+                           protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds))
+        path = profile_build(Path(artifact_dir), target, cfg)
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    _echo_report(path)
+
+
+@main.command()
+@click.argument("reports", default="reports")
+def report(reports) -> None:
+    """Every device and runtime in REPORTS/ in one table (REPORTS/summary.md) and one plot (summary.png)."""
+    from .deploy import aggregate
+
+    try:
+        table, png, _ = aggregate(Path(reports))
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(table, nl=False)
+    click.echo(f"wrote {Path(reports) / 'summary.md'} and {png}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print every target as JSON")
 def targets(as_json: bool) -> None:

@@ -187,3 +187,35 @@ class BuildConfig(_JSONMixin):
         _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")
         _check(self.calib_images >= 1, f"calibration images must be >= 1, got {self.calib_images}")
         _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
+
+
+@dataclass(frozen=True)
+class DeployConfig(_JSONMixin):
+    """`trp-edge deploy`: build (or reuse) a model's artifacts for a target, run them on the device (over
+    TVM RPC, on this machine with `local`, or under qemu with `emulate`) and write latency reports."""
+
+    target: str
+    model: str | None = None
+    runtimes: str = "all"
+    host: str | None = None
+    port: int | None = None
+    tracker: str | None = None
+    key: str | None = None
+    local: bool = False
+    emulate: bool = False
+    threads: int | None = None
+    tune_trials: int = 0
+    reports: str = "reports"
+    timeout: float = 900.0
+    layers: bool = True
+    protocol: ProfileConfig = ProfileConfig()
+
+    def __post_init__(self):
+        _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
+        _check(not ((self.local or self.emulate) and (self.host or self.tracker)),
+               "--local/--emulate run here; drop --host/--tracker")
+        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        _check(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
+        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
+        if isinstance(self.protocol, Mapping):
+            object.__setattr__(self, "protocol", ProfileConfig(**self.protocol))

@@ -60,23 +60,30 @@ def ensure_userland() -> Path:
     return py
 
 
-def run_check(job: dict, folder: Path, target: Target, timeout: float = 900) -> list[dict]:
-    """trp_edge.device.runner's check, run by the emulated aarch64 python on the folder's artifacts."""
+def run_module(module: str, job: dict, folder: Path, target: Target, timeout: float = 900,
+               args: tuple[str, ...] = ()) -> dict:
+    """`python -m MODULE [ARGS] JOB.json` in the emulated aarch64 python, on the folder's files; the last
+    JSON line it prints."""
     py = ensure_userland()
-    job_file = folder / ".check-job.json"
+    job_file = folder / f".{module.rsplit('.', 1)[-1]}-job.json"
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": "1"}
     try:
-        r = subprocess.run([str(py), "-m", "trp_edge.device.runner", "check", str(job_file.resolve())], env=env,
+        r = subprocess.run([str(py), "-m", module, *args, str(job_file.resolve())], env=env,
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise TrpEdgeError(f"the emulated check of {folder} took over {timeout:.0f} s") from None
+        raise TrpEdgeError(f"the emulated run in {folder} took over {timeout:.0f} s") from None
     finally:
         job_file.unlink(missing_ok=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         err = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise TrpEdgeError(f"the emulated {target.cpu.arch} python failed (exit {r.returncode}): {err}")
-    out = json.loads(lines[-1])
+    return json.loads(lines[-1])
+
+
+def run_check(job: dict, folder: Path, target: Target, timeout: float = 900) -> list[dict]:
+    """trp_edge.device.runner's check, run by the emulated aarch64 python on the folder's artifacts."""
+    out = run_module("trp_edge.device.runner", job, folder, target, timeout, args=("check",))
     log.debug("emulated runtimes: %s", out.get("runtimes"))
     return out["results"]

@@ -65,3 +65,43 @@ def plot_ranks(report: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_latency(reports: list[dict[str, Any]], path: Path, per_layer: bool = True) -> None:
+    """MAC speedup (x) against latency speedup (y) with the ideal line: per layer and for the whole net of
+    one report, or one point per report (device x runtime) for `trp-edge report`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    pts = []
+    for r in reports:
+        if per_layer:
+            lay = [la for la in r.get("layers", []) if la.get("latency_speedup")]
+            if lay:
+                xs = [la["mac_speedup"] for la in lay]
+                ys = [la["latency_speedup"] for la in lay]
+                colors = ["tab:red" if la["slower"] else "tab:blue" for la in lay]
+                ax.scatter(xs, ys, c=colors, s=22, alpha=0.8, label="layers (red: slower than dense)")
+                pts += list(zip(xs, ys))
+        label = f"{r['target']}/{r['runtime']}" + (" (emulated)" if r.get("emulated") else "")
+        ax.scatter([r["mac_speedup"]], [r["latency_speedup"]], marker="*", s=180, zorder=3,
+                   label=f"whole net {label}" if per_layer else label)
+        pts.append((r["mac_speedup"], r["latency_speedup"]))
+    hi = max([1.5] + [max(x, y) for x, y in pts]) * 1.1
+    ax.plot([0, hi], [0, hi], "k--", lw=1, label="ideal (latency = MAC speedup)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("MAC speedup (dense / compressed)")
+    ax.set_ylabel("latency speedup (dense / compressed)")
+    title = reports[0]["model"] if len({r["model"] for r in reports}) == 1 else "trp-edge"
+    ax.set_title(f"{title}: what fewer MACs bought")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,56 @@
+"""`trp-edge serve`: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models uploaded to it,
+so one transport, one tracker and one upload path serve every runtime.
+
+It registers two functions in the server: `trp_edge.info()` (device identity and the runtimes present)
+and `trp_edge.bench(job_json)` (trp_edge.device.bench on the uploaded files). It needs numpy, the TVM
+runtime and whichever of onnxruntime / ai-edge-litert / tflite-runtime the device has; no torch. A
+runtime that is missing is reported to the client, not crashed on."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(runtimes: tuple[str, ...] | None = None) -> None:
+    """Runs in the server process before it forks a worker per session."""
+    import tvm
+    import tvm_ffi
+
+    from .bench import bench, device_identity
+
+    @tvm_ffi.register_global_func("trp_edge.info", override=True)
+    def info() -> str:
+        ident = device_identity()
+        if runtimes is not None:
+            ident["offered"] = list(runtimes)
+        return json.dumps(ident)
+
+    @tvm_ffi.register_global_func("trp_edge.bench", override=True)
+    def remote_bench(job_json: str) -> str:
+        job = json.loads(job_json)
+        if runtimes is not None and job["runtime"] not in runtimes:
+            return json.dumps({"runtime": job["runtime"], "error": f"runtime {job['runtime']} is not offered by "
+                               f"this server (it offers {', '.join(runtimes)})", "artifacts": {}})
+        base = Path(tvm.get_global_func("tvm.rpc.server.workpath")(job["reference"])).parent
+        return json.dumps(bench(job, base))
+
+
+def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = "",
+          runtimes: tuple[str, ...] | None = None, port_end: int | None = None):
+    """Start the server (in a child process, as TVM does) and return it; `.proc.join()` waits."""
+    from tvm import rpc
+
+    tracker_addr = None
+    if tracker:
+        h, _, p = tracker.rpartition(":")
+        tracker_addr = (h, int(p))
+    server = rpc.Server(host, port, port_end or port + 10, key=key, tracker_addr=tracker_addr, silent=True,
+                        server_init_callback=functools.partial(register, runtimes))
+    log.info("serving on %s:%d%s", host, server.port, f", registered with tracker {tracker} as {key!r}" if tracker
+             else "")
+    return server
