@@ -1,6 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
+
+from trp_edge.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +33,14 @@ class TinyNet(nn.Module):
 @pytest.fixture
 def tiny():
     return TinyNet()
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory) -> Path:
+    """A TRP-compressed CIFAR ResNet-20 on 1x16x16 synthetic images (the layers of the real thing, tiny)."""
+    out = tmp_path_factory.mktemp("model") / "resnet20"
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "8",
+                                    "--period", "4", "--batch", "32", "--scheme", "spatial", "--target-speedup", "2",
+                                    "--out", str(out), "-q", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    return out

@@ -20,17 +20,6 @@ def invoke(args):
 
 
 @pytest.fixture(scope="session")
-def compressed(tmp_path_factory) -> Path:
-    """A TRP-compressed CIFAR ResNet-20 on 1x16x16 synthetic images (the layers of the real thing, tiny)."""
-    out = tmp_path_factory.mktemp("model") / "resnet20"
-    res = invoke(["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "8", "--period", "4",
-                  "--batch", "32", "--scheme", "spatial", "--target-speedup", "2", "--out", str(out), "-q",
-                  "--no-latency"])
-    assert res.exit_code == 0, res.output
-    return out
-
-
-@pytest.fixture(scope="session")
 def host_ort(compressed, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("build")
     res = invoke(["build", str(compressed), "--target", "host", "--runtime", "ort", "--out", str(out),

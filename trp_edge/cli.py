@@ -229,7 +229,10 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
         raise click.ClickException("--tracker needs --key (the name clients request the device by)")
     have = runtime_versions()
     click.echo("runtimes here: " + ", ".join(f"{k} {v}" if v else f"{k} (missing)" for k, v in have.items()))
-    server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None)
+    try:
+        server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None)
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(f"trp-edge serve: listening on {host}:{server.port}" + (f", tracker {tracker} key {key}" if tracker
                                                                           else "") + " (Ctrl-C stops)")
     try:

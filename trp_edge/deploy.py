@@ -121,19 +121,34 @@ def connection(cfg: DeployConfig, target: Target) -> Connection:
                       + SERVE_HINT.format(port=target.rpc.port))
 
 
-def _connect(conn: Connection, timeout: float):
+def _connect(conn: Connection, timeout: float, handshake: float = 60.0):
+    """Open the session in a daemon thread so a server that accepts the socket but never answers (a wedged
+    listener, a wrong port) becomes an error after `handshake` seconds instead of a hang."""
+    import threading
+
     from tvm import rpc
 
-    try:
-        if conn.tracker:
-            h, _, p = conn.tracker.rpartition(":")
-            tracker = rpc.connect_tracker(h, int(p))
-            return tracker.request(conn.key, priority=1, session_timeout=timeout, max_retry=2)
-        return rpc.connect(conn.host, conn.port, key=conn.key, session_timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - socket errors, RPC errors and tracker errors alike
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise DeviceError(f"cannot open a session on {conn.describe()} ({msg}); "
-                          + SERVE_HINT.format(port=conn.port or 9090)) from None
+    box: dict[str, Any] = {}
+
+    def go():
+        try:
+            if conn.tracker:
+                h, _, p = conn.tracker.rpartition(":")
+                tracker = rpc.connect_tracker(h, int(p))
+                box["sess"] = tracker.request(conn.key, priority=1, session_timeout=timeout, max_retry=2)
+            else:
+                box["sess"] = rpc.connect(conn.host, conn.port, key=conn.key, session_timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - socket errors, RPC errors and tracker errors alike
+            box["error"] = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(handshake)
+    if "sess" in box:
+        return box["sess"]
+    why = box.get("error", f"no answer within {handshake:.0f} s")
+    raise DeviceError(f"cannot open a session on {conn.describe()} ({why}); "
+                      + SERVE_HINT.format(port=conn.port or 9090))
 
 
 def run_rpc(job: dict[str, Any], folder: Path, conn: Connection, timeout: float) -> dict[str, Any]:

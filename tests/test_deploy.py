@@ -1,0 +1,187 @@
+"""trp-edge serve / deploy / profile / report: a real RPC server (and tracker) on 127.0.0.1, every runtime
+deployed through it, the report's figures consistent, and each failure a clear line."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trp_edge.cli import main
+
+EXE = str(Path(sys.executable).with_name("trp-edge"))
+FAST = ["--min-runs", "5", "--min-seconds", "0.05"]
+TOP_KEYS = {"target", "runtime", "device", "emulated", "mac_speedup", "dense", "compressed", "latency_speedup",
+            "efficiency", "layers"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], ready: str, log: Path) -> subprocess.Popen:
+    f = open(log, "w")  # noqa: SIM115 - closed with the process
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                                       "HOME": str(Path.home())})
+    for _ in range(300):
+        if ready in log.read_text():
+            return p
+        if p.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    p.kill()
+    raise RuntimeError(f"not ready: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    port = free_port()
+    p = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+               str(port + 1)], "", tmp_path_factory.mktemp("tracker") / "log")
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    p.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A trp-edge serve reached directly at 127.0.0.1:port."""
+    port = free_port()
+    p = start([EXE, "serve", "--port", str(port)], "listening on", tmp_path_factory.mktemp("serve") / "log")
+    yield port
+    p.kill()
+
+
+@pytest.fixture(scope="module")
+def tracked(tracker, tmp_path_factory):
+    """A trp-edge serve registered with the tracker as 'tinybox' (sessions come through the tracker)."""
+    port = free_port()
+    p = start([EXE, "serve", "--port", str(port), "--tracker", tracker, "--key", "tinybox"], "listening on",
+              tmp_path_factory.mktemp("tracked") / "log")
+    yield port
+    p.kill()
+
+
+def deploy(args, reports: Path):
+    return CliRunner().invoke(main, ["deploy", "--target", "host", "--reports", str(reports), *FAST, *args])
+
+
+def reports_in(d: Path) -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted((d / "host").glob("*.json"))]
+
+
+def check_report(r: dict, runtime: str) -> None:
+    assert TOP_KEYS <= r.keys() and r["runtime"] == runtime and r["target"] == "host" and not r["emulated"]
+    for side in ("dense", "compressed"):
+        assert {"median_ms", "p10_ms", "p90_ms", "runs"} <= r[side].keys() and r[side]["runs"] >= 5
+        assert r[side]["p10_ms"] <= r[side]["median_ms"] <= r[side]["p90_ms"]
+        assert r[side]["max_abs_diff"] <= 1e-4  # the device's outputs match torch
+    assert r["latency_speedup"] == pytest.approx(r["dense"]["median_ms"] / r["compressed"]["median_ms"])
+    assert r["efficiency"] == pytest.approx(r["latency_speedup"] / r["mac_speedup"])
+    assert r["device"]["cores"] >= 1 and r["device"]["runtimes"]["numpy"]
+
+
+def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
+    res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(server)], tmp_path)
+    assert res.exit_code == 0, res.output
+    reps = {r["runtime"]: r for r in reports_in(tmp_path)}
+    assert set(reps) == {"tvm", "ort", "tflite"}
+    for rt, r in reps.items():
+        check_report(r, rt)
+        assert r["transport"].startswith("rpc (127.0.0.1")
+        for ext in ("md", "png"):
+            assert (tmp_path / "host" / r["files"][{"md": "markdown", "png": "plot"}[ext]]).stat().st_size > 0
+    for rt in ("tvm", "ort"):  # per-layer breakdown: every decomposed layer has both times
+        lay = [la for la in reps[rt]["layers"] if la["rank"] is not None]
+        assert lay and all(la["dense_ms"] and la["compressed_ms"] for la in lay), rt
+        assert reps[rt]["layers_unmatched_kernels"] == {"dense": 0, "compressed": 0}
+    assert "no op profiler" in reps["tflite"]["layers_note"]
+
+
+def test_deploy_through_the_tracker(compressed, tracked, tracker, tmp_path):
+    res = deploy(["--model", str(compressed), "--tracker", tracker, "--key", "tinybox", "--runtime", "ort"], tmp_path)
+    assert res.exit_code == 0, res.output
+    (r,) = reports_in(tmp_path)
+    check_report(r, "ort")
+    assert "tracker" in r["transport"]
+
+
+def test_local_deploy_profile_and_report(compressed, tmp_path):
+    res = deploy(["--model", str(compressed), "--local", "--runtime", "ort,tvm"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "efficiency" in res.output
+    prof = CliRunner().invoke(main, ["profile", str(compressed / "build" / "host" / "ort"), "--reports", str(tmp_path),
+                                     *FAST])
+    assert prof.exit_code == 0, prof.output
+    assert len(reports_in(tmp_path)) == 3
+    agg = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert agg.exit_code == 0, agg.output
+    assert "| host | resnet20 | ort |" in agg.output and "| host | resnet20 | tvm |" in agg.output
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "summary.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_emulated_deploy_is_labelled(compressed, tmp_path):
+    res = CliRunner().invoke(main, ["deploy", "--target", "rpi4", "--emulate", "--model", str(compressed), "--runtime",
+                                    "ort", "--reports", str(tmp_path), *FAST])
+    assert res.exit_code == 0, res.output
+    r = json.loads(next((tmp_path / "rpi4").glob("*.json")).read_text())
+    assert r["emulated"] and "EMULATED" in r["note"] and r["compressed"]["max_abs_diff"] <= 1e-4
+    assert "EMULATED" in (tmp_path / "rpi4" / r["files"]["markdown"]).read_text()
+    assert "[EMULATED" in res.output
+
+
+def test_unreachable_device(compressed, tmp_path):
+    res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(free_port()), "--runtime", "ort"],
+                 tmp_path)
+    assert res.exit_code == 1 and "cannot open a session" in res.output and "trp-edge serve" in res.output
+    assert not (tmp_path / "host").exists()
+
+
+def test_refused_session(compressed, server, tmp_path):
+    res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(server), "--key", "other",
+                  "--runtime", "ort"], tmp_path)
+    assert res.exit_code == 1 and "cannot open a session" in res.output
+
+
+def test_runtime_missing_on_the_device(compressed, tmp_path):
+    port = free_port()
+    p = start([EXE, "serve", "--port", str(port), "--runtimes", "tvm"], "listening on", tmp_path / "log")
+    try:
+        res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(port), "--runtime", "ort"],
+                     tmp_path)
+    finally:
+        p.kill()
+    assert res.exit_code == 1 and "runtime ort is not offered by this server" in res.output
+
+
+def test_timeout(compressed, server, tmp_path):
+    res = CliRunner().invoke(main, ["deploy", "--target", "host", "--model", str(compressed), "--host", "127.0.0.1",
+                                    "--port", str(server), "--runtime", "ort", "--timeout", "2",
+                                    "--min-seconds", "30",
+                                    "--reports", str(tmp_path)])
+    assert res.exit_code == 1 and "longer than --timeout 2 s" in res.output
+
+
+def test_unreachable_tracker_for_serve(tmp_path):
+    res = subprocess.run([EXE, "serve", "--port", str(free_port()), "--tracker", f"127.0.0.1:{free_port()}", "--key",
+                          "k"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "cannot reach the tracker" in res.stderr
+
+
+def test_no_connection_says_how(compressed, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRP_EDGE_TRACKER", raising=False)
+    monkeypatch.delenv("TRP_EDGE_RPC", raising=False)
+    res = CliRunner().invoke(main, ["deploy", "--target", "rpi4", "--model", str(compressed)])
+    assert res.exit_code == 1 and "no device connection for rpi4" in res.output and "trp-edge serve" in res.output
