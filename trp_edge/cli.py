@@ -251,15 +251,16 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("--key", default=None, help="the device key at the tracker [default: the target's]")
 @click.option("--local", is_flag=True, help="run on this machine (target host)")
 @click.option("--emulate", is_flag=True, help="run aarch64 artifacts under qemu here (correctness only)")
-@click.option("--tune-trials", type=int, default=0, show_default=True)
+@click.option("--tune-trials", type=int, default=0, show_default=True, help="MetaSchedule trials when TVM is built")
+@click.option("--tuning-db", default=None, help="TVM tuning database folder to use and extend")
 @click.option("--timeout", type=float, default=900, show_default=True, help="seconds for one runtime's session")
 @click.option("--reports", default="reports", show_default=True)
 @click.option("--layers/--no-layers", default=True, show_default=True, help="per-layer breakdown")
 @_protocol_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
-def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tune_trials, timeout, reports, layers,
-           min_runs, min_seconds, threads, quiet, verbose) -> None:
+def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tune_trials, tuning_db, timeout, reports,
+           layers, min_runs, min_seconds, threads, quiet, verbose) -> None:
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
     reports/<target>/<model>-<runtime>-<time>.{json,md,png}."""
     _setup_logging(verbose - quiet)
@@ -269,7 +270,7 @@ def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tu
     try:
         cfg = DeployConfig(target=target, model=model, runtimes=runtimes, host=host, port=port, tracker=tracker,
                            key=key, local=local, emulate=emulate, threads=threads, tune_trials=tune_trials,
-                           reports=reports, timeout=timeout, layers=layers,
+                           tuning_db=tuning_db, reports=reports, timeout=timeout, layers=layers,
                            protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds))
         paths = run(cfg)
     except TrpEdgeError as e:

@@ -205,6 +205,7 @@ class DeployConfig(_JSONMixin):
     emulate: bool = False
     threads: int | None = None
     tune_trials: int = 0
+    tuning_db: str | None = None
     reports: str = "reports"
     timeout: float = 900.0
     layers: bool = True

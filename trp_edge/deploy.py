@@ -57,7 +57,7 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig) -
     except (InputError, KeyError, json.JSONDecodeError):
         pass
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
-                      int8=False, emulate=cfg.emulate or target.native))
+                      tuning_db=cfg.tuning_db, int8=False, emulate=cfg.emulate or target.native))
     return folder
 
 
