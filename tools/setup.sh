@@ -36,7 +36,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The TFLite converter in its own environment (see pyproject.toml, extra "litert").
   [ -x .venv-litert/bin/python ] || "$PY" -m venv .venv-litert
   .venv-litert/bin/pip install -q "${TORCH[@]}" -e ".[litert]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv-litert/bin/python -c "import trp_edge, litert_torch" \
+  .venv-litert/bin/python -c "import trp_edge, litert_torch" >/dev/null 2>&1 \
     || { echo "setup: the TFLite converter environment did not install (see pip's output above)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
