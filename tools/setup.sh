@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# debootstrap: the arm64 userland that runs aarch64 artifacts under qemu (tools/arm64_userland.sh).
-APT_PACKAGES=(dataset-fashion-mnist gcc-aarch64-linux-gnu qemu-user-static debootstrap)
+# The arm64 userland that checks aarch64 artifacts under qemu (tools/arm64_userland.sh) needs only apt,
+# dpkg-deb and the Debian keyring: no debootstrap, no binfmt_misc.
+APT_PACKAGES=(dataset-fashion-mnist gcc-aarch64-linux-gnu qemu-user-static debian-archive-keyring)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
