@@ -127,7 +127,7 @@ def test_local_deploy_profile_and_report(compressed, tmp_path):
     assert len(reports_in(tmp_path)) == 3
     agg = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert agg.exit_code == 0, agg.output
-    assert "| host | resnet20 | ort |" in agg.output and "| host | resnet20 | tvm |" in agg.output
+    assert "| host | resnet20 | spatial | ort |" in agg.output and "| host | resnet20 | spatial | tvm |" in agg.output
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "summary.png").stat().st_size > 0
 
 

@@ -248,7 +248,8 @@ def make_report(model: Path, folder: Path, target: Target, result: dict[str, Any
     d, c = result["timing"]["dense"], result["timing"]["compressed"]
     speedup = d["median_ms"] / c["median_ms"]
     rep: dict[str, Any] = {
-        "target": target.name, "runtime": result["runtime"], "model": src["model"], "model_dir": str(model),
+        "target": target.name, "runtime": result["runtime"], "model": src["model"], "name": model.resolve().name,
+        "model_dir": str(model), "scheme": src.get("scheme"),
         "created": dt.datetime.now().isoformat(timespec="seconds"), "device": result["device"],
         "emulated": emulated, "transport": transport, "threads": result["threads"],
         "mac_speedup": src["mac_speedup"],
@@ -280,11 +281,11 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
     d = root / rep["target"]
     d.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = d / f"{rep['model']}-{rep['runtime']}-{stamp}"
+    stem = d / f"{rep['name']}-{rep['runtime']}-{stamp}"
     n = 1
     while stem.with_suffix(".json").exists():
         n += 1
-        stem = d / f"{rep['model']}-{rep['runtime']}-{stamp}-{n}"
+        stem = d / f"{rep['name']}-{rep['runtime']}-{stamp}-{n}"
     rep["files"] = {"json": stem.name + ".json", "markdown": stem.name + ".md", "plot": stem.name + ".png"}
     write_json(stem.with_suffix(".json"), rep)
     stem.with_suffix(".md").write_text(markdown(rep))
@@ -295,7 +296,7 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
 def markdown(rep: dict[str, Any]) -> str:
     d, c = rep["dense"], rep["compressed"]
     em = " — **EMULATED, not device latency**" if rep["emulated"] else ""
-    lines = [f"# {rep['model']} on {rep['target']} ({rep['runtime']}, {rep['threads']} thread"
+    lines = [f"# {rep['name']} on {rep['target']} ({rep['runtime']}, {rep['threads']} thread"
              f"{'s' if rep['threads'] > 1 else ''}){em}", "",
              f"**{rep['latency_speedup']:.2f}x faster for {rep['mac_speedup']:.2f}x fewer MACs: realization "
              f"efficiency {rep['efficiency']:.2f}.**", "",
@@ -341,15 +342,17 @@ def aggregate(root: Path) -> tuple[str, Path | None, list[dict[str, Any]]]:
             continue
         if not {"target", "runtime", "dense", "compressed", "latency_speedup"} <= r.keys():
             continue
-        latest[(r["target"], r["runtime"], r["model"], r["emulated"])] = r
-    rows = sorted(latest.values(), key=lambda r: (r["target"], r["model"], r["runtime"]))
+        key = (r["target"], r["runtime"], r.get("model_dir", r["model"]), r["threads"], r["emulated"])
+        latest[key] = r
+    rows = sorted(latest.values(), key=lambda r: (r["target"], r.get("name", r["model"]), r["runtime"], r["threads"]))
     if not rows:
         raise InputError(f"{root}: no trp-edge deploy reports found")
-    lines = ["| device | model | runtime | threads | dense ms | compressed ms | latency speedup | MAC speedup | "
-             "efficiency |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | model | scheme | runtime | threads | dense ms | compressed ms | latency speedup | "
+             "MAC speedup | efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dev = r["target"] + (" (emulated)" if r["emulated"] else "")
-        lines.append(f"| {dev} | {r['model']} | {r['runtime']} | {r['threads']} | {r['dense']['median_ms']:.3f} | "
+        lines.append(f"| {dev} | {r.get('name', r['model'])} | {r.get('scheme')} | {r['runtime']} | {r['threads']} | "
+                     f"{r['dense']['median_ms']:.3f} | "
                      f"{r['compressed']['median_ms']:.3f} | {r['latency_speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
                      f"{r['efficiency']:.2f} |")
     table = "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..build import Artifact, Samples, Source
 from ..config import BuildConfig
+from ..device import runner as _runner  # noqa: F401 - sets TVM_NUM_THREADS before TVM's pool exists
 from ..errors import TrpEdgeError
 from ..targets import Target, require_tool
 

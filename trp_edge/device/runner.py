@@ -13,6 +13,7 @@ reference.npz holds "input" and one "<variant>" array per model (the expected ou
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -20,6 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+# TVM sizes its thread pool once, from TVM_NUM_THREADS (default: half the cores), and a later
+# runtime.config_threadpool can only lower it: allow every core, then set each run's count.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 Run = Callable[[np.ndarray], np.ndarray]
 
