@@ -151,3 +151,24 @@ def test_arm_and_gpu_targets(compressed, tmp_path):
     assert files["compressed-opencl.so"]["validation"]["status"] == "compile-only"
     assert (tmp_path / "rk3588-mali" / "tvm" / "compressed.so").read_bytes()[:4] == b"\x7fELF"
     assert (tmp_path / "rk3588-mali" / "tvm" / "compressed.so").read_bytes()[18] == 183  # e_machine: AArch64
+
+
+def test_missing_cross_compiler_or_emulator_names_the_package(compressed, tmp_path, monkeypatch):
+    board = tmp_path / "board.toml"
+    board.write_text('[cpu]\ntriple = "aarch64-linux-gnu"\nmcpu = "cortex-a53"\ncores = 4\n'
+                     'cross_compiler = "aarch64-linux-gnu-gcc"\n')
+    import trp_edge.emulate
+    import trp_edge.targets
+
+    real = trp_edge.targets.shutil.which
+    monkeypatch.setattr(trp_edge.targets.shutil, "which",
+                        lambda exe: None if exe == "aarch64-linux-gnu-gcc" else real(exe))
+    res = CliRunner().invoke(main, ["build", str(compressed), "--target", str(board), "--runtime", "tvm", "--out",
+                                    str(tmp_path / "b")])
+    assert res.exit_code == 1 and "apt-get install gcc-aarch64-linux-gnu" in res.output, res.output
+    monkeypatch.setattr(trp_edge.targets.shutil, "which", real)
+    monkeypatch.setattr(trp_edge.emulate.shutil, "which", lambda exe: None if "qemu" in exe else real(exe))
+    res = CliRunner().invoke(main, ["build", str(compressed), "--target", str(board), "--runtime", "ort", "--out",
+                                    str(tmp_path / "b"), "--no-int8"])
+    assert res.exit_code == 1 and "apt-get install qemu-user-static" in res.output, res.output
+    assert not (tmp_path / "b" / "board" / "ort").exists()  # nothing half-written

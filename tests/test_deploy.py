@@ -2,6 +2,8 @@
 deployed through it, the report's figures consistent, and each failure a clear line."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,15 @@ TOP_KEYS = {"target", "runtime", "device", "emulated", "mac_speedup", "dense", "
             "efficiency", "layers"}
 
 
+def stop(p: subprocess.Popen) -> None:
+    """The server and tracker run in TVM worker processes: stop the whole process group."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,15 +38,15 @@ def free_port() -> int:
 
 def start(cmd: list[str], ready: str, log: Path) -> subprocess.Popen:
     f = open(log, "w")  # noqa: SIM115 - closed with the process
-    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                                       "HOME": str(Path.home())})
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     for _ in range(300):
         if ready in log.read_text():
             return p
         if p.poll() is not None:
             raise RuntimeError(log.read_text())
         time.sleep(0.1)
-    p.kill()
+    stop(p)
     raise RuntimeError(f"not ready: {log.read_text()}")
 
 
@@ -51,7 +62,7 @@ def tracker(tmp_path_factory):
         except OSError:
             time.sleep(0.1)
     yield f"127.0.0.1:{port}"
-    p.kill()
+    stop(p)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +71,7 @@ def server(tmp_path_factory):
     port = free_port()
     p = start([EXE, "serve", "--port", str(port)], "listening on", tmp_path_factory.mktemp("serve") / "log")
     yield port
-    p.kill()
+    stop(p)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +81,7 @@ def tracked(tracker, tmp_path_factory):
     p = start([EXE, "serve", "--port", str(port), "--tracker", tracker, "--key", "tinybox"], "listening on",
               tmp_path_factory.mktemp("tracked") / "log")
     yield port
-    p.kill()
+    stop(p)
 
 
 def deploy(args, reports: Path):
@@ -162,7 +173,7 @@ def test_runtime_missing_on_the_device(compressed, tmp_path):
         res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(port), "--runtime", "ort"],
                      tmp_path)
     finally:
-        p.kill()
+        stop(p)
     assert res.exit_code == 1 and "runtime ort is not offered by this server" in res.output
 
 

@@ -235,6 +235,13 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
         raise click.ClickException(str(e)) from None
     click.echo(f"trp-edge serve: listening on {host}:{server.port}" + (f", tracker {tracker} key {key}" if tracker
                                                                           else "") + " (Ctrl-C stops)")
+    import signal
+
+    def stop(*_):  # TVM runs the server in a worker process: take it down with us
+        server.terminate()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.proc.join()
     except KeyboardInterrupt:
