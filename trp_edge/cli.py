@@ -323,6 +323,31 @@ def report(reports) -> None:
 
 
 @main.command()
+@click.option("--target", "-t", default="host", show_default=True)
+@click.option("--model", "-m", required=True, help="a built-in name or a .pt file (as for compress)")
+@click.option("--schemes", default="channel,spatial", show_default=True)
+@click.option("--runtime", "-r", default="ort", show_default=True, help="the runtime to measure with (ort)")
+@click.option("--local", is_flag=True, help="measure on this machine (the only transport in this version)")
+@click.option("--threads", type=int, default=None, help="runtime threads [default: the target's]")
+@click.option("--input-size", type=int, default=None)
+@click.option("--out", default="calibration", show_default=True)
+@click.option("-q", "--quiet", count=True)
+@click.option("-v", "--verbose", count=True)
+def calibrate(target, model, schemes, runtime, local, threads, input_size, out, quiet, verbose) -> None:
+    """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, and
+    write calibration/<target>/<runtime>/<model>.csv with a JSON header."""
+    _setup_logging(verbose - quiet)
+    from .calibrate import calibrate as run
+
+    try:
+        r = run(model, target, schemes=tuple(s for s in schemes.split(",") if s), runtime=runtime, threads=threads,
+                local=local, out=out, input_size=input_size)
+    except TrpEdgeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="print every target as JSON")
 def targets(as_json: bool) -> None:
     """List the device targets (targets/*.toml; more directories in $TRP_EDGE_TARGETS)."""
