@@ -2,6 +2,7 @@
 shape is refused."""
 
 import csv
+import json
 
 import pytest
 from click.testing import CliRunner
@@ -43,3 +44,63 @@ def test_calibrate_needs_local_and_a_native_target():
     assert res.exit_code == 1 and "not rpi4" in res.output
     res = CliRunner().invoke(main, ["calibrate", "--model", "resnet20"])
     assert res.exit_code == 1 and "--local" in res.output
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal")
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--local", "--model", "resnet20", "--input-size",
+                                    "16", "--threads", "1", "--schemes", "spatial", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    return out / "host" / "ort" / "resnet20.csv"
+
+
+def rewrite(src, dst, fn):
+    rows = list(csv.DictReader(src.open()))
+    for r in rows:
+        r["median_ms"] = str(fn(r))
+    with dst.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    dst.with_suffix(".json").write_text(src.with_suffix(".json").read_text())
+
+
+def compress(tmp_path, table_path, name):
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--energy", "0.3",
+                                    "--scheme", "spatial", "--latency-table", str(table_path), "--out",
+                                    str(tmp_path / name), "--no-latency", "-q"])
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp_path / name / "report.json").read_text())
+
+
+def test_rank_rounding_never_keeps_less_energy(table, tmp_path):
+    # a table where the largest measured rank is always the fastest pair: every rank moves up
+    t = tmp_path / "up.csv"
+    rewrite(table, t, lambda r: 10.0 if r["scheme"] == "dense" else 1.0 / (1 + int(r["rank"])))
+    rep = compress(tmp_path, t, "up")
+    moved = [la for la in rep["layers"] if la["rank"] is not None and la["planned_rank"] is not None]
+    assert moved and any(la["rank"] > la["planned_rank"] for la in moved)
+    for la in moved:
+        assert la["rank"] >= la["planned_rank"] == la["energy_rank"]
+        assert la["kept_energy"] >= 1 - 0.3 - 1e-9
+        assert la["rank"] == la["planned_rank"] or la["predicted_ms"] is not None
+    assert rep["onnx"]["max_abs_diff"] < 1e-4
+
+
+def test_guard_keeps_a_layer_dense_when_the_table_says_dense_is_faster(table, tmp_path):
+    t = tmp_path / "slow.csv"
+    slow = "layer1.0.conv1"
+    rewrite(table, t, lambda r: (0.001 if r["scheme"] == "dense" else 1.0) if r["layer"] == slow
+            else (10.0 if r["scheme"] == "dense" else 1.0))
+    rep = compress(tmp_path, t, "guard")
+    layers = {la["name"]: la for la in rep["layers"]}
+    assert layers[slow]["rank"] is None and layers[slow]["reason"].startswith("calibrated:")
+    assert layers["layer1.0.conv2"]["rank"] is not None
+
+
+def test_a_table_for_another_shape_is_refused(table, tmp_path):
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "32", "--steps", "0", "--scheme", "spatial",
+                                    "--latency-table", str(table), "--out", str(tmp_path / "x"), "--no-latency"])
+    assert res.exit_code == 1 and "stale or for another model" in res.output
+    assert not (tmp_path / "x" / "report.json").exists()

@@ -152,6 +152,10 @@ class LatencyTable:
     header: dict[str, Any]
     rows: list[dict[str, Any]]
 
+    def ranks(self, layer: str, scheme: str) -> dict[int, float]:
+        """rank -> median ms of the layer's measured pairs in `scheme`."""
+        return {r["rank"]: r["median_ms"] for r in self.rows if r["layer"] == layer and r["scheme"] == scheme}
+
     def latency(self, layer: str, scheme: str, rank: int) -> float | None:
         """Median ms of a layer as a pair at `rank` (scheme 'dense', rank 0: the dense conv)."""
         for r in self.rows:

@@ -86,6 +86,8 @@ def main() -> None:
 @click.option("--out", "-o", default=None, help="output directory (default trp-edge-out/<model-name>)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--resume", is_flag=True, help="go on from --out/checkpoint.pt")
+@click.option("--latency-table", default=None, help="a trp-edge calibrate table (calibration/<target>/<runtime>/"
+              "<model>.csv): round ranks up to the fastest measured ones, keep layers dense where the pair is slower")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="time dense.onnx vs model.onnx in onnxruntime on this machine for the report")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads for the latency check")
@@ -93,7 +95,8 @@ def main() -> None:
 @click.option("--verbose", "-v", count=True)
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
              device, svd_device, seed, workers, data, arch, weights, trust_pickle, in_channels, num_classes,
-             input_size, skip_stem, ranks, target_speedup, out, force, resume, latency, threads, quiet, verbose):
+             input_size, skip_stem, ranks, target_speedup, out, force, resume, latency_table, latency, threads, quiet,
+             verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
     MODEL is a built-in name (resnet18/34/50, resnet20/32/56) or a .pt file (state_dict, checkpoint
@@ -108,7 +111,7 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
             num_classes=num_classes, input_size=input_size, data=data, out=out, force=force, resume=resume,
             latency=ProfileConfig(threads=threads) if latency else None,
             decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
-                                      target_speedup=target_speedup),
+                                      target_speedup=target_speedup, latency_table=latency_table),
             trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
                           momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
                           seed=seed, workers=workers, svd_device=svd_device))

@@ -44,6 +44,7 @@ class DecomposeConfig(_JSONMixin):
     ranks: Mapping[str, int] | None = None
     skip_stem: bool = False
     target_speedup: float | None = None
+    latency_table: str | None = None
 
     def __post_init__(self):
         _check(self.scheme in SCHEME_NAMES, f"unknown scheme {self.scheme!r}: use one of {', '.join(SCHEME_NAMES)}")

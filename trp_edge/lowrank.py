@@ -293,6 +293,9 @@ class LayerPlan:
     reason: str | None = None
     energy_rank: int | None = None
     kept_energy: float | None = None
+    planned_rank: int | None = None  # the rank before latency calibration moved it
+    predicted_ms: float | None = None  # the calibration table's latency of the chosen pair (or dense conv)
+    dense_ms: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -365,6 +368,35 @@ def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Ten
     return {layer.name: s for layer, (_, s, _) in zip(eligible, svds)}
 
 
+def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],
+                     table) -> None:
+    """Latency-aware ranks from a calibration table (trp_edge.calibrate): each decomposed layer's rank moves
+    to the measured rank with the lowest latency among those >= its planned rank (so it never keeps less
+    energy than the energy rule asked for), and a layer whose fastest such pair is not faster than its
+    dense conv stays dense (the guard). Ranks above the planned one add only zero singular directions to
+    a TRP-projected weight, so the decomposed model computes the same function."""
+    by = {layer.name: layer for layer in layers}
+    for p in plans:
+        p.dense_ms = table.latency(p.name, "dense", 0)
+        if p.rank is None or p.dense_ms is None:
+            p.predicted_ms = p.dense_ms if p.rank is None else None
+            continue
+        layer, sch = by[p.name], get_scheme(p.scheme)
+        cands = sorted((ms, k) for k, ms in table.ranks(p.name, p.scheme).items() if p.rank <= k <= p.full_rank)
+        p.planned_rank = p.rank
+        if not cands:
+            continue  # nothing measured at or above the planned rank: keep it, latency unknown
+        ms, k = cands[0]
+        if ms >= p.dense_ms:
+            p.rank, p.predicted_ms = None, p.dense_ms
+            p.reason = (f"calibrated: the fastest pair at rank >= {p.planned_rank} (rank {k}, {ms:.3f} ms) is not "
+                        f"faster than the dense conv ({p.dense_ms:.3f} ms)")
+            continue
+        p.rank, p.predicted_ms = k, ms
+        p.macs_lowrank = sch.pair_macs(layer.module, layer.in_hw, layer.out_hw, k)
+        p.kept_energy = kept_energy(svals[p.name], k)
+
+
 def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: list[LayerPlan], *, init: bool = True) -> None:
     """Replace each planned conv by its low-rank pair, in place."""
     by_name = {layer.name: layer for layer in layers}
@@ -388,5 +420,11 @@ def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
             raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
         energy = energy_for_speedup(layers, svals, config, other_macs, config.target_speedup)
     plans = plan_layers(layers, svals, config, energy)
+    if config.latency_table:
+        from .calibrate import layer_shape, load_table
+
+        table = load_table(config.latency_table,
+                           layers={la.name: layer_shape(la, la.module.in_channels) for la in layers})
+        calibrate_plans_(plans, layers, svals, table)
     apply_plan_(model, layers, plans)
     return plans, energy
