@@ -104,3 +104,23 @@ def test_a_table_for_another_shape_is_refused(table, tmp_path):
                                     "--latency-table", str(table), "--out", str(tmp_path / "x"), "--no-latency"])
     assert res.exit_code == 1 and "stale or for another model" in res.output
     assert not (tmp_path / "x" / "report.json").exists()
+
+
+def test_trp_rounds_every_tsvd_to_the_table(table, tmp_path):
+    t = tmp_path / "up.csv"
+    rewrite(table, t, lambda r: 10.0 if r["scheme"] == "dense" else 1.0 / (1 + int(r["rank"])))
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:3x16x16", "--steps", "8", "--period",
+                                    "4", "--batch", "16", "--energy", "0.3", "--scheme", "spatial", "--latency-table",
+                                    str(t), "--out", str(tmp_path / "trp"), "--no-latency", "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "trp" / "report.json").read_text())
+    tab = load_table(t)
+    moved = 0
+    for step in rep["trajectory"]:  # every projection kept a measured rank, unless none was measured above it
+        for name, k in step["ranks"].items():
+            measured = tab.ranks(name, "spatial")
+            full = next(la["full_rank"] for la in rep["layers"] if la["name"] == name)
+            assert k in measured or k == full or not any(r >= k for r in measured), (step["step"], name, k)
+            moved += k in measured
+    assert moved > 0
+    assert rep["compressed"]["accuracy"] == rep["dense"]["accuracy"]  # the decomposition is still exact

@@ -368,6 +368,26 @@ def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Ten
     return {layer.name: s for layer, (_, s, _) in zip(eligible, svds)}
 
 
+def latency_rank(table, name: str, scheme: str, k: int, full: int) -> tuple[int | None, float | None]:
+    """The measured rank >= k with the lowest latency and that latency; (None, dense ms) when the dense conv
+    is at least as fast as every such pair; (k, None) when nothing at or above k was measured."""
+    dense = table.latency(name, "dense", 0)
+    cands = sorted((ms, r) for r, ms in table.ranks(name, scheme).items() if k <= r <= full)
+    if not cands or dense is None:
+        return k, None
+    ms, r = cands[0]
+    return (None, dense) if ms >= dense else (r, ms)
+
+
+def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]):
+    """The calibration table named in the config, checked against these layers' shapes (None without one)."""
+    if not config.latency_table:
+        return None
+    from .calibrate import layer_shape, load_table
+
+    return load_table(config.latency_table, layers={la.name: layer_shape(la, la.module.in_channels) for la in layers})
+
+
 def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],
                      table) -> None:
     """Latency-aware ranks from a calibration table (trp_edge.calibrate): each decomposed layer's rank moves
@@ -382,15 +402,14 @@ def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dic
             p.predicted_ms = p.dense_ms if p.rank is None else None
             continue
         layer, sch = by[p.name], get_scheme(p.scheme)
-        cands = sorted((ms, k) for k, ms in table.ranks(p.name, p.scheme).items() if p.rank <= k <= p.full_rank)
         p.planned_rank = p.rank
-        if not cands:
+        k, ms = latency_rank(table, p.name, p.scheme, p.rank, p.full_rank)
+        if ms is None:
             continue  # nothing measured at or above the planned rank: keep it, latency unknown
-        ms, k = cands[0]
-        if ms >= p.dense_ms:
+        if k is None:
             p.rank, p.predicted_ms = None, p.dense_ms
-            p.reason = (f"calibrated: the fastest pair at rank >= {p.planned_rank} (rank {k}, {ms:.3f} ms) is not "
-                        f"faster than the dense conv ({p.dense_ms:.3f} ms)")
+            p.reason = (f"calibrated: no measured pair at rank >= {p.planned_rank} is faster than the dense conv "
+                        f"({p.dense_ms:.3f} ms)")
             continue
         p.rank, p.predicted_ms = k, ms
         p.macs_lowrank = sch.pair_macs(layer.module, layer.in_hw, layer.out_hw, k)
@@ -420,11 +439,8 @@ def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
             raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
         energy = energy_for_speedup(layers, svals, config, other_macs, config.target_speedup)
     plans = plan_layers(layers, svals, config, energy)
-    if config.latency_table:
-        from .calibrate import layer_shape, load_table
-
-        table = load_table(config.latency_table,
-                           layers={la.name: layer_shape(la, la.module.in_channels) for la in layers})
+    table = load_latency_table(config, layers)
+    if table is not None:
         calibrate_plans_(plans, layers, svals, table)
     apply_plan_(model, layers, plans)
     return plans, energy

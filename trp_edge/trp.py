@@ -24,7 +24,15 @@ from torch import nn
 from .config import DecomposeConfig, TRPConfig
 from .data import Dataset
 from .errors import InputError, TrpEdgeError
-from .lowrank import ConvLayer, conv_layers, energy_for_speedup, energy_rank, get_scheme
+from .lowrank import (
+    ConvLayer,
+    conv_layers,
+    energy_for_speedup,
+    energy_rank,
+    get_scheme,
+    latency_rank,
+    load_latency_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ class TRPTrainer:
         self.scheme = get_scheme(dcfg.scheme)
         example = data.example.to(self.device)
         self.layers = [la for la in conv_layers(self.model, example, dcfg) if la.reason is None]
+        # with a calibration table every TSVD keeps the fastest measured rank at or above the energy rank
+        self.table = load_latency_table(dcfg, self.layers)
         groups: dict[tuple[int, ...], list[ConvLayer]] = {}
         for la in self.layers:
             groups.setdefault(tuple(la.module.weight.shape), []).append(la)
@@ -143,6 +153,9 @@ class TRPTrainer:
             for i, la in enumerate(g.layers):
                 if la.name in explicit:
                     k[i] = min(explicit[la.name], s.shape[-1])
+                elif self.table is not None:
+                    r, _ = latency_rank(self.table, la.name, self.dcfg.scheme, int(k[i]), s.shape[-1])
+                    k[i] = s.shape[-1] if r is None else r  # dense is faster: leave the layer untruncated
                 ranks[la.name] = int(k[i])
             keep = (torch.arange(s.shape[-1], device=s.device)[None, :] < k[:, None].to(s.device)).to(s.dtype)
             m = (u * (s * keep)[:, None, :]) @ vh
