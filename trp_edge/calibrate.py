@@ -75,7 +75,8 @@ class CalibrationResult:
 
 def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...] = ("channel", "spatial"),
               runtime: str = "ort", threads: int | None = None, local: bool = True, out: str = "calibration",
-              input_size: int | None = None, protocol: ProfileConfig | None = None) -> CalibrationResult:
+              input_size: int | None = None, data: str | None = None,
+              protocol: ProfileConfig | None = None) -> CalibrationResult:
     import time
 
     import torch
@@ -94,10 +95,18 @@ def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...]
         raise ConfigError(f"calibration runtime {runtime!r} is not supported yet: use ort")
     threads = threads or target.run_threads
     cfg = protocol or ProfileConfig(warmup=2, block=3, min_runs=9, min_seconds=0.05, max_seconds=10)
-    loaded = load_model(model)
+    ds = None
+    if data:
+        from .data import load_data
+
+        ds = load_data(data)
+    loaded = load_model(model, in_channels=ds.in_channels if ds else None, num_classes=ds.num_classes if ds else None)
     net, spec = loaded.model.eval(), loaded.spec
-    size = input_size or default_input_size(spec)
-    example = torch.zeros(1, spec["in_channels"], size, size)
+    if ds is not None:
+        example = torch.zeros_like(ds.example[:1])
+    else:
+        size = input_size or default_input_size(spec)
+        example = torch.zeros(1, spec["in_channels"], size, size)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     layers_meta: dict[str, Any] = {}

@@ -333,10 +333,11 @@ def report(reports) -> None:
 @click.option("--local", is_flag=True, help="measure on this machine (the only transport in this version)")
 @click.option("--threads", type=int, default=None, help="runtime threads [default: the target's]")
 @click.option("--input-size", type=int, default=None)
+@click.option("--data", default=None, help="take input size and channels from this data set (as compress --data)")
 @click.option("--out", default="calibration", show_default=True)
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
-def calibrate(target, model, schemes, runtime, local, threads, input_size, out, quiet, verbose) -> None:
+def calibrate(target, model, schemes, runtime, local, threads, input_size, data, out, quiet, verbose) -> None:
     """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, and
     write calibration/<target>/<runtime>/<model>.csv with a JSON header."""
     _setup_logging(verbose - quiet)
@@ -344,7 +345,7 @@ def calibrate(target, model, schemes, runtime, local, threads, input_size, out, 
 
     try:
         r = run(model, target, schemes=tuple(s for s in schemes.split(",") if s), runtime=runtime, threads=threads,
-                local=local, out=out, input_size=input_size)
+                local=local, out=out, input_size=input_size, data=data)
     except TrpEdgeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")
