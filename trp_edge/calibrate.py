@@ -55,14 +55,10 @@ def _onnx_bytes(module, example) -> bytes:
 
 
 def _ort_runner(model_bytes: bytes, x, threads: int):
-    import onnxruntime as ort
+    from .device.runner import load_ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-    return lambda: sess.run(None, {"input": x})
+    run = load_ort(model_bytes, threads)
+    return lambda: run(x)
 
 
 @dataclass

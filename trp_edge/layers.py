@@ -38,24 +38,15 @@ def layer_of(name: str) -> str:
 
 def conv_calls(model_pt: Path, shape: tuple[int, ...]) -> list[ConvCall]:
     import torch
-    from torch import nn
 
+    from .config import DecomposeConfig
+    from .lowrank import conv_layers
     from .models import load_model
 
     model = load_model(str(model_pt)).model.eval()
-    calls: list[ConvCall] = []
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d):
-            def hook(m, inp, out, name=name):
-                calls.append(ConvCall(name, layer_of(name), m.kernel_size[0], m.kernel_size[1], m.in_channels,
-                                      m.out_channels, out.shape[2], out.shape[3]))
-            hooks.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        model(torch.zeros(*shape))
-    for h in hooks:
-        h.remove()
-    return calls
+    return [ConvCall(la.name, layer_of(la.name), *la.module.kernel_size, la.module.in_channels,
+                     la.module.out_channels, *la.out_hw)
+            for la in conv_layers(model, torch.zeros(*shape), DecomposeConfig())]
 
 
 def _fits(c: ConvCall, weight: list[int], output: list[int]) -> bool:

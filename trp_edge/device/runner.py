@@ -29,7 +29,8 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 Run = Callable[[np.ndarray], np.ndarray]
 
 
-def load_ort(path: str, threads: int = 1, device: str = "cpu") -> Run:
+def load_ort(path: str | bytes, threads: int = 1, device: str = "cpu") -> Run:
+    """`path`: a file, or the model itself as bytes."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
