@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import ProfileConfig
 from ..profile import host_identity, time_alternating
-from .runner import load, runtime_versions
+from .runner import load, runtime_versions, tvm_vm
 
 PROFILE_RUNS = 10
 
@@ -111,17 +111,6 @@ def tvm_ops(fn_vm, x: np.ndarray, runs: int = PROFILE_RUNS) -> list[dict[str, An
              "ms": float(np.median(d["us"])) / 1000.0} for (_, name), d in sorted(per.items())]
 
 
-def _tvm_vm(path: str, threads: int, device: str):
-    import tvm
-    from tvm import relax
-
-    from .runner import _tvm_threads, tvm_device
-
-    _tvm_threads(threads)
-    dev = tvm_device(device)
-    return relax.VirtualMachine(tvm.runtime.load_module(path), dev), dev
-
-
 def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     rt, threads = job["runtime"], int(job.get("threads", 1))
     cfg = ProfileConfig(**job.get("protocol", {}))
@@ -156,7 +145,7 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
                 if rt == "ort":
                     ops = ort_ops(path, x, threads)
                 elif rt == "tvm":
-                    ops = tvm_ops(_tvm_vm(path, threads, a.get("device", "cpu")), x)
+                    ops = tvm_ops(tvm_vm(path, threads, a.get("device", "cpu")), x)
                 else:
                     ops = None
                 out["artifacts"][a["variant"]]["ops"] = ops

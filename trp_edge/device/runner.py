@@ -69,14 +69,20 @@ def tvm_device(device: str):
     return {"cpu": tvm.cpu, "opencl": tvm.opencl, "cuda": tvm.cuda, "vulkan": tvm.vulkan}[device](0)
 
 
-def load_tvm(path: str, threads: int = 1, device: str = "cpu") -> Run:
+def tvm_vm(path: str, threads: int = 1, device: str = "cpu"):
+    """The library's Relax VM on its device, with the thread count set: (vm, device)."""
     import tvm
     from tvm import relax
 
     _tvm_threads(threads)
-    lib = tvm.runtime.load_module(path)
     dev = tvm_device(device)
-    vm = relax.VirtualMachine(lib, dev)
+    return relax.VirtualMachine(tvm.runtime.load_module(path), dev), dev
+
+
+def load_tvm(path: str, threads: int = 1, device: str = "cpu") -> Run:
+    import tvm
+
+    vm, dev = tvm_vm(path, threads, device)
 
     def run(x: np.ndarray) -> np.ndarray:
         out = vm["main"](tvm.runtime.tensor(x, dev))
