@@ -196,3 +196,44 @@ def test_no_connection_says_how(compressed, tmp_path, monkeypatch):
     monkeypatch.delenv("TRP_EDGE_RPC", raising=False)
     res = CliRunner().invoke(main, ["deploy", "--target", "rpi4", "--model", str(compressed)])
     assert res.exit_code == 1 and "no device connection for rpi4" in res.output and "trp-edge serve" in res.output
+
+
+@pytest.fixture(scope="module")
+def untrained_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """Two compress outputs of the same (untrained, seeded) ResNet-20: the same dense model, two decompositions."""
+    root = tmp_path_factory.mktemp("pair")
+    outs = []
+    for name, scheme, speedup in (("spatial2", "spatial", "2"), ("channel15", "channel", "1.5")):
+        out = root / name
+        res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "0",
+                                        "--scheme", scheme, "--target-speedup", speedup, "--out", str(out), "-q",
+                                        "--no-latency"])
+        assert res.exit_code == 0, res.output
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def test_compare_times_models_side_by_side_in_one_run(untrained_pair, server, tmp_path):
+    a, b = untrained_pair
+    res = deploy(["--model", str(a), "--compare", str(b), "--host", "127.0.0.1", "--port", str(server),
+                  "--runtime", "ort"], tmp_path)
+    assert res.exit_code == 0, res.output
+    reps = {r["name"]: r for r in reports_in(tmp_path)}
+    assert set(reps) == {"spatial2", "channel15"}
+    for r in reps.values():
+        check_report(r, "ort")
+        assert [row["name"] for row in r["comparison"]] == ["spatial2", "channel15"]
+    # both start from the same dense model: its artifact is timed once and serves both reports
+    assert reps["spatial2"]["dense"] == reps["channel15"]["dense"]
+    assert reps["spatial2"]["compressed"]["median_ms"] != reps["channel15"]["compressed"]["median_ms"]
+    assert reps["spatial2"]["mac_speedup"] > reps["channel15"]["mac_speedup"]
+    row = reps["channel15"]["comparison"][1]
+    assert row["efficiency"] == pytest.approx(reps["channel15"]["efficiency"])
+    assert "side by side" in res.output and "| spatial2 | spatial |" in res.output
+
+
+def test_compare_with_a_bad_folder(untrained_pair, tmp_path):
+    res = deploy(["--model", str(untrained_pair[0]), "--compare", str(tmp_path / "nope"), "--local",
+                  "--runtime", "ort"], tmp_path)
+    assert res.exit_code == 1 and "nope: not a trp-edge compress output" in res.output
+    assert not (tmp_path / "host").exists()

@@ -266,13 +266,17 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("--timeout", type=float, default=900, show_default=True, help="seconds for one runtime's session")
 @click.option("--reports", default="reports", show_default=True)
 @click.option("--layers/--no-layers", default=True, show_default=True, help="per-layer breakdown")
+@click.option("--compare", "-c", multiple=True, metavar="MODEL_DIR",
+              help="another compress output to time side by side in the same run (repeatable), e.g. the same "
+                   "model compressed without --latency-table")
 @_protocol_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tune_trials, tuning_db, timeout, reports,
-           layers, min_runs, min_seconds, threads, quiet, verbose) -> None:
+           layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
-    reports/<target>/<model>-<runtime>-<time>.{json,md,png}."""
+    reports/<target>/<model>-<runtime>-<time>.{json,md,png}. With --compare, every model is timed in the same
+    alternating run and each report carries the side-by-side table."""
     _setup_logging(verbose - quiet)
     from .config import DeployConfig, ProfileConfig
     from .deploy import deploy as run
@@ -280,13 +284,22 @@ def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tu
     try:
         cfg = DeployConfig(target=target, model=model, runtimes=runtimes, host=host, port=port, tracker=tracker,
                            key=key, local=local, emulate=emulate, threads=threads, tune_trials=tune_trials,
-                           tuning_db=tuning_db, reports=reports, timeout=timeout, layers=layers,
+                           tuning_db=tuning_db, reports=reports, timeout=timeout, layers=layers, compare=compare,
                            protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds))
         paths = run(cfg)
     except TrpEdgeError as e:
         raise click.ClickException(str(e)) from None
+    shown = set()
     for p in paths:
         _echo_report(p)
+        r = json.loads(p.read_text())
+        key_ = (r["runtime"], r["target"])
+        if r.get("comparison") and key_ not in shown:
+            from .deploy import comparison_markdown
+
+            shown.add(key_)
+            click.echo(f"side by side ({r['target']}/{r['runtime']}, one run):")
+            click.echo("\n".join(comparison_markdown(r["comparison"])))
 
 
 @main.command()

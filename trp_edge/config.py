@@ -211,8 +211,10 @@ class DeployConfig(_JSONMixin):
     timeout: float = 900.0
     layers: bool = True
     protocol: ProfileConfig = ProfileConfig()
+    compare: tuple[str, ...] = ()  # other compress outputs timed in the same run, side by side
 
     def __post_init__(self):
+        object.__setattr__(self, "compare", tuple(self.compare))
         _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
         _check(not ((self.local or self.emulate) and (self.host or self.tracker)),
                "--local/--emulate run here; drop --host/--tracker")

@@ -61,32 +61,83 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig) -
     return folder
 
 
-def job_for(folder: Path, threads: int, cfg: DeployConfig) -> dict[str, Any]:
-    m = load_manifest(folder)
-    arts = [a for a in m["artifacts"] if a["precision"] == "fp32" and a["device"] == "cpu"]
-    if {a["variant"] for a in arts} != {"dense", "compressed"}:
-        raise InputError(f"{folder}: needs fp32 CPU artifacts of both the dense and the compressed model")
-    return {"runtime": m["runtime"], "threads": threads, "reference": "../reference.npz",
-            "protocol": {**cfg.protocol.to_dict(), "threads": threads}, "layers": cfg.layers,
-            "artifacts": [{"variant": a["variant"], "file": a["file"], "device": a["device"]} for a in arts]}
+@dataclass
+class Part:
+    """One compress output in a deploy run: where its build is and which job variants time it."""
+
+    model: Path
+    folder: Path
+    label: str  # "" for the deployed model, a name for each --compare model
+    variants: dict[str, str]  # "dense" / "compressed" -> the job variant that times it
+
+
+def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig) -> tuple[dict[str, Any], dict[str, Path],
+                                                                                       list[Part]]:
+    """One job timing the fp32 CPU artifacts of every (model, build folder) in alternating blocks, so the models
+    are compared side by side in one run. An artifact file shared by two models (the dense model both were
+    compressed from) is timed once. Returns the job, the files it names (name -> local path) and the parts."""
+    files: dict[str, Path] = {}
+    arts: list[dict[str, Any]] = []
+    seen: dict[tuple, str] = {}
+    parts: list[Part] = []
+    labels: set[str] = set()
+    runtime = None
+    for i, (model, folder) in enumerate(builds):
+        m = load_manifest(folder)
+        runtime = runtime or m["runtime"]
+        fp32 = [a for a in m["artifacts"] if a["precision"] == "fp32" and a["device"] == "cpu"]
+        if {a["variant"] for a in fp32} != {"dense", "compressed"}:
+            raise InputError(f"{folder}: needs fp32 CPU artifacts of both the dense and the compressed model")
+        label = ""
+        if i:
+            label = model.resolve().name
+            while label in labels or not label:
+                label += f"-{i}"
+        labels.add(label)
+        ref = f"{i}-reference.npz" if i else "reference.npz"
+        files[ref] = folder.parent / "reference.npz"
+        variants = {}
+        for a in fp32:
+            # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ), so
+            # sameness is the source file's hash and the build settings
+            same = (m["source_sha256"][a["variant"]], m["target"], m["runtime"], m["config"].get("tune_trials"))
+            if same not in seen:
+                name, fname = (f"{label}:{a['variant']}", f"{i}-{a['file']}") if i else (a["variant"], a["file"])
+                files[fname] = folder / a["file"]
+                arts.append({"variant": name, "file": fname, "device": a["device"], "reference": ref,
+                             "key": a["variant"]})
+                seen[same] = name
+            variants[a["variant"]] = seen[same]
+        parts.append(Part(model, folder, label, variants))
+    job = {"runtime": runtime, "threads": threads, "protocol": {**cfg.protocol.to_dict(), "threads": threads},
+           "layers": cfg.layers, "artifacts": arts}
+    return job, files, parts
+
+
+def localized(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    """The job with absolute paths, for a run on this machine's file system (in-process or under qemu)."""
+    arts = [{**a, "file": str(files[a["file"]].resolve()), "reference": str(files[a["reference"]].resolve())}
+            for a in job["artifacts"]]
+    return {**job, "artifacts": arts}
 
 
 # -------------------------------------------------------------------------------------------- transports
 
 
-def run_local(job: dict[str, Any], folder: Path) -> dict[str, Any]:
+def run_local(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
     from .device.bench import bench
 
-    return bench(job, folder)
+    return bench(localized(job, files), Path.cwd())
 
 
-def run_emulated(job: dict[str, Any], folder: Path, target: Target, timeout: float) -> dict[str, Any]:
+def run_emulated(job: dict[str, Any], files: dict[str, Path], target: Target, timeout: float) -> dict[str, Any]:
     from .emulate import can_emulate, run_module
 
     why = can_emulate(target)
     if why:
         raise ConfigError(f"--emulate: cannot run {target.name} artifacts here ({why})")
-    return run_module("trp_edge.device.bench", job, folder, target, timeout)
+    folder = files[job["artifacts"][0]["file"]].parent
+    return run_module("trp_edge.device.bench", localized(job, files), folder, target, timeout)
 
 
 @dataclass
@@ -151,13 +202,12 @@ def _connect(conn: Connection, timeout: float, handshake: float = 60.0):
                       + SERVE_HINT.format(port=conn.port or 9090))
 
 
-def run_rpc(job: dict[str, Any], folder: Path, conn: Connection, timeout: float) -> dict[str, Any]:
+def run_rpc(job: dict[str, Any], files: dict[str, Path], conn: Connection, timeout: float) -> dict[str, Any]:
     sess = _connect(conn, timeout)
     try:
         try:
-            sess.upload(str(folder.parent / "reference.npz"), "reference.npz")
-            for a in job["artifacts"]:
-                sess.upload(str(folder / a["file"]), a["file"])
+            for name, path in files.items():
+                sess.upload(str(path), name)
         except Exception as e:  # noqa: BLE001
             raise DeviceError(f"{conn.describe()} refused the upload ({str(e).strip().splitlines()[-1][:200]})") \
                 from None
@@ -166,9 +216,8 @@ def run_rpc(job: dict[str, Any], folder: Path, conn: Connection, timeout: float)
         except Exception:  # noqa: BLE001
             raise DeviceError(f"{conn.describe()} is a TVM RPC server without trp-edge's functions; run "
                               "`trp-edge serve` there instead of tvm.exec.rpc_server") from None
-        remote_job = {**job, "reference": "reference.npz"}
         try:
-            return json.loads(fn(json.dumps(remote_job)))
+            return json.loads(fn(json.dumps(job)))
         except Exception as e:  # noqa: BLE001
             msg = str(e)
             if "Timeout" in msg or "timeout" in msg or "expired" in msg:
@@ -176,7 +225,7 @@ def run_rpc(job: dict[str, Any], folder: Path, conn: Connection, timeout: float)
             raise DeviceError(f"{conn.describe()}: the run failed ({msg.strip().splitlines()[-1][:200]})") from None
     finally:
         try:
-            for name in ["reference.npz"] + [a["file"] for a in job["artifacts"]]:
+            for name in files:
                 sess.remove(name)
         except Exception:  # noqa: BLE001 - the session may be gone already
             pass
@@ -185,31 +234,41 @@ def run_rpc(job: dict[str, Any], folder: Path, conn: Connection, timeout: float)
 # ----------------------------------------------------------------------------------------------- deploy
 
 
+def _model_dir(path: str | Path) -> Path:
+    model = Path(path)
+    if not (model / "report.json").is_file():
+        raise InputError(f"{model}: not a trp-edge compress output (no report.json)")
+    return model
+
+
 def deploy(cfg: DeployConfig) -> list[Path]:
+    """Deploy the model (and each --compare model, timed in the same alternating run) with every runtime;
+    returns the report files written, the deployed model's first for each runtime."""
     from .build import parse_runtimes
 
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local runs on this machine, which is not {target.name} ({target.cpu.triple}): use "
                           "--target host, --emulate for a correctness run, or a device connection")
-    model = Path(cfg.model) if cfg.model else latest_model()
-    if not (model / "report.json").is_file():
-        raise InputError(f"{model}: not a trp-edge compress output (no report.json)")
+    models = [_model_dir(cfg.model) if cfg.model else latest_model()] + [_model_dir(c) for c in cfg.compare]
     runtimes = parse_runtimes(cfg.runtimes, target)
     conn = None if cfg.local or cfg.emulate else connection(cfg, target)
     threads = cfg.threads or target.run_threads
     written = []
     for rt in runtimes:
-        folder = ensure_built(model, target, rt, cfg)
-        job = job_for(folder, threads, cfg)
+        job, files, parts = plan_job([(m, ensure_built(m, target, rt, cfg)) for m in models], threads, cfg)
         if cfg.local:
-            result, transport = run_local(job, folder), "local"
+            result, transport = run_local(job, files), "local"
         elif cfg.emulate:
-            result, transport = run_emulated(job, folder, target, cfg.timeout), "emulated (qemu-user)"
+            result, transport = run_emulated(job, files, target, cfg.timeout), "emulated (qemu-user)"
         else:
-            result, transport = run_rpc(job, folder, conn, cfg.timeout), f"rpc ({conn.describe()})"
-        rep = make_report(model, folder, target, result, transport=transport, emulated=cfg.emulate)
-        written.append(write_report(rep, Path(cfg.reports)))
+            result, transport = run_rpc(job, files, conn, cfg.timeout), f"rpc ({conn.describe()})"
+        reps = [make_report(p, target, result, transport=transport, emulated=cfg.emulate) for p in parts]
+        if len(reps) > 1:
+            comparison = [summary_row(r) for r in reps]
+            for r in reps:
+                r["comparison"] = comparison
+        written += [write_report(r, Path(cfg.reports)) for r in reps]
     return written
 
 
@@ -225,16 +284,15 @@ def profile_build(folder: Path, target_name: str = "host", cfg: DeployConfig | N
                           "machine cannot run natively: use trp-edge deploy --target "
                           f"{m['target']} with a device, or --emulate")
     cfg = cfg or DeployConfig(target=target_name, local=True)
-    result = run_local(job_for(folder, cfg.threads or target.run_threads, cfg), folder)
-    model = Path(m["source"])
-    return write_report(make_report(model, folder, target, result, transport="local", emulated=False),
+    job, files, parts = plan_job([(Path(m["source"]), folder)], cfg.threads or target.run_threads, cfg)
+    return write_report(make_report(parts[0], target, run_local(job, files), transport="local", emulated=False),
                         Path(cfg.reports))
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def make_report(model: Path, folder: Path, target: Target, result: dict[str, Any], *, transport: str,
+def make_report(part: Part, target: Target, result: dict[str, Any], *, transport: str,
                 emulated: bool) -> dict[str, Any]:
     from .layers import per_layer
 
@@ -243,6 +301,9 @@ def make_report(model: Path, folder: Path, target: Target, result: dict[str, Any
     failed = {v: a["error"] for v, a in result["artifacts"].items() if "error" in a}
     if failed:
         raise DeviceError(f"{target.name}/{result['runtime']}: " + "; ".join(f"{v}: {e}" for v, e in failed.items()))
+    model, folder = part.model, part.folder
+    result = {**result, "artifacts": {k: result["artifacts"][v] for k, v in part.variants.items()},
+              "timing": {k: result["timing"][v] for k, v in part.variants.items()}}
     src = json.loads((model / "report.json").read_text())
     manifest = load_manifest(folder)
     d, c = result["timing"]["dense"], result["timing"]["compressed"]
@@ -272,7 +333,41 @@ def make_report(model: Path, folder: Path, target: Target, result: dict[str, Any
     elif not rep.get("layers_note"):
         rep["layers_note"] = "; ".join(f"{v}: {a['ops_error']}" for v, a in result["artifacts"].items()
                                        if a.get("ops_error")) or "no per-op timings"
+    rep["latency_table"] = ((src.get("config") or {}).get("decompose") or {}).get("latency_table")
+    # layers the calibration guard kept dense (their fastest pair was not faster than the dense conv)
+    rep["kept_dense_by_guard"] = [la["name"] for la in src["layers"]
+                                  if (la.get("reason") or "").startswith("calibrated")]
+    pred = [la.get("predicted_ms") for la in src["layers"]]
+    if rep["latency_table"] and pred and all(p is not None for p in pred):
+        dense_pred = sum(la.get("dense_ms") or 0.0 for la in src["layers"])
+        rep["prediction"] = {"compressed_conv_ms": sum(pred), "dense_conv_ms": dense_pred,
+                             "latency_speedup": dense_pred / sum(pred),
+                             # the table times each conv alone; the net adds pooling, the classifier and adds
+                             "measured_compressed_ms": c["median_ms"], "measured_dense_ms": d["median_ms"],
+                             "error": c["median_ms"] / sum(pred) - 1.0}
     return rep
+
+
+def summary_row(rep: dict[str, Any]) -> dict[str, Any]:
+    """One model's line in a side-by-side comparison."""
+    return {"name": rep["name"], "model_dir": rep["model_dir"], "scheme": rep["scheme"],
+            "latency_table": rep.get("latency_table"), "mac_speedup": rep["mac_speedup"],
+            "dense_ms": rep["dense"]["median_ms"], "compressed_ms": rep["compressed"]["median_ms"],
+            "latency_speedup": rep["latency_speedup"], "efficiency": rep["efficiency"],
+            "slower_layers": sum(1 for la in rep["layers"] if la.get("slower")) if rep["layers"] else None,
+            "kept_dense_by_guard": len(rep.get("kept_dense_by_guard") or []),
+            "predicted_ms": (rep.get("prediction") or {}).get("compressed_conv_ms")}
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | scheme | latency table | MAC speedup | dense ms | compressed ms | latency speedup | "
+             "efficiency | layers slower than dense | predicted conv ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sl = "n/a" if r["slower_layers"] is None else str(r["slower_layers"])
+        lines.append(f"| {r['name']} | {r['scheme']} | {Path(r['latency_table']).name if r['latency_table'] else '-'} "
+                     f"| {r['mac_speedup']:.2f}x | {r['dense_ms']:.3f} | {r['compressed_ms']:.3f} | "
+                     f"{r['latency_speedup']:.2f}x | {r['efficiency']:.2f} | {sl} | {_ms(r['predicted_ms'])} |")
+    return lines
 
 
 def write_report(rep: dict[str, Any], root: Path) -> Path:
@@ -310,15 +405,26 @@ def markdown(rep: dict[str, Any]) -> str:
              f"{max(d['max_abs_diff'] or 0, c['max_abs_diff'] or 0):.2g}."]
     if rep.get("note"):
         lines += ["", rep["note"]]
+    pr = rep.get("prediction")
+    if pr:
+        lines += ["", f"Latency table {rep['latency_table']}: predicted {pr['compressed_conv_ms']:.3f} ms for the "
+                  f"convs (dense {pr['dense_conv_ms']:.3f} ms, {pr['latency_speedup']:.2f}x); measured whole net "
+                  f"{c['median_ms']:.3f} ms ({100 * pr['error']:+.1f}% against the prediction)."]
+    if rep.get("comparison"):
+        lines += ["", "Timed side by side in the same run (alternating blocks):", ""]
+        lines += comparison_markdown(rep["comparison"])
     slower = [la for la in rep["layers"] if la.get("slower")]
     if rep["layers"]:
         lines += ["", f"Per layer ({len(rep['layers'])} convs; {len(slower)} decomposed layer(s) slower than dense):",
-                  "", "| layer | rank | MAC speedup | dense ms | compressed ms | latency speedup | |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", "| layer | scheme | rank (energy rank) | MAC speedup | dense ms | compressed ms | predicted ms | "
+                  "latency speedup | |", "|---|---|---|---|---|---|---|---|---|"]
         for la in rep["layers"]:
             ls = la.get("latency_speedup")
-            lines.append(f"| {la['name']} | {la.get('rank') or 'dense'} | {la['mac_speedup']:.2f}x | "
+            er = la.get("energy_rank")
+            lines.append(f"| {la['name']} | {la.get('scheme') or ''} | {la.get('rank') or 'dense'}"
+                         f"{f' ({er})' if er and er != la.get('rank') else ''} | {la['mac_speedup']:.2f}x | "
                          f"{_ms(la.get('dense_ms'))} | {_ms(la.get('compressed_ms'))} | "
+                         f"{_ms(la.get('predicted_ms'))} | "
                          f"{f'{ls:.2f}x' if ls else 'n/a'} | {'**slower**' if la.get('slower') else ''} |")
     if rep.get("layers_note"):
         lines += ["", f"Per-layer: {rep['layers_note']}."]

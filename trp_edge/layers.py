@@ -92,7 +92,10 @@ def per_layer(model: Path, src: dict[str, Any], dense_ops: list[dict[str, Any]],
         row = {"name": la["name"], "scheme": la.get("scheme"), "rank": la["rank"], "full_rank": la.get("full_rank"),
                "macs_dense": la["macs_dense"], "macs_compressed": macs_c, "mac_speedup": la["macs_dense"] / macs_c,
                "dense_ms": d, "compressed_ms": c, "latency_speedup": d / c if d and c else None,
-               "slower": bool(la["rank"] is not None and d and c and c > d)}
+               "slower": bool(la["rank"] is not None and d and c and c > d),
+               # what a latency table predicted (compress --latency-table) and the rank the energy rule gave
+               "energy_rank": la.get("energy_rank"), "planned_rank": la.get("planned_rank"),
+               "predicted_ms": la.get("predicted_ms"), "reason": la.get("reason")}
         rows.append(row)
     total = {"dense_ms": sum(o["ms"] for o in dense_ops), "compressed_ms": sum(o["ms"] for o in comp_ops)}
     return {"layers": rows, "layers_other_ms": {"dense": dense_other, "compressed": comp_other},

@@ -36,7 +36,7 @@ def register(runtimes: tuple[str, ...] | None = None) -> None:
         if runtimes is not None and job["runtime"] not in runtimes:
             return json.dumps({"runtime": job["runtime"], "error": f"runtime {job['runtime']} is not offered by "
                                f"this server (it offers {', '.join(runtimes)})", "artifacts": {}})
-        base = Path(tvm.get_global_func("tvm.rpc.server.workpath")(job["reference"])).parent
+        base = Path(tvm.get_global_func("tvm.rpc.server.workpath")("job")).parent  # the session folder uploads go to
         return json.dumps(bench(job, base))
 
 
