@@ -1,3 +1,9 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +50,44 @@ def compressed(tmp_path_factory) -> Path:
                                     "--out", str(out), "-q", "--no-latency"])
     assert res.exit_code == 0, res.output
     return out
+
+
+EXE = str(Path(sys.executable).with_name("trp-edge"))
+
+
+def stop(p: subprocess.Popen) -> None:
+    """The server and tracker run in TVM worker processes: stop the whole process group."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], ready: str, log: Path) -> subprocess.Popen:
+    f = open(log, "w")  # noqa: SIM115 - closed with the process
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    for _ in range(300):
+        if ready in log.read_text():
+            return p
+        if p.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    stop(p)
+    raise RuntimeError(f"not ready: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A trp-edge serve reached directly at 127.0.0.1:port."""
+    port = free_port()
+    p = start([EXE, "serve", "--port", str(port)], "listening on", tmp_path_factory.mktemp("serve") / "log")
+    yield port
+    stop(p)

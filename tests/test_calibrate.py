@@ -10,11 +10,13 @@ from click.testing import CliRunner
 from trp_edge.calibrate import load_table, rank_grid
 from trp_edge.cli import main
 from trp_edge.errors import InputError
+from trp_edge.models import load_model
 
 
 def test_rank_grid_stays_below_break_even():
     assert rank_grid(48, 48) == [1, 2, 4, 8, 16, 24, 32, 48]
-    assert rank_grid(3, 3) == [1, 2]
+    assert rank_grid(64, 40) == [1, 2, 4, 8, 16, 24, 32, 40]  # the break-even rank itself is measured
+    assert rank_grid(3, 3) == [1, 2, 3]
 
 
 def test_calibrate_writes_a_table_and_refuses_a_mismatch(tmp_path):
@@ -39,20 +41,38 @@ def test_calibrate_writes_a_table_and_refuses_a_mismatch(tmp_path):
         load_table(table, layers=other)
 
 
-def test_calibrate_needs_local_and_a_native_target():
+def test_calibrate_needs_local_on_a_native_target_or_a_connection(monkeypatch):
+    monkeypatch.delenv("TRP_EDGE_TRACKER", raising=False)
+    monkeypatch.delenv("TRP_EDGE_RPC", raising=False)
     res = CliRunner().invoke(main, ["calibrate", "--target", "rpi4", "--local", "--model", "resnet20"])
     assert res.exit_code == 1 and "not rpi4" in res.output
     res = CliRunner().invoke(main, ["calibrate", "--model", "resnet20"])
-    assert res.exit_code == 1 and "--local" in res.output
+    assert res.exit_code == 1 and "cannot open a session" in res.output and "with --local" in res.output
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal")
     res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--local", "--model", "resnet20", "--input-size",
-                                    "16", "--threads", "1", "--schemes", "spatial", "--out", str(out), "-q"])
+                                    "16", "--threads", "1", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     return out / "host" / "ort" / "resnet20.csv"
+
+
+def test_calibrate_over_rpc_measures_the_same_grid(table, server, tmp_path):
+    """The device side runs in `trp-edge serve` (a real RPC server on 127.0.0.1), one layer per call."""
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--host", "127.0.0.1", "--port", str(server),
+                                    "--model", "resnet20", "--input-size", "16", "--threads", "1", "--schemes",
+                                    "spatial", "--out", str(tmp_path), "-q"])
+    assert res.exit_code == 0, res.output
+    remote = load_table(tmp_path / "host" / "ort" / "resnet20.csv", target="host", runtime="ort")
+    local = load_table(table)
+    assert remote.header["transport"].startswith("rpc (127.0.0.1") and local.header["transport"] == "local"
+    assert remote.header["layers"] == local.header["layers"]
+    assert {(r["layer"], r["scheme"], r["rank"]) for r in remote.rows} == \
+        {(r["layer"], r["scheme"], r["rank"]) for r in local.rows if r["scheme"] != "channel"}
+    assert remote.header["device"]["runtimes"]["onnxruntime"]
+    assert all(r["median_ms"] > 0 and r["runs"] >= 9 for r in remote.rows)
 
 
 def rewrite(src, dst, fn):
@@ -66,12 +86,61 @@ def rewrite(src, dst, fn):
     dst.with_suffix(".json").write_text(src.with_suffix(".json").read_text())
 
 
-def compress(tmp_path, table_path, name):
+def compress(tmp_path, table_path, name, scheme="spatial"):
     res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--energy", "0.3",
-                                    "--scheme", "spatial", "--latency-table", str(table_path), "--out",
+                                    "--scheme", scheme, "--latency-table", str(table_path), "--out",
                                     str(tmp_path / name), "--no-latency", "-q"])
     assert res.exit_code == 0, res.output
     return json.loads((tmp_path / name / "report.json").read_text())
+
+
+def mixed(r):
+    """layer1.0.conv1: the channel pair is fastest; layer1.0.conv2: dense is; elsewhere the spatial pair."""
+    fast = {"layer1.0.conv1": "channel", "layer1.0.conv2": "dense"}.get(r["layer"], "spatial")
+    return 0.001 if r["scheme"] == fast else 10.0 if r["scheme"] == "dense" else 1.0
+
+
+def test_auto_takes_the_fastest_form_per_layer(table, tmp_path):
+    t = tmp_path / "mixed.csv"
+    rewrite(table, t, mixed)
+    rep = compress(tmp_path, t, "auto", scheme="auto")
+    layers = {la["name"]: la for la in rep["layers"]}
+    assert layers["layer1.0.conv1"]["scheme"] == "channel" and layers["layer1.0.conv1"]["rank"] is not None
+    assert layers["layer1.0.conv2"]["rank"] is None and layers["layer1.0.conv2"]["reason"].startswith("calibrated")
+    assert layers["layer2.0.conv2"]["scheme"] == "spatial" and layers["layer2.0.conv2"]["rank"] is not None
+    for la in rep["layers"]:
+        if la["rank"] is not None:
+            assert la["kept_energy"] >= 1 - 0.3 - 1e-9
+    assert rep["onnx"]["max_abs_diff"] < 1e-4
+    spec = load_model(str(tmp_path / "auto" / "compressed.pt")).lowrank  # both forms in one model, rebuilt
+    assert {la["scheme"] for la in spec["layers"].values()} == {"channel", "spatial"}
+
+
+def test_auto_needs_a_table_of_both_schemes(table, tmp_path):
+    t = tmp_path / "spatial.csv"
+    rewrite(table, t, lambda r: float(r["median_ms"]))
+    head = json.loads(t.with_suffix(".json").read_text())
+    t.with_suffix(".json").write_text(json.dumps({**head, "schemes": ["spatial"]}))
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--scheme", "auto",
+                                    "--latency-table", str(t), "--out", str(tmp_path / "x"), "--no-latency"])
+    assert res.exit_code == 1 and "not channel" in res.output and "--schemes channel,spatial" in res.output
+
+
+def test_trp_with_auto_decomposes_in_the_forms_of_its_last_tsvd(table, tmp_path):
+    t = tmp_path / "mixed.csv"
+    rewrite(table, t, mixed)
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:3x16x16", "--steps", "8", "--period",
+                                    "4", "--batch", "16", "--energy", "0.3", "--scheme", "auto", "--nuclear", "1e-3",
+                                    "--latency-table", str(t), "--out", str(tmp_path / "trp"), "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert "auto (channel 1, spatial" in res.output and "dense" in res.output
+    rep = json.loads((tmp_path / "trp" / "report.json").read_text())
+    last = rep["trajectory"][-1]
+    assert last["final"] and last["schemes"]["layer1.0.conv1"] == "channel"
+    for la in rep["layers"]:
+        if la["rank"] is not None:
+            assert la["scheme"] == last["schemes"][la["name"]] and la["rank"] == last["ranks"][la["name"]]
+    assert rep["compressed"]["accuracy"] == rep["dense"]["accuracy"]  # exact: TRP ended on these low-rank forms
 
 
 def test_rank_rounding_never_keeps_less_energy(table, tmp_path):

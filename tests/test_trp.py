@@ -8,6 +8,7 @@ import torch
 from trp_edge.compress import compress
 from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
 from trp_edge.data import synthetic
+from trp_edge.lowrank import energy_rank, get_scheme
 from trp_edge.models import build, builtin_spec, load_model
 from trp_edge.trp import Interrupted, TRPTrainer
 
@@ -50,10 +51,35 @@ def test_projection_keeps_the_energy_and_batches_by_shape():
     before = {la.name: la.module.weight.detach().clone() for la in tr.layers}
     ranks = tr.project_()
     for la in tr.layers:
-        m0 = tr.scheme.to_matrix(before[la.name])
-        m1 = tr.scheme.to_matrix(la.module.weight.detach())
+        sch = get_scheme(tr.layer_scheme[la.name])
+        m0 = sch.to_matrix(before[la.name])
+        m1 = sch.to_matrix(la.module.weight.detach())
         assert torch.linalg.matrix_rank(m1) == ranks[la.name]
         assert (m0 - m1).norm() ** 2 <= 0.1 * m0.norm() ** 2 + 1e-6
+
+
+def test_auto_truncates_each_layer_in_its_cheaper_form():
+    """Without a latency table, scheme 'auto' takes per layer the form whose pair at the energy rank has fewer
+    MACs, and the TSVD keeps 1-e of the energy in that form."""
+    model = build(builtin_spec("resnet20", in_channels=1, num_classes=4))
+    data = synthetic("1x16x16", n_train=64, classes=4)
+    tr = TRPTrainer(model, data, TRPConfig(steps=1, batch=16), DecomposeConfig(scheme="auto", energy=0.3),
+                    progress=False)
+    before = {la.name: la.module.weight.detach().clone() for la in tr.layers}
+    ranks = tr.project_()
+    assert set(tr.layer_scheme.values()) == {"channel", "spatial"}  # both forms win somewhere on ResNet-20
+    for la in tr.layers:
+        cost = {}
+        for name in ("channel", "spatial"):
+            s = torch.linalg.svdvals(get_scheme(name).to_matrix(before[la.name]).double())
+            cost[name] = get_scheme(name).pair_macs(la.module, la.in_hw, la.out_hw, int(energy_rank(s, 0.3)))
+        chosen = tr.layer_scheme[la.name]
+        assert cost[chosen] == min(cost.values()), la.name
+        sch = get_scheme(chosen)
+        m0, m1 = sch.to_matrix(before[la.name]), sch.to_matrix(la.module.weight.detach())
+        assert torch.linalg.matrix_rank(m1) == ranks[la.name]
+        assert (m0 - m1).norm() ** 2 <= 0.3 * m0.norm() ** 2 + 1e-6
+    assert {g.scheme.name for g in tr.groups} == {"channel", "spatial"}  # the nuclear term follows the choice
 
 
 def _cfg(out, **kw):

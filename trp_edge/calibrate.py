@@ -7,7 +7,8 @@ Writes calibration/<target>/<runtime>/<model>.csv (layer, scheme, rank, shape, m
 runs; rank 0 = the dense conv) and <model>.json (device identity, runtime versions, date, threads, input
 shape, the layers' shapes). `load_table` refuses a table made for another target, runtime or shape.
 
-This version measures with ONNX Runtime on this machine (`--local`)."""
+Measured with ONNX Runtime, on this machine (`--local`) or on the device over the same RPC path as deploy
+(`trp-edge serve` runs trp_edge.device.bench.calibrate there: numpy and onnxruntime, no torch)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DecomposeConfig, ProfileConfig
+from .config import DecomposeConfig, DeployConfig, ProfileConfig
 from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,12 @@ COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", 
 
 
 def rank_grid(full: int, break_even: int) -> list[int]:
-    """1, 2, 4, then multiples of 8 on a roughly geometric ladder, up to the break-even rank."""
+    """1, 2, 4, then multiples of 8 on a roughly geometric ladder, up to the break-even rank (the largest rank
+    whose pair has fewer MACs than the dense conv), which is measured too: so every rank a plan can keep has a
+    measured rank at or above it."""
     ladder = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024]
-    top = min(full, break_even)
-    out = [k for k in ladder if k <= top]
-    return out or [1]
+    top = max(min(full, break_even), 1)
+    return sorted({k for k in ladder if k <= top} | {top})
 
 
 def layer_shape(layer, in_c: int) -> str:
@@ -44,21 +46,12 @@ def layer_shape(layer, in_c: int) -> str:
             f"/k{m.kernel_size[0]}x{m.kernel_size[1]}s{m.stride[0]}x{m.stride[1]}")
 
 
-def _onnx_bytes(module, example) -> bytes:
+def _write_onnx(module, example, path: Path) -> None:
     import torch
 
-    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), buf, input_names=["input"], dynamo=False)
-    return buf.getvalue()
-
-
-def _ort_runner(model_bytes: bytes, x, threads: int):
-    from .device.runner import load_ort
-
-    run = load_ort(model_bytes, threads)
-    return lambda: run(x)
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=["input"], dynamo=False)
 
 
 @dataclass
@@ -70,25 +63,40 @@ class CalibrationResult:
 
 
 def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...] = ("channel", "spatial"),
-              runtime: str = "ort", threads: int | None = None, local: bool = True, out: str = "calibration",
-              input_size: int | None = None, data: str | None = None,
-              protocol: ProfileConfig | None = None) -> CalibrationResult:
+              runtime: str = "ort", threads: int | None = None, local: bool = False, out: str = "calibration",
+              input_size: int | None = None, data: str | None = None, protocol: ProfileConfig | None = None,
+              host: str | None = None, port: int | None = None, tracker: str | None = None, key: str | None = None,
+              timeout: float = 1800.0) -> CalibrationResult:
+    """Measure every eligible conv of MODEL on the target, one layer per device call (its dense conv and every
+    pair, as small ONNX models timed in alternating blocks), here with `local`, else over RPC on the target's
+    `trp-edge serve` (connection as for deploy). Writes the table and its header; returns where."""
+    import contextlib
+    import tempfile
     import time
 
     import torch
 
+    from .deploy import DeviceError, connection, rpc_session, run_local
     from .lowrank import conv_layers, get_scheme, make_pair
     from .models import default_input_size, load_model
-    from .profile import time_alternating
     from .targets import load_target
 
     target = load_target(target_name)
-    if not local:
-        raise ConfigError("calibrate measures on this machine in this version: pass --local (over RPC is planned)")
-    if not target.native:
-        raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host")
     if runtime != "ort":
         raise ConfigError(f"calibration runtime {runtime!r} is not supported yet: use ort")
+    for s in schemes:
+        get_scheme(s)
+    if not schemes:
+        raise ConfigError("--schemes: name at least one of channel, spatial")
+    if local and (host or tracker):
+        raise ConfigError("--local measures here; drop --host/--tracker")
+    if local and not target.native:
+        raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
+                          f"{target.name} over RPC (--host/--tracker, as for deploy)")
+    conn = None
+    if not local:
+        conn = connection(DeployConfig(target=target.name, host=host, port=port, tracker=tracker, key=key,
+                                       timeout=timeout), target)
     threads = threads or target.run_threads
     cfg = protocol or ProfileConfig(warmup=2, block=3, min_runs=9, min_seconds=0.05, max_seconds=10)
     ds = None
@@ -106,35 +114,57 @@ def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...]
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     layers_meta: dict[str, Any] = {}
-    in_ch: dict[str, int] = {}
-    for scheme in schemes:
-        for layer in conv_layers(net, example, DecomposeConfig(scheme=scheme)):
+    device: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        if conn is not None:
+            try:
+                call = stack.enter_context(rpc_session(conn, timeout))
+            except DeviceError as e:
+                raise DeviceError(f"{e}; or measure this machine with --local") if target.native else e from None
+            where = f"rpc ({conn.describe()})"
+        else:
+            def call(kind, job, files):
+                return run_local(job, files, kind)
+            where = "local"
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trp-edge-cal-")))
+        for layer in conv_layers(net, example, DecomposeConfig(scheme=schemes[0])):
             m = layer.module
-            in_ch[layer.name] = m.in_channels
-            shape = layer_shape(layer, m.in_channels)
-            layers_meta[layer.name] = shape
-            if layer.reason is not None:
+            shape = layers_meta[layer.name] = layer_shape(layer, m.in_channels)
+            ok = [s for s in schemes if get_scheme(s).ineligible(m) is None]
+            if not ok:
                 continue
             x = torch.randn(1, m.in_channels, *layer.in_hw)
-            sch = get_scheme(scheme)
-            full = min(sch.to_matrix(m.weight.detach()).shape)
-            dense_macs = layer.macs_dense
-            ks = [k for k in rank_grid(full, full) if sch.pair_macs(m, layer.in_hw, layer.out_hw, k) < dense_macs]
-            runners = {"0": _ort_runner(_onnx_bytes(m, x), x.numpy(), threads)}
-            for k in ks:
-                runners[str(k)] = _ort_runner(_onnx_bytes(make_pair(m, scheme, k, init=False), x), x.numpy(), threads)
-            timings = time_alternating(runners, cfg)
-            for k, t in timings.items():
-                if scheme != schemes[0] and k == "0":
-                    continue  # the dense conv is measured once per layer
-                rows.append({"layer": layer.name, "scheme": "dense" if k == "0" else scheme, "rank": int(k),
-                             "shape": shape, "median_ms": round(t.median_ms, 5), "p10_ms": round(t.p10_ms, 5),
-                             "p90_ms": round(t.p90_ms, 5), "runs": t.runs})
-            log.info("calibrate: %s %s: dense %.3f ms, %d ranks", layer.name, scheme, timings["0"].median_ms, len(ks))
-    import onnxruntime
-
-    from .profile import host_identity
-
+            files = {"dense.onnx": tmp / "dense.onnx"}
+            _write_onnx(m, x, files["dense.onnx"])
+            arts = [{"variant": "dense", "file": "dense.onnx"}]
+            for scheme in ok:
+                sch = get_scheme(scheme)
+                full = min(sch.to_matrix(m.weight.detach()).shape)
+                cheaper = [k for k in range(1, full + 1) if sch.pair_macs(m, layer.in_hw, layer.out_hw, k)
+                           < layer.macs_dense]  # past the break-even rank a pair is never chosen
+                for k in rank_grid(full, max(cheaper)) if cheaper else []:
+                    name = f"{scheme}-{k}.onnx"
+                    files[name] = tmp / name
+                    _write_onnx(make_pair(m, scheme, k, init=False), x, files[name])
+                    arts.append({"variant": f"{scheme}:{k}", "file": name})
+            job = {"runtime": runtime, "threads": threads, "protocol": cfg.to_dict(), "input_shape": list(x.shape),
+                   "artifacts": arts}
+            res = call("calibrate", job, files)
+            if res.get("error"):
+                raise DeviceError(f"{target.name}/{runtime}: {res['error']}")
+            for v, err in res["errors"].items():
+                log.warning("calibrate: %s %s failed on the device (%s); left out of the table", layer.name, v, err)
+            device = res["device"]
+            for v, t in res["timing"].items():
+                scheme, _, k = v.partition(":")
+                rows.append({"layer": layer.name, "scheme": scheme, "rank": int(k or 0), "shape": shape,
+                             "median_ms": round(t["median_ms"], 5), "p10_ms": round(t["p10_ms"], 5),
+                             "p90_ms": round(t["p90_ms"], 5), "runs": t["runs"]})
+            log.info("calibrate: %s: dense %s ms, %d pairs", layer.name,
+                     f"{res['timing']['dense']['median_ms']:.3f}" if "dense" in res["timing"] else "n/a",
+                     len(res["timing"]) - ("dense" in res["timing"]))
+            for f in files.values():
+                f.unlink()
     d = Path(out) / target.name / runtime
     d.mkdir(parents=True, exist_ok=True)
     stem = d / loaded.name
@@ -142,14 +172,20 @@ def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...]
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     w.writerows(rows)
-    stem.with_suffix(".csv").write_text(buf.getvalue())
     header = {"format": FORMAT, "version": 1, "target": target.name, "runtime": runtime, "threads": threads,
               "model": loaded.name, "input_shape": list(example.shape), "layers": layers_meta,
-              "schemes": list(schemes), "device": {**host_identity(), "onnxruntime": onnxruntime.__version__},
+              "schemes": list(schemes), "device": device, "transport": where,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.to_dict()}
-    stem.with_suffix(".json").write_text(json.dumps(header, indent=2))
+    _atomic_write(stem.with_suffix(".csv"), buf.getvalue())
+    _atomic_write(stem.with_suffix(".json"), json.dumps(header, indent=2))
     return CalibrationResult(stem.with_suffix(".csv"), stem.with_suffix(".json"), len(rows),
                              time.perf_counter() - t0)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 @dataclass

@@ -53,8 +53,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--scheme", type=click.Choice(["channel", "spatial"]), default="channel", show_default=True,
-              help="channel: kh x kw conv then 1x1 (Zhang et al.); spatial: kh x 1 then 1 x kw (Jaderberg et al.)")
+@click.option("--scheme", type=click.Choice(["channel", "spatial", "auto"]), default="channel", show_default=True,
+              help="channel: kh x kw conv then 1x1 (Zhang et al.); spatial: kh x 1 then 1 x kw (Jaderberg et al.); "
+                   "auto: per layer the faster of the two and dense (by --latency-table, else by MACs)")
 @click.option("--energy", "-e", type=float, default=0.02, show_default=True,
               help="TSVD energy e: keep the smallest rank whose dropped singular values hold <= e of the energy")
 @click.option("--nuclear", type=float, default=0.0, show_default=True, help="nuclear-norm weight lambda (paper: 3e-4)")
@@ -124,7 +125,12 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
         return "n/a" if v is None else f"{v:.2f}%"
 
     left = sum(1 for la in r["layers"] if la["rank"] is None)
-    click.echo(f"{r['model']}: {r['scheme']} scheme, e={r['energy']:.4g}: {r['mac_speedup']:.2f}x fewer MACs "
+    scheme = r["scheme"]
+    if scheme == "auto":
+        chosen = [la["scheme"] if la["rank"] is not None else "dense" for la in r["layers"]]
+        scheme += " (" + ", ".join(f"{n} {chosen.count(n)}" for n in ("channel", "spatial", "dense")
+                                   if n in chosen) + ")"
+    click.echo(f"{r['model']}: {scheme} scheme, e={r['energy']:.4g}: {r['mac_speedup']:.2f}x fewer MACs "
                f"({r['dense']['macs'] / 1e6:.1f}M -> {r['compressed']['macs'] / 1e6:.1f}M), "
                f"{len(r['layers']) - left}/{len(r['layers'])} convs decomposed")
     click.echo(f"accuracy: dense {acc(r['dense']['accuracy'])}, decomposed {acc(r['compressed']['accuracy'])}; "
@@ -343,22 +349,30 @@ def report(reports) -> None:
 @click.option("--model", "-m", required=True, help="a built-in name or a .pt file (as for compress)")
 @click.option("--schemes", default="channel,spatial", show_default=True)
 @click.option("--runtime", "-r", default="ort", show_default=True, help="the runtime to measure with (ort)")
-@click.option("--local", is_flag=True, help="measure on this machine (the only transport in this version)")
+@click.option("--local", is_flag=True, help="measure on this machine (target host)")
+@click.option("--host", default=None, help="the device's trp-edge serve address (as for deploy)")
+@click.option("--port", type=int, default=None)
+@click.option("--tracker", default=None, help="a TVM RPC tracker HOST:PORT")
+@click.option("--key", default=None, help="the device key at the tracker [default: the target's]")
+@click.option("--timeout", type=float, default=1800, show_default=True, help="seconds for the device session")
 @click.option("--threads", type=int, default=None, help="runtime threads [default: the target's]")
 @click.option("--input-size", type=int, default=None)
 @click.option("--data", default=None, help="take input size and channels from this data set (as compress --data)")
 @click.option("--out", default="calibration", show_default=True)
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
-def calibrate(target, model, schemes, runtime, local, threads, input_size, data, out, quiet, verbose) -> None:
-    """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, and
-    write calibration/<target>/<runtime>/<model>.csv with a JSON header."""
+def calibrate(target, model, schemes, runtime, local, host, port, tracker, key, timeout, threads, input_size, data,
+              out, quiet, verbose) -> None:
+    """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, on the
+    device (over RPC, as deploy) or here (--local), and write calibration/<target>/<runtime>/<model>.csv with a
+    JSON header."""
     _setup_logging(verbose - quiet)
     from .calibrate import calibrate as run
 
     try:
         r = run(model, target, schemes=tuple(s for s in schemes.split(",") if s), runtime=runtime, threads=threads,
-                local=local, out=out, input_size=input_size, data=data)
+                local=local, out=out, input_size=input_size, data=data, host=host, port=port, tracker=tracker,
+                key=key, timeout=timeout)
     except TrpEdgeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")

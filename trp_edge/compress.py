@@ -93,7 +93,8 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         last_iterate_acc = evaluate(model, data.test, device)
         final_ranks = trainer.finalize_()
         if final_ranks is not None:  # decompose at exactly the ranks of TRP's last TSVD(W, e)
-            dcfg = dataclasses.replace(dcfg, ranks={**final_ranks, **(dcfg.ranks or {})}, target_speedup=None)
+            dcfg = dataclasses.replace(dcfg, ranks={**final_ranks, **(dcfg.ranks or {})}, target_speedup=None,
+                                       layer_schemes=dict(trainer.layer_scheme) if dcfg.scheme == "auto" else None)
     model = model.cpu().eval()
     dense_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
     dense_model = copy.deepcopy(model)
@@ -122,7 +123,7 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
                          {"dense": diff_dense, "compressed": diff_model},
                          onnx_count, example, latency)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
-        payload = compressed_payload(model, spec, dcfg.scheme, ranks,
+        payload = compressed_payload(model, spec, dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
                                      {"energy": energy, "input_shape": list(example.shape)})
         torch.save(payload, stage / "compressed.pt")
         torch.save(dense_model.state_dict(), stage / "dense.pt")  # the trained dense model, before decomposition

@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-SCHEME_NAMES = ("channel", "spatial")
+SCHEME_NAMES = ("channel", "spatial")  # the matrix forms; "auto" picks one of them (or dense) per layer
 
 
 def _check(cond: bool, message: str) -> None:
@@ -37,6 +37,8 @@ class DecomposeConfig(_JSONMixin):
     energy: the e of TSVD(W, e): keep the smallest rank k with sum_{j>k} s_j^2 <= e * sum s_j^2.
     ranks: explicit per-layer ranks (layer name -> k); they override the energy rule for those layers.
     target_speedup: choose e by bisection so the decomposed model has this many times fewer MACs.
+    scheme "auto": per layer the faster of channel, spatial and dense at the kept energy (measured latency
+    with latency_table, else fewer MACs); layer_schemes fixes the scheme of named layers.
     """
 
     scheme: str = "channel"
@@ -45,9 +47,17 @@ class DecomposeConfig(_JSONMixin):
     skip_stem: bool = False
     target_speedup: float | None = None
     latency_table: str | None = None
+    layer_schemes: Mapping[str, str] | None = None
 
     def __post_init__(self):
-        _check(self.scheme in SCHEME_NAMES, f"unknown scheme {self.scheme!r}: use one of {', '.join(SCHEME_NAMES)}")
+        names = (*SCHEME_NAMES, "auto")
+        _check(self.scheme in names, f"unknown scheme {self.scheme!r}: use one of {', '.join(names)}")
+        if self.layer_schemes is not None:
+            bad = {k: v for k, v in self.layer_schemes.items() if v not in SCHEME_NAMES}
+            _check(not bad, f"per-layer schemes must be one of {', '.join(SCHEME_NAMES)}, got {bad}")
+            _check(self.scheme == "auto" or set(self.layer_schemes.values()) <= {self.scheme},
+                   f"per-layer schemes other than {self.scheme!r} need scheme 'auto'")
+            object.__setattr__(self, "layer_schemes", dict(self.layer_schemes))
         _check(0.0 < self.energy < 1.0, f"energy must be in (0, 1), got {self.energy}")
         if self.ranks is not None:
             bad = {k: v for k, v in self.ranks.items() if not (isinstance(v, int) and v >= 1)}

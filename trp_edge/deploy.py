@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig) -
 
 def localized(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
     """The job with absolute paths, for a run on this machine's file system (in-process or under qemu)."""
-    arts = [{**a, "file": str(files[a["file"]].resolve()), "reference": str(files[a["reference"]].resolve())}
+    arts = [{**a, **{k: str(files[a[k]].resolve()) for k in ("file", "reference") if k in a}}
             for a in job["artifacts"]]
     return {**job, "artifacts": arts}
 
@@ -124,20 +125,21 @@ def localized(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------- transports
 
 
-def run_local(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
-    from .device.bench import bench
+def run_local(job: dict[str, Any], files: dict[str, Path], kind: str = "bench") -> dict[str, Any]:
+    from .device.bench import JOBS
 
-    return bench(localized(job, files), Path.cwd())
+    return JOBS[kind](localized(job, files), Path.cwd())
 
 
-def run_emulated(job: dict[str, Any], files: dict[str, Path], target: Target, timeout: float) -> dict[str, Any]:
+def run_emulated(job: dict[str, Any], files: dict[str, Path], target: Target, timeout: float,
+                 kind: str = "bench") -> dict[str, Any]:
     from .emulate import can_emulate, run_module
 
     why = can_emulate(target)
     if why:
         raise ConfigError(f"--emulate: cannot run {target.name} artifacts here ({why})")
     folder = files[job["artifacts"][0]["file"]].parent
-    return run_module("trp_edge.device.bench", localized(job, files), folder, target, timeout)
+    return run_module("trp_edge.device.bench", localized(job, files), folder, target, timeout, args=(kind,))
 
 
 @dataclass
@@ -202,33 +204,47 @@ def _connect(conn: Connection, timeout: float, handshake: float = 60.0):
                       + SERVE_HINT.format(port=conn.port or 9090))
 
 
-def run_rpc(job: dict[str, Any], files: dict[str, Path], conn: Connection, timeout: float) -> dict[str, Any]:
+@contextmanager
+def rpc_session(conn: Connection, timeout: float):
+    """A session on the device's `trp-edge serve`; yields call(kind, job, files) -> result, which uploads the
+    files, runs trp_edge.<kind> on them there and removes them again."""
     sess = _connect(conn, timeout)
-    try:
+
+    def call(kind: str, job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
         try:
-            for name, path in files.items():
-                sess.upload(str(path), name)
-        except Exception as e:  # noqa: BLE001
-            raise DeviceError(f"{conn.describe()} refused the upload ({str(e).strip().splitlines()[-1][:200]})") \
-                from None
-        try:
-            fn = sess.get_function("trp_edge.bench")
-        except Exception:  # noqa: BLE001
-            raise DeviceError(f"{conn.describe()} is a TVM RPC server without trp-edge's functions; run "
-                              "`trp-edge serve` there instead of tvm.exec.rpc_server") from None
-        try:
-            return json.loads(fn(json.dumps(job)))
-        except Exception as e:  # noqa: BLE001
-            msg = str(e)
-            if "Timeout" in msg or "timeout" in msg or "expired" in msg:
-                raise DeviceError(f"{conn.describe()}: the run took longer than --timeout {timeout:.0f} s") from None
-            raise DeviceError(f"{conn.describe()}: the run failed ({msg.strip().splitlines()[-1][:200]})") from None
-    finally:
-        try:
-            for name in files:
-                sess.remove(name)
-        except Exception:  # noqa: BLE001 - the session may be gone already
-            pass
+            try:
+                for name, path in files.items():
+                    sess.upload(str(path), name)
+            except Exception as e:  # noqa: BLE001
+                raise DeviceError(f"{conn.describe()} refused the upload "
+                                  f"({str(e).strip().splitlines()[-1][:200]})") from None
+            try:
+                fn = sess.get_function(f"trp_edge.{kind}")
+            except Exception:  # noqa: BLE001
+                raise DeviceError(f"{conn.describe()} is a TVM RPC server without trp-edge's trp_edge.{kind}; run "
+                                  "`trp-edge serve` (of this version) there instead of tvm.exec.rpc_server") from None
+            try:
+                return json.loads(fn(json.dumps(job)))
+            except Exception as e:  # noqa: BLE001
+                msg = str(e)
+                if "Timeout" in msg or "timeout" in msg or "expired" in msg:
+                    raise DeviceError(f"{conn.describe()}: the run took longer than --timeout {timeout:.0f} s") \
+                        from None
+                raise DeviceError(f"{conn.describe()}: the run failed ({msg.strip().splitlines()[-1][:200]})") \
+                    from None
+        finally:
+            try:
+                for name in files:
+                    sess.remove(name)
+            except Exception:  # noqa: BLE001 - the session may be gone already
+                pass
+
+    yield call
+
+
+def run_rpc(job: dict[str, Any], files: dict[str, Path], conn: Connection, timeout: float) -> dict[str, Any]:
+    with rpc_session(conn, timeout) as call:
+        return call("bench", job, files)
 
 
 # ----------------------------------------------------------------------------------------------- deploy

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -157,6 +157,11 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
+def scheme_names(config: DecomposeConfig) -> tuple[str, ...]:
+    """The matrix forms a config lets each layer take: every one for scheme 'auto'."""
+    return tuple(SCHEMES) if config.scheme == "auto" else (config.scheme,)
+
+
 def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[name]
@@ -224,8 +229,8 @@ class ConvLayer:
 
 def conv_layers(model: nn.Module, example: torch.Tensor, config: DecomposeConfig) -> list[ConvLayer]:
     """Every nn.Conv2d of the model in forward order with its input/output size, and whether the
-    scheme can decompose it."""
-    sch = get_scheme(config.scheme)
+    scheme (with 'auto': any scheme) can decompose it."""
+    schemes = [get_scheme(n) for n in scheme_names(config)]
     shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
     order: list[str] = []
     hooks = []
@@ -250,7 +255,8 @@ def conv_layers(model: nn.Module, example: torch.Tensor, config: DecomposeConfig
     layers = []
     for i, name in enumerate(order):
         mod = modules[name]
-        reason = sch.ineligible(mod)
+        reasons = [sch.ineligible(mod) for sch in schemes]
+        reason = None if None in reasons else reasons[0]
         if reason is None and config.skip_stem and i == 0:
             reason = "stem (--skip-stem)"
         layers.append(ConvLayer(name, mod, *shapes[name], reason))
@@ -324,7 +330,7 @@ def plan_layers(layers: list[ConvLayer], svals: dict[str, torch.Tensor], config:
         macs = sch.pair_macs(layer.module, layer.in_hw, layer.out_hw, k)
         plan = LayerPlan(layer.name, config.scheme, k, full, dense, macs, None, k_e, kept_energy(s, k))
         if macs >= dense:
-            plan.rank = None
+            plan.rank, plan.planned_rank = None, k
             plan.reason = f"low-rank pair at rank {k}/{full} costs {macs} MACs >= dense {dense}"
         plans.append(plan)
     return plans
@@ -337,19 +343,19 @@ def planned_macs(plans: list[LayerPlan]) -> tuple[int, int]:
     return dense, low
 
 
-def energy_for_speedup(layers: list[ConvLayer], svals: dict[str, torch.Tensor], config: DecomposeConfig,
-                       other_macs: int, target: float, iters: int = 60) -> float:
-    """Smallest energy e whose plan gives `target` times fewer MACs for the whole model (bisection;
-    the speedup is non-decreasing in e). `other_macs` are the model's MACs outside the convs."""
+def energy_for_speedup(planner: Callable[[float], list[LayerPlan]], other_macs: int, target: float,
+                       scheme: str, iters: int = 60) -> float:
+    """Smallest energy e whose plan (`planner(e)`) gives `target` times fewer MACs for the whole model
+    (bisection; the speedup is non-decreasing in e). `other_macs` are the model's MACs outside the convs."""
 
     def speedup(e: float) -> float:
-        dense, low = planned_macs(plan_layers(layers, svals, config, e))
+        dense, low = planned_macs(planner(e))
         return (dense + other_macs) / (low + other_macs)
 
     lo, hi = 1e-9, 1.0 - 1e-9
     best = speedup(hi)
     if best < target:
-        raise ConfigError(f"a {target:g}x MAC speedup is out of reach with the {config.scheme} scheme: at most "
+        raise ConfigError(f"a {target:g}x MAC speedup is out of reach with the {scheme} scheme: at most "
                           f"{best:.2f}x (rank 1 everywhere; layers left dense and non-conv layers limit it)")
     if speedup(lo) >= target:
         return lo
@@ -380,12 +386,19 @@ def latency_rank(table, name: str, scheme: str, k: int, full: int) -> tuple[int 
 
 
 def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]):
-    """The calibration table named in the config, checked against these layers' shapes (None without one)."""
+    """The calibration table named in the config, checked against these layers' shapes and the config's
+    schemes (None without one)."""
     if not config.latency_table:
         return None
     from .calibrate import layer_shape, load_table
 
-    return load_table(config.latency_table, layers={la.name: layer_shape(la, la.module.in_channels) for la in layers})
+    table = load_table(config.latency_table, layers={la.name: layer_shape(la, la.module.in_channels) for la in layers})
+    missing = [s for s in scheme_names(config) if s not in table.header.get("schemes", [])]
+    if missing:
+        raise ConfigError(f"{config.latency_table}: measured {', '.join(table.header.get('schemes', []))} only, "
+                          f"not {', '.join(missing)} (scheme {config.scheme}): calibrate with --schemes "
+                          f"{','.join(scheme_names(config))}")
+    return table
 
 
 def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],
@@ -416,6 +429,50 @@ def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dic
         p.kept_energy = kept_energy(svals[p.name], k)
 
 
+@dataclass
+class SchemeView:
+    """The model's convs seen through one matrix form: which it can decompose and their singular values."""
+
+    layers: list[ConvLayer]
+    svals: dict[str, torch.Tensor]
+
+
+def scheme_views(model: nn.Module, example: torch.Tensor, config: DecomposeConfig) -> dict[str, SchemeView]:
+    views = {}
+    for name in scheme_names(config):
+        layers = conv_layers(model, example, replace(config, scheme=name, layer_schemes=None))
+        views[name] = SchemeView(layers, singular_values(layers, name))
+    return views
+
+
+def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: float, table=None) -> list[LayerPlan]:
+    """Every conv's plan at energy e: in the config's scheme, or with scheme 'auto' the fastest of the schemes'
+    pairs and the dense conv per layer (by the table's measured latency, else by MACs; a layer named in
+    config.layer_schemes keeps that scheme). With a table, ranks are rounded and guarded (calibrate_plans_)."""
+    fixed = config.layer_schemes or {}
+    per: dict[str, list[LayerPlan]] = {}
+    for name, v in views.items():
+        ranks = {n: k for n, k in (config.ranks or {}).items() if fixed.get(n, name) == name}
+        plans = plan_layers(v.layers, v.svals, replace(config, scheme=name, ranks=ranks or None, layer_schemes=None),
+                            energy)
+        if table is not None:
+            calibrate_plans_(plans, v.layers, v.svals, table)
+        per[name] = plans
+    if len(per) == 1:
+        return next(iter(per.values()))
+    names = list(per)
+    merged = []
+    for i, first in enumerate(per[names[0]]):
+        if first.name in fixed:
+            merged.append(per[fixed[first.name]][i])
+            continue
+        opts = [per[n][i] for n in names if views[n].layers[i].reason is None] or [first]
+        timed = table is not None and all(p.predicted_ms is not None for p in opts)
+        merged.append(min(opts, key=lambda p: p.predicted_ms if timed
+                          else p.macs_lowrank if p.rank is not None else p.macs_dense))
+    return merged
+
+
 def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: list[LayerPlan], *, init: bool = True) -> None:
     """Replace each planned conv by its low-rank pair, in place."""
     by_name = {layer.name: layer for layer in layers}
@@ -429,18 +486,17 @@ def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
     """Replace every eligible conv of `model` by its low-rank pair, in place.
 
     The rank of each layer comes from config.energy (or config.ranks); with config.target_speedup the
-    energy is found by bisection, which needs `other_macs` (the MACs outside the convs). Returns the
-    per-layer plans and the energy used."""
-    layers = conv_layers(model, example, config)
-    svals = singular_values(layers, config.scheme)
+    energy is found by bisection (on the plans before latency calibration), which needs `other_macs` (the
+    MACs outside the convs). With scheme 'auto' each layer takes its fastest scheme, or stays dense.
+    Returns the per-layer plans and the energy used."""
+    views = scheme_views(model, example, config)
+    layers = next(iter(views.values())).layers
     energy = config.energy
     if config.target_speedup is not None:
         if other_macs is None:
             raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
-        energy = energy_for_speedup(layers, svals, config, other_macs, config.target_speedup)
-    plans = plan_layers(layers, svals, config, energy)
-    table = load_latency_table(config, layers)
-    if table is not None:
-        calibrate_plans_(plans, layers, svals, table)
+        energy = energy_for_speedup(lambda e: plan_model(views, config, e), other_macs, config.target_speedup,
+                                    config.scheme)
+    plans = plan_model(views, config, energy, load_latency_table(config, layers))
     apply_plan_(model, layers, plans)
     return plans, energy

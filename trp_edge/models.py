@@ -265,11 +265,15 @@ COMPRESSED_FORMAT = "trp-edge/compressed"
 
 
 def compressed_payload(model: nn.Module, arch: dict[str, Any], scheme: str, ranks: dict[str, int],
+                       layer_schemes: dict[str, str] | None = None,
                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What compressed.pt holds: only tensors and strings, so torch.load(weights_only=True) reads it."""
+    """What compressed.pt holds: only tensors and strings, so torch.load(weights_only=True) reads it.
+    `scheme` may be 'auto'; each decomposed layer records its own (`layer_schemes`, default `scheme`)."""
     import json
 
-    spec = {"arch": arch, "scheme": scheme, "layers": {n: {"scheme": scheme, "rank": k} for n, k in ranks.items()}}
+    per = layer_schemes or {}
+    spec = {"arch": arch, "scheme": scheme,
+            "layers": {n: {"scheme": per.get(n, scheme), "rank": k} for n, k in ranks.items()}}
     spec.update(extra or {})
     return {"format": COMPRESSED_FORMAT, "version": 1, "spec": json.dumps(spec),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}

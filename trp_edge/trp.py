@@ -26,12 +26,14 @@ from .data import Dataset
 from .errors import InputError, TrpEdgeError
 from .lowrank import (
     ConvLayer,
+    Scheme,
+    SchemeView,
     conv_layers,
     energy_for_speedup,
-    energy_rank,
     get_scheme,
-    latency_rank,
     load_latency_table,
+    plan_model,
+    scheme_names,
 )
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,11 @@ def evaluate(model: nn.Module, split, device: torch.device, batch: int = 500) ->
 
 @dataclass
 class _Group:
-    """Eligible layers whose weights share one shape: their SVDs run as one batched call."""
+    """Eligible layers whose weights share one shape, in one matrix form: their SVDs run as one batched call."""
 
     layers: list[ConvLayer]
     shape: tuple[int, ...]
+    scheme: Scheme
 
 
 @dataclass
@@ -92,15 +95,24 @@ class TRPTrainer:
         self.tcfg, self.dcfg, self.data = tcfg, dcfg, data
         self.device = resolve_device(tcfg.device)
         self.model = model.to(self.device)
-        self.scheme = get_scheme(dcfg.scheme)
         example = data.example.to(self.device)
         self.layers = [la for la in conv_layers(self.model, example, dcfg) if la.reason is None]
         # with a calibration table every TSVD keeps the fastest measured rank at or above the energy rank
         self.table = load_latency_table(dcfg, self.layers)
-        groups: dict[tuple[int, ...], list[ConvLayer]] = {}
-        for la in self.layers:
-            groups.setdefault(tuple(la.module.weight.shape), []).append(la)
-        self.groups = [_Group(v, k) for k, v in groups.items()]
+        # each eligible layer in every matrix form that can take it (one form unless the scheme is 'auto')
+        self.schemes = scheme_names(dcfg)
+        self.reasons = {n: {la.name: get_scheme(n).ineligible(la.module) for la in self.layers} for n in self.schemes}
+        groups: dict[tuple, list[ConvLayer]] = {}
+        for n in self.schemes:
+            for la in self.layers:
+                if self.reasons[n][la.name] is None:
+                    groups.setdefault((n, tuple(la.module.weight.shape)), []).append(la)
+        self.all_groups = [_Group(v, shape, get_scheme(n)) for (n, shape), v in groups.items()]
+        fixed = dcfg.layer_schemes or {}
+        # the form each layer is truncated in; with 'auto' every TSVD chooses it again
+        self.layer_scheme = {la.name: fixed.get(la.name) or next(n for n in self.schemes if self.reasons[n][la.name]
+                                                                  is None) for la in self.layers}
+        self.groups = self._active()
         self.svd_device = self.device if tcfg.svd_device in ("auto", "same") else torch.device("cpu")
         self.checkpoint, self.other_macs = checkpoint, other_macs
         self.progress, self.on_step = progress, on_step
@@ -127,9 +139,18 @@ class TRPTrainer:
         return 1.0
 
     # ---- the two TRP operations ----
+    def _active(self) -> list[_Group]:
+        """The groups of layers in the form they are currently truncated in."""
+        out = []
+        for g in self.all_groups:
+            mine = [la for la in g.layers if self.layer_scheme[la.name] == g.scheme.name]
+            if mine:
+                out.append(_Group(mine, g.shape, g.scheme))
+        return out
+
     def _svd(self, g: _Group):
         w = torch.stack([la.module.weight.detach() for la in g.layers])
-        m = self.scheme.to_matrix(w).to(self.svd_device)
+        m = g.scheme.to_matrix(w).to(self.svd_device)
         return torch.linalg.svd(m, full_matrices=False)
 
     def _sync(self):
@@ -139,33 +160,57 @@ class TRPTrainer:
     @torch.no_grad()
     def project_(self, fixed: dict[str, int] | None = None) -> dict[str, int]:
         """W <- TSVD(W, e) for every eligible conv (or the rank-k truncation at `fixed` ranks); returns
-        the rank kept per layer. Also caches the truncated singular vectors for the nuclear-norm term."""
+        the rank kept per layer. The ranks come from plan_model, so an explicit rank, the latency table's
+        rounding and guard, and with scheme 'auto' the choice of form, act at every TSVD as they will at the
+        final decomposition. Also caches the truncated singular vectors for the nuclear-norm term."""
         t0 = time.perf_counter()
-        svds = [self._svd(g) for g in self.groups]
-        if fixed is None and self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum
-            svals = {la.name: s[i].cpu() for g, (_, s, _) in zip(self.groups, svds) for i, la in enumerate(g.layers)}
-            self.energy = energy_for_speedup(self.layers, svals, self.dcfg, self.other_macs, self.dcfg.target_speedup)
-        explicit = fixed if fixed is not None else self.dcfg.ranks or {}
-        ranks: dict[str, int] = {}
-        self._cached = []
-        for g, (u, s, vh) in zip(self.groups, svds):
-            k = energy_rank(s, self.energy)
-            for i, la in enumerate(g.layers):
-                if la.name in explicit:
-                    k[i] = min(explicit[la.name], s.shape[-1])
-                elif self.table is not None:
-                    r, _ = latency_rank(self.table, la.name, self.dcfg.scheme, int(k[i]), s.shape[-1])
-                    k[i] = s.shape[-1] if r is None else r  # dense is faster: leave the layer untruncated
-                ranks[la.name] = int(k[i])
-            keep = (torch.arange(s.shape[-1], device=s.device)[None, :] < k[:, None].to(s.device)).to(s.dtype)
+        choose = fixed is None and len(self.schemes) > 1
+        groups = self.all_groups if choose else self.groups
+        svds = [self._svd(g) for g in groups]
+        if fixed is not None:
+            ranks = dict(fixed)
+        else:
+            views = {n: SchemeView([ConvLayer(la.name, la.module, la.in_hw, la.out_hw, self.reasons[n][la.name])
+                                    for la in self.layers], {}) for n in self.schemes}
+            for g, (_, s, _) in zip(groups, svds):
+                for i, la in enumerate(g.layers):
+                    views[g.scheme.name].svals[la.name] = s[i].cpu()
+            if self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum
+                self.energy = energy_for_speedup(lambda e: plan_model(views, self.dcfg, e), self.other_macs,
+                                                 self.dcfg.target_speedup, self.dcfg.scheme)
+            ranks = {}
+            for p in plan_model(views, self.dcfg, self.energy, self.table):
+                if p.rank is not None:
+                    ranks[p.name] = p.rank
+                elif (p.reason or "").startswith("calibrated"):
+                    ranks[p.name] = p.full_rank  # the dense conv is faster: leave the layer untruncated
+                else:
+                    ranks[p.name] = p.planned_rank  # a pair that saves no MACs: TRP truncates it all the same
+                self.layer_scheme[p.name] = p.scheme
+        parts: dict[str, tuple] = {}
+        kept: dict[str, int] = {}
+        for g, (u, s, vh) in zip(groups, svds):
+            k = torch.tensor([min(ranks[la.name], s.shape[-1]) for la in g.layers], device=s.device)
+            keep = (torch.arange(s.shape[-1], device=s.device)[None, :] < k[:, None]).to(s.dtype)
             m = (u * (s * keep)[:, None, :]) @ vh
-            w = self.scheme.from_matrix(m, g.shape).to(self.device)
+            w = g.scheme.from_matrix(m, g.shape).to(self.device)
             for i, la in enumerate(g.layers):
-                la.module.weight.copy_(w[i])
-            self._cached.append((u, keep, vh))
+                if self.layer_scheme[la.name] == g.scheme.name:
+                    la.module.weight.copy_(w[i])
+                    parts[la.name] = (u[i], keep[i], vh[i])
+                    kept[la.name] = int(k[i])
+        self.groups = self._active()
+        self._cached = [tuple(torch.stack([parts[la.name][j] for la in g.layers]) for j in range(3))
+                        for g in self.groups]
         self._sync()
         self._svd_seconds += time.perf_counter() - t0
-        return ranks
+        return {la.name: kept[la.name] for la in self.layers}
+
+    def _record(self, ranks: dict[str, int], **extra) -> None:
+        entry = {"step": self.step, "energy": self.energy, "ranks": ranks, **extra}
+        if len(self.schemes) > 1:
+            entry["schemes"] = dict(self.layer_scheme)
+        self.history.append(entry)
 
     @torch.no_grad()
     def add_nuclear_grad_(self, cached: bool) -> None:
@@ -179,7 +224,7 @@ class TRPTrainer:
                 u, s, vh = self._svd(g)
                 tol = s[:, :1] * max(u.shape[-2], vh.shape[-1]) * torch.finfo(s.dtype).eps
                 keep = (s > tol).to(s.dtype)
-            sub = self.scheme.from_matrix((u * keep[:, None, :]) @ vh, g.shape).to(self.device)
+            sub = g.scheme.from_matrix((u * keep[:, None, :]) @ vh, g.shape).to(self.device)
             for i, la in enumerate(g.layers):
                 if la.module.weight.grad is not None:
                     la.module.weight.grad.add_(sub[i], alpha=lam)
@@ -190,7 +235,7 @@ class TRPTrainer:
     def _state(self, epoch: int, batch: int) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch, "batch": batch,
-                "energy": self.energy, "history": self.history,
+                "energy": self.energy, "history": self.history, "layer_scheme": self.layer_scheme,
                 "config": {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}}
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
@@ -219,6 +264,8 @@ class TRPTrainer:
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         self.step, self.energy, self.history = st["step"], st["energy"], st["history"]
+        self.layer_scheme.update(st.get("layer_scheme", {}))
+        self.groups = self._active()
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, st["epoch"], st["batch"])
         return st["epoch"], st["batch"]
 
@@ -254,7 +301,7 @@ class TRPTrainer:
                     projected = cfg.period > 0 and self.step % cfg.period == 0
                     if projected:
                         ranks = self.project_()
-                        self.history.append({"step": self.step, "energy": self.energy, "ranks": ranks})
+                        self._record(ranks)
                     out = model(x)
                     loss = loss_fn(out, y)
                     self.opt.zero_grad(set_to_none=True)
@@ -297,7 +344,7 @@ class TRPTrainer:
         if self.tcfg.period == 0:
             return None
         ranks = self.project_(fixed=self.history[-1]["ranks"] if self.history else None)
-        self.history.append({"step": self.step, "energy": self.energy, "ranks": ranks, "final": True})
+        self._record(ranks, final=True)
         return ranks
 
     def _on_sigint(self, signum, frame):

@@ -5,7 +5,8 @@ time), then a per-op breakdown where the runtime offers one. numpy and the runti
 Used in-process (`--local`), by the emulated aarch64 python (`--emulate`) and by `trp-edge serve` (over
 TVM RPC). Every failure of one artifact is returned as data.
 
-    python -m trp_edge.device.bench JOB.json     # prints the result as one JSON line
+    python -m trp_edge.device.bench JOB.json             # prints the result as one JSON line
+    python -m trp_edge.device.bench calibrate JOB.json   # the same for a calibration job (below)
 
 JOB: {"runtime": "ort", "threads": 4, "reference": "reference.npz", "protocol": {...ProfileConfig...},
       "artifacts": [{"variant": "dense", "file": "dense.onnx", "device": "cpu"}, {"variant": "compressed", ...}],
@@ -164,13 +165,43 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def calibrate(job: dict[str, Any], base: Path) -> dict[str, Any]:
+    """One layer of `trp-edge calibrate`: the dense conv and its low-rank pairs (one small model each) timed in
+    alternating blocks on a random input of the layer's shape. A variant that fails is recorded, not raised.
+
+    JOB: {"runtime": "ort", "threads": 1, "protocol": {...}, "input_shape": [1, 64, 56, 56],
+          "artifacts": [{"variant": "dense", "file": "dense.onnx"}, {"variant": "spatial:8", "file": ...}, ...]}"""
+    rt, threads = job["runtime"], int(job.get("threads", 1))
+    cfg = ProfileConfig(**job.get("protocol", {}))
+    x = np.random.default_rng(0).standard_normal(job["input_shape"]).astype(np.float32)
+    out: dict[str, Any] = {"runtime": rt, "threads": threads, "device": device_identity(), "errors": {}}
+    runners = {}
+    for a in job["artifacts"]:
+        try:
+            fn = load(str(base / a["file"]), rt, threads, a.get("device", "cpu"))
+            fn(x)
+            runners[a["variant"]] = (lambda fn=fn: fn(x))
+        except ImportError as e:
+            out["error"] = f"runtime missing on the device: {e}"
+            return out
+        except Exception as e:  # noqa: BLE001 - recorded, the others still run
+            out["errors"][a["variant"]] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    out["timing"] = {k: t.to_dict() for k, t in time_alternating(runners, cfg).items()} if runners else {}
+    out["protocol"] = cfg.to_dict()
+    return out
+
+
+JOBS = {"bench": bench, "calibrate": calibrate}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
+    if len(argv) not in (1, 2) or (len(argv) == 2 and argv[0] not in JOBS):
         print(__doc__, file=sys.stderr)
         return 2
-    job_path = Path(argv[0])
-    print(json.dumps(bench(json.loads(job_path.read_text()), job_path.parent)))
+    job_path = Path(argv[-1])
+    run = JOBS[argv[0]] if len(argv) == 2 else bench
+    print(json.dumps(run(json.loads(job_path.read_text()), job_path.parent)))
     return 0
 
 

@@ -1,8 +1,9 @@
 """`trp-edge serve`: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models uploaded to it,
 so one transport, one tracker and one upload path serve every runtime.
 
-It registers two functions in the server: `trp_edge.info()` (device identity and the runtimes present)
-and `trp_edge.bench(job_json)` (trp_edge.device.bench on the uploaded files). It needs numpy, the TVM
+It registers three functions in the server: `trp_edge.info()` (device identity and the runtimes present),
+`trp_edge.bench(job_json)` (trp_edge.device.bench on the uploaded files) and `trp_edge.calibrate(job_json)`
+(one layer of `trp-edge calibrate`). It needs numpy, the TVM
 runtime and whichever of onnxruntime / ai-edge-litert / tflite-runtime the device has; no torch. A
 runtime that is missing is reported to the client, not crashed on."""
 
@@ -21,7 +22,7 @@ def register(runtimes: tuple[str, ...] | None = None) -> None:
     import tvm
     import tvm_ffi
 
-    from .bench import bench, device_identity
+    from .bench import JOBS, device_identity
 
     @tvm_ffi.register_global_func("trp_edge.info", override=True)
     def info() -> str:
@@ -30,14 +31,16 @@ def register(runtimes: tuple[str, ...] | None = None) -> None:
             ident["offered"] = list(runtimes)
         return json.dumps(ident)
 
-    @tvm_ffi.register_global_func("trp_edge.bench", override=True)
-    def remote_bench(job_json: str) -> str:
+    def remote(run, job_json: str) -> str:
         job = json.loads(job_json)
         if runtimes is not None and job["runtime"] not in runtimes:
             return json.dumps({"runtime": job["runtime"], "error": f"runtime {job['runtime']} is not offered by "
                                f"this server (it offers {', '.join(runtimes)})", "artifacts": {}})
         base = Path(tvm.get_global_func("tvm.rpc.server.workpath")("job")).parent  # the session folder uploads go to
-        return json.dumps(bench(job, base))
+        return json.dumps(run(job, base))
+
+    for name, run in JOBS.items():
+        tvm_ffi.register_global_func(f"trp_edge.{name}", functools.partial(remote, run), override=True)
 
 
 def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str = "",
