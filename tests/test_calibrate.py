@@ -141,6 +141,11 @@ def test_trp_with_auto_decomposes_in_the_forms_of_its_last_tsvd(table, tmp_path)
         if la["rank"] is not None:
             assert la["scheme"] == last["schemes"][la["name"]] and la["rank"] == last["ranks"][la["name"]]
     assert rep["compressed"]["accuracy"] == rep["dense"]["accuracy"]  # exact: TRP ended on these low-rank forms
+    # dense is fastest for layer1.0.conv2: TRP still truncates it at every TSVD, the decomposition keeps it dense
+    slow = next(la for la in rep["layers"] if la["name"] == "layer1.0.conv2")
+    assert slow["rank"] is None and slow["reason"].startswith("calibrated")
+    full = {"channel": 16, "spatial": 48}  # 16 -> 16 channels, 3x3: 16 x 144 and 48 x 48 matrices
+    assert all(step["ranks"]["layer1.0.conv2"] < full[step["schemes"]["layer1.0.conv2"]] for step in rep["trajectory"])
 
 
 def test_rank_rounding_never_keeps_less_energy(table, tmp_path):

@@ -374,15 +374,17 @@ def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Ten
     return {layer.name: s for layer, (_, s, _) in zip(eligible, svds)}
 
 
-def latency_rank(table, name: str, scheme: str, k: int, full: int) -> tuple[int | None, float | None]:
+def latency_rank(table, name: str, scheme: str, k: int, full: int,
+                 guard: bool = True) -> tuple[int | None, float | None]:
     """The measured rank >= k with the lowest latency and that latency; (None, dense ms) when the dense conv
-    is at least as fast as every such pair; (k, None) when nothing at or above k was measured."""
+    is at least as fast as every such pair (only with `guard`); (k, None) when nothing at or above k was
+    measured."""
     dense = table.latency(name, "dense", 0)
     cands = sorted((ms, r) for r, ms in table.ranks(name, scheme).items() if k <= r <= full)
     if not cands or dense is None:
         return k, None
     ms, r = cands[0]
-    return (None, dense) if ms >= dense else (r, ms)
+    return (None, dense) if guard and ms >= dense else (r, ms)
 
 
 def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]):
@@ -402,12 +404,13 @@ def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]):
 
 
 def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],
-                     table) -> None:
+                     table, guard: bool = True) -> None:
     """Latency-aware ranks from a calibration table (trp_edge.calibrate): each decomposed layer's rank moves
     to the measured rank with the lowest latency among those >= its planned rank (so it never keeps less
     energy than the energy rule asked for), and a layer whose fastest such pair is not faster than its
     dense conv stays dense (the guard). Ranks above the planned one add only zero singular directions to
-    a TRP-projected weight, so the decomposed model computes the same function."""
+    a TRP-projected weight, so the decomposed model computes the same function. Without `guard` (during TRP
+    training, where every layer is truncated) the fastest pair is kept even when the dense conv is faster."""
     by = {layer.name: layer for layer in layers}
     for p in plans:
         p.dense_ms = table.latency(p.name, "dense", 0)
@@ -416,7 +419,7 @@ def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dic
             continue
         layer, sch = by[p.name], get_scheme(p.scheme)
         p.planned_rank = p.rank
-        k, ms = latency_rank(table, p.name, p.scheme, p.rank, p.full_rank)
+        k, ms = latency_rank(table, p.name, p.scheme, p.rank, p.full_rank, guard)
         if ms is None:
             continue  # nothing measured at or above the planned rank: keep it, latency unknown
         if k is None:
@@ -445,10 +448,12 @@ def scheme_views(model: nn.Module, example: torch.Tensor, config: DecomposeConfi
     return views
 
 
-def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: float, table=None) -> list[LayerPlan]:
+def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: float, table=None,
+               guard: bool = True) -> list[LayerPlan]:
     """Every conv's plan at energy e: in the config's scheme, or with scheme 'auto' the fastest of the schemes'
     pairs and the dense conv per layer (by the table's measured latency, else by MACs; a layer named in
-    config.layer_schemes keeps that scheme). With a table, ranks are rounded and guarded (calibrate_plans_)."""
+    config.layer_schemes keeps that scheme). With a table, ranks are rounded (and with `guard`, a layer whose
+    pair is not faster than its dense conv stays dense: calibrate_plans_)."""
     fixed = config.layer_schemes or {}
     per: dict[str, list[LayerPlan]] = {}
     for name, v in views.items():
@@ -456,7 +461,7 @@ def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: fl
         plans = plan_layers(v.layers, v.svals, replace(config, scheme=name, ranks=ranks or None, layer_schemes=None),
                             energy)
         if table is not None:
-            calibrate_plans_(plans, v.layers, v.svals, table)
+            calibrate_plans_(plans, v.layers, v.svals, table, guard)
         per[name] = plans
     if len(per) == 1:
         return next(iter(per.values()))

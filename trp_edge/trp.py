@@ -179,13 +179,11 @@ class TRPTrainer:
                 self.energy = energy_for_speedup(lambda e: plan_model(views, self.dcfg, e), self.other_macs,
                                                  self.dcfg.target_speedup, self.dcfg.scheme)
             ranks = {}
-            for p in plan_model(views, self.dcfg, self.energy, self.table):
-                if p.rank is not None:
-                    ranks[p.name] = p.rank
-                elif (p.reason or "").startswith("calibrated"):
-                    ranks[p.name] = p.full_rank  # the dense conv is faster: leave the layer untruncated
-                else:
-                    ranks[p.name] = p.planned_rank  # a pair that saves no MACs: TRP truncates it all the same
+            # no guard while training: TRP truncates every eligible layer (a layer left whole would never see
+            # its rank fall to where its pair gets faster); the final decomposition keeps the slower ones dense
+            for p in plan_model(views, self.dcfg, self.energy, self.table, guard=False):
+                # a pair that saves no MACs is truncated all the same at its planned rank
+                ranks[p.name] = p.rank if p.rank is not None else p.planned_rank
                 self.layer_scheme[p.name] = p.scheme
         parts: dict[str, tuple] = {}
         kept: dict[str, int] = {}
