@@ -198,3 +198,17 @@ def test_trp_rounds_every_tsvd_to_the_table(table, tmp_path):
             moved += k in measured
     assert moved > 0
     assert rep["compressed"]["accuracy"] == rep["dense"]["accuracy"]  # the decomposition is still exact
+
+
+def test_latency_rank_rounds_up_only_to_a_pair_faster_than_dense():
+    from trp_edge.calibrate import LatencyTable
+    from trp_edge.lowrank import latency_rank
+
+    ms = {0: 1.0, 8: 0.4, 16: 0.4, 23: 1.2}  # rank 0: the dense conv; 23 is slower than dense
+    rows = [{"layer": "c", "scheme": "dense" if r == 0 else "spatial", "rank": r, "median_ms": v}
+            for r, v in ms.items()]
+    t = LatencyTable({}, rows)
+    assert latency_rank(t, "c", "spatial", 5, 48) == (8, 0.4)  # the fastest rank >= 5; a tie goes to the lower
+    assert latency_rank(t, "c", "spatial", 17, 48) == (None, 1.0)  # the guard: dense
+    assert latency_rank(t, "c", "spatial", 17, 48, guard=False) == (17, None)  # training: keep the energy rank
+    assert latency_rank(t, "c", "spatial", 30, 48) == (30, None)  # nothing measured at or above 30

@@ -376,15 +376,18 @@ def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Ten
 
 def latency_rank(table, name: str, scheme: str, k: int, full: int,
                  guard: bool = True) -> tuple[int | None, float | None]:
-    """The measured rank >= k with the lowest latency and that latency; (None, dense ms) when the dense conv
-    is at least as fast as every such pair (only with `guard`); (k, None) when nothing at or above k was
-    measured."""
+    """The measured rank >= k with the lowest latency and that latency, when that pair is faster than the dense
+    conv. Otherwise (None, dense ms) with `guard` (keep the layer dense), and without it (k, None): rounding up
+    would buy nothing, so TRP goes on truncating at the energy rank, which may yet fall to a fast pair. Also
+    (k, None) when nothing at or above k was measured."""
     dense = table.latency(name, "dense", 0)
     cands = sorted((ms, r) for r, ms in table.ranks(name, scheme).items() if k <= r <= full)
     if not cands or dense is None:
         return k, None
     ms, r = cands[0]
-    return (None, dense) if guard and ms >= dense else (r, ms)
+    if ms < dense:
+        return r, ms
+    return (None, dense) if guard else (k, None)
 
 
 def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]):
@@ -410,7 +413,7 @@ def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dic
     energy than the energy rule asked for), and a layer whose fastest such pair is not faster than its
     dense conv stays dense (the guard). Ranks above the planned one add only zero singular directions to
     a TRP-projected weight, so the decomposed model computes the same function. Without `guard` (during TRP
-    training, where every layer is truncated) the fastest pair is kept even when the dense conv is faster."""
+    training, where every layer is truncated) such a layer keeps its energy rank instead."""
     by = {layer.name: layer for layer in layers}
     for p in plans:
         p.dense_ms = table.latency(p.name, "dense", 0)
@@ -472,9 +475,9 @@ def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: fl
             merged.append(per[fixed[first.name]][i])
             continue
         opts = [per[n][i] for n in names if views[n].layers[i].reason is None] or [first]
-        timed = table is not None and all(p.predicted_ms is not None for p in opts)
-        merged.append(min(opts, key=lambda p: p.predicted_ms if timed
-                          else p.macs_lowrank if p.rank is not None else p.macs_dense))
+        # a measured latency beats none (a pair not known to be faster than dense); then fewer MACs
+        merged.append(min(opts, key=lambda p: (0, p.predicted_ms) if p.predicted_ms is not None
+                          else (1, p.macs_lowrank if p.rank is not None else p.macs_dense)))
     return merged
 
 

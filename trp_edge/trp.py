@@ -161,8 +161,9 @@ class TRPTrainer:
     def project_(self, fixed: dict[str, int] | None = None) -> dict[str, int]:
         """W <- TSVD(W, e) for every eligible conv (or the rank-k truncation at `fixed` ranks); returns
         the rank kept per layer. The ranks come from plan_model, so an explicit rank, the latency table's
-        rounding and guard, and with scheme 'auto' the choice of form, act at every TSVD as they will at the
-        final decomposition. Also caches the truncated singular vectors for the nuclear-norm term."""
+        rounding, and with scheme 'auto' the choice of form, act at every TSVD as they will at the final
+        decomposition (the guard acts only there). Also caches the truncated singular vectors for the
+        nuclear-norm term."""
         t0 = time.perf_counter()
         choose = fixed is None and len(self.schemes) > 1
         groups = self.all_groups if choose else self.groups
@@ -179,8 +180,9 @@ class TRPTrainer:
                 self.energy = energy_for_speedup(lambda e: plan_model(views, self.dcfg, e), self.other_macs,
                                                  self.dcfg.target_speedup, self.dcfg.scheme)
             ranks = {}
-            # no guard while training: TRP truncates every eligible layer (a layer left whole would never see
-            # its rank fall to where its pair gets faster); the final decomposition keeps the slower ones dense
+            # no guard while training: TRP truncates every eligible layer, at the energy rank where no pair at or
+            # above it beats the dense conv (a layer left whole, or rounded up to a slow rank, would never see its
+            # rank fall to where its pair gets faster); the final decomposition keeps the slower ones dense
             for p in plan_model(views, self.dcfg, self.energy, self.table, guard=False):
                 # a pair that saves no MACs is truncated all the same at its planned rank
                 ranks[p.name] = p.rank if p.rank is not None else p.planned_rank
