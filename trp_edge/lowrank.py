@@ -475,10 +475,21 @@ def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: fl
             merged.append(per[fixed[first.name]][i])
             continue
         opts = [per[n][i] for n in names if views[n].layers[i].reason is None] or [first]
-        # a measured latency beats none (a pair not known to be faster than dense); then fewer MACs
-        merged.append(min(opts, key=lambda p: (0, p.predicted_ms) if p.predicted_ms is not None
-                          else (1, p.macs_lowrank if p.rank is not None else p.macs_dense)))
+        merged.append(min(opts, key=lambda p: _cost(p, table)))
     return merged
+
+
+def _cost(p: LayerPlan, table) -> tuple[int, float]:
+    """How scheme 'auto' ranks a layer's options: a measured latency (a pair faster than dense, or dense)
+    first; then, during training, a pair not yet faster than dense by the fastest measured pair at or above
+    its rank (the form nearest to paying off as TRP lowers the rank); then fewer MACs."""
+    if p.predicted_ms is not None:
+        return 0, p.predicted_ms
+    if table is not None and p.rank is not None:
+        near = [ms for r, ms in table.ranks(p.name, p.scheme).items() if r >= p.rank]
+        if near:
+            return 1, min(near)
+    return 2, p.macs_lowrank if p.rank is not None else p.macs_dense
 
 
 def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: list[LayerPlan], *, init: bool = True) -> None:
