@@ -79,6 +79,7 @@ def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...]
     from .deploy import DeviceError, connection, rpc_session, run_local
     from .lowrank import conv_layers, get_scheme, make_pair
     from .models import default_input_size, load_model
+    from .report import write_json, write_text
     from .targets import load_target
 
     target = load_target(target_name)
@@ -176,16 +177,10 @@ def calibrate(model: str, target_name: str = "host", *, schemes: tuple[str, ...]
               "model": loaded.name, "input_shape": list(example.shape), "layers": layers_meta,
               "schemes": list(schemes), "device": device, "transport": where,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.to_dict()}
-    _atomic_write(stem.with_suffix(".csv"), buf.getvalue())
-    _atomic_write(stem.with_suffix(".json"), json.dumps(header, indent=2))
+    write_text(stem.with_suffix(".csv"), buf.getvalue())
+    write_json(stem.with_suffix(".json"), header)
     return CalibrationResult(stem.with_suffix(".csv"), stem.with_suffix(".json"), len(rows),
                              time.perf_counter() - t0)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 @dataclass
