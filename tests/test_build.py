@@ -43,7 +43,11 @@ def test_ort_build_on_host(host_ort):
             assert v["max_abs_diff"] <= 1e-4
         else:  # quantized: accuracy against fp32 on the model's own (synthetic) test images
             acc = a["accuracy"]
-            assert acc["images"] == 64 and 0 <= acc["agreement"] <= 1 and "quantized_top1" in acc
+            assert acc["images"] == 64 and "quantized_top1" in acc
+            # INT8 keeps fp32's top-1 on most images (measured 0.80-0.89 on this 8-step model; a broken
+            # quantization agrees by chance, about 1 in 10 classes)
+            assert acc["agreement"] >= 0.5, acc
+            assert acc["drop_pt"] == pytest.approx(acc["fp32_top1"] - acc["quantized_top1"])
     assert not list(host_ort.parent.glob(".*staging*"))
 
 

@@ -7,9 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from trp_edge.calibrate import load_table, rank_grid
+from trp_edge.calibrate import rank_grid
 from trp_edge.cli import main
 from trp_edge.errors import InputError
+from trp_edge.latency_table import load_table
 from trp_edge.models import load_model
 
 
@@ -201,7 +202,7 @@ def test_trp_rounds_every_tsvd_to_the_table(table, tmp_path):
 
 
 def test_latency_rank_rounds_up_only_to_a_pair_faster_than_dense():
-    from trp_edge.calibrate import LatencyTable
+    from trp_edge.latency_table import LatencyTable
     from trp_edge.lowrank import latency_rank
 
     ms = {0: 1.0, 8: 0.4, 16: 0.4, 23: 1.2}  # rank 0: the dense conv; 23 is slower than dense

@@ -82,7 +82,10 @@ def test_target_speedup_is_met(tmp_path):
                "--out", "o", "-q", "--no-latency"], tmp_path)
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert r["mac_speedup"] >= 2.5 and r["target_speedup"] == 2.5 and 0 < r["energy"] < 1
+    assert r["mac_speedup"] >= 2.5 and r["target_speedup"] == 2.5
+    # every decomposed layer keeps the energy rank of the energy found: at least 1 - e of its energy
+    kept = [la for la in r["layers"] if la["rank"] is not None]
+    assert kept and all(la["rank"] == la["energy_rank"] and la["kept_energy"] >= 1 - r["energy"] - 1e-9 for la in kept)
 
 
 @pytest.mark.parametrize("args,message", [

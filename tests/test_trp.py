@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import signal
 
@@ -8,6 +9,7 @@ import torch
 from trp_edge.compress import compress
 from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
 from trp_edge.data import synthetic
+from trp_edge.errors import InputError
 from trp_edge.lowrank import energy_rank, get_scheme
 from trp_edge.models import build, builtin_spec, load_model
 from trp_edge.trp import Interrupted, TRPTrainer
@@ -111,5 +113,29 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     compress(_cfg(tmp_path / "a"), progress=False)
     cfg = _cfg(tmp_path / "a", resume=True)
     cfg = dataclasses.replace(cfg, trp=dataclasses.replace(cfg.trp, lr=0.1))
-    with pytest.raises(Exception, match="other settings.*trp.lr"):
+    with pytest.raises(InputError, match="other settings.*trp.lr"):
         compress(cfg, progress=False)
+
+
+def test_a_python_api_checkpoint_resumes_from_the_cli(tmp_path):
+    """The CLI's defaults are the config's: a run interrupted through the API goes on with `--resume`, and the
+    data loader's workers (which change no number) may differ."""
+    from click.testing import CliRunner
+
+    from trp_edge.cli import main
+
+    def stop_at_5(tr):
+        if tr.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    api = CompressConfig(model="resnet20", data="synthetic:1x16x16", out=str(tmp_path / "b"), latency=None,
+                         trp=TRPConfig(steps=9, batch=64, period=3))
+    with pytest.raises(Interrupted):
+        compress(api, progress=False, on_step=stop_at_5)
+    straight = compress(dataclasses.replace(api, out=str(tmp_path / "a")), progress=False)
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "9",
+                                    "--batch", "64", "--period", "3", "--workers", "1", "--no-latency", "-q",
+                                    "--resume", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert r["trajectory"] == straight.report.trajectory and r["training"]["steps"] == 9

@@ -36,8 +36,9 @@ def main() -> None:
 
     from trp_edge.compress import compress
     from trp_edge.config import CompressConfig, DecomposeConfig, DeployConfig, ProfileConfig, TRPConfig
-    from trp_edge.deploy import comparison_markdown, deploy
+    from trp_edge.deploy import deploy
     from trp_edge.profile import host_identity
+    from trp_edge.report import comparison_markdown
 
     out = Path(args.out)
     models = []

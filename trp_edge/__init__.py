@@ -10,8 +10,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CompressConfig": "config", "DecomposeConfig": "config", "TRPConfig": "config",
+    "CompressConfig": "config", "DecomposeConfig": "config", "TRPConfig": "config", "BuildConfig": "config",
+    "DeployConfig": "config", "CalibrateConfig": "config", "ProfileConfig": "config",
     "TrpEdgeError": "errors", "InputError": "errors", "ConfigError": "errors", "ValidationError": "errors",
+    "DeviceError": "errors", "DeviceTimeout": "errors", "MissingTool": "errors", "ConversionError": "errors",
+    "CompressReport": "report", "LatencyTable": "latency_table", "load_table": "latency_table",
     "load_model": "models", "load_data": "data",
     "decompose_": "lowrank", "SCHEMES": "lowrank", "energy_rank": "lowrank", "LowRankConv2d": "lowrank",
     "TRPTrainer": "trp", "count_macs": "flops", "export_onnx": "export", "compress": "compress",

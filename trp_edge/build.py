@@ -8,82 +8,28 @@ and replaces the old one only when every artifact has been written and validated
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .backends import base
+from .backends.base import Artifact, Samples, Source, Variant, sha256
 from .config import BuildConfig
 from .errors import ConfigError, InputError, ValidationError
-from .targets import Target, load_target
+from .report import CompressReport
+from .targets import RUNTIMES, Target, load_target
 
 log = logging.getLogger(__name__)
 
 FORMAT = "trp-edge/build"
-
-
-@dataclass
-class Variant:
-    """One model to build: 'dense' and 'compressed' from a compress output, or one ONNX file."""
-
-    name: str
-    onnx: Path
-    torch: Path | None = None
-    macs: int | None = None
-
-
-@dataclass
-class Source:
-    name: str
-    path: Path
-    variants: list[Variant]
-    input_shape: tuple[int, ...]
-    data: str | None = None
-    report: dict[str, Any] | None = None
-
-    @property
-    def mac_speedup(self) -> float | None:
-        m = {v.name: v.macs for v in self.variants}
-        return m["dense"] / m["compressed"] if m.get("dense") and m.get("compressed") else None
-
-
-@dataclass
-class Artifact:
-    """One built file; `validation` and `accuracy` are filled in by build()."""
-
-    variant: str
-    file: str
-    runtime: str
-    precision: str = "fp32"
-    device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, Any] = field(default_factory=dict)
-    accuracy: dict[str, Any] | None = None
-
-    def to_dict(self, folder: Path) -> dict[str, Any]:
-        p = folder / self.file
-        d = {"variant": self.variant, "file": self.file, "precision": self.precision, "device": self.device,
-             "bytes": p.stat().st_size if p.exists() else None, "sha256": sha256(p) if p.exists() else None,
-             "validation": self.validation}
-        if self.accuracy is not None:
-            d["accuracy"] = self.accuracy
-        return {**d, **self.extra}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_source(model: str | os.PathLike) -> Source:
@@ -92,24 +38,23 @@ def resolve_source(model: str | os.PathLike) -> Source:
 
     p = Path(model)
     if p.is_dir():
-        rep = p / "report.json"
-        if not rep.is_file():
+        if not (p / "report.json").is_file():
             raise InputError(f"{p}: not a trp-edge compress output (no report.json); pass it or an .onnx file")
-        report = json.loads(rep.read_text())
+        report = CompressReport.read(p / "report.json")
         variants = []
         for name, onnx_file, pt in (("dense", "dense.onnx", "dense.pt"), ("compressed", "model.onnx", "compressed.pt")):
             if not (p / onnx_file).is_file():
                 raise InputError(f"{p}: {onnx_file} is missing; run trp-edge compress again")
             variants.append(Variant(name, p / onnx_file, p / pt if (p / pt).is_file() else None,
-                                    report[name]["macs"]))
-        return Source(report["model"], p, variants, tuple(report["input_shape"]), report.get("data"), report)
+                                    getattr(report, name)["macs"]))
+        return Source(report.model, p, variants, tuple(report.input_shape), report.data, report)
     if p.suffix == ".onnx" and p.is_file():
         onnx = importlib.import_module("onnx")
         try:
             m = onnx.load(str(p))
             dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"{p}: not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from None
+            raise InputError(f"{p}: not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from e
         if not dims or any(d <= 0 for d in dims):
             raise InputError(f"{p}: the input shape must be static, got {dims} (export with fixed sizes)")
         return Source(p.stem, p.parent, [Variant(p.stem, p, None, onnx_macs(p))], tuple(dims))
@@ -137,24 +82,12 @@ def reference(src: Source, x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.no_grad():
                 out[v.name] = m(torch.from_numpy(x)).numpy()
         else:
-            from .device.runner import load_ort
-
-            out[v.name] = load_ort(str(v.onnx))(x)
+            out[v.name] = base.get("ort").load(str(v.onnx))(x)
     return out
 
 
 def reference_source(src: Source) -> str:
     return "torch" if all(v.torch is not None for v in src.variants) else "onnxruntime (source ONNX)"
-
-
-@dataclass
-class Samples:
-    """Images for INT8 calibration and for the accuracy of quantized artifacts against fp32."""
-
-    calib: np.ndarray
-    eval_x: np.ndarray
-    eval_y: np.ndarray | None
-    origin: str
 
 
 def samples(src: Source, cfg: BuildConfig) -> Samples:
@@ -256,7 +189,7 @@ def compile_only_reason(a: Artifact, target: Target, emulate: bool) -> str | Non
     if a.extra.get("linked") is False:
         return "object files, not linked here: " + a.extra.get("link_note", "link them on the device")
     if a.device != "cpu":
-        from .device.runner import tvm_device
+        from .backends.tvm import tvm_device
 
         try:
             if tvm_device(a.device).exist and target.native:
@@ -281,8 +214,6 @@ def parse_runtimes(value: str | tuple[str, ...], target: Target) -> tuple[str, .
     items = [s.strip() for s in items if s.strip()]
     if items == ["all"]:
         return target.runtimes
-    from .targets import RUNTIMES
-
     for r in items:
         if r not in RUNTIMES:
             raise ConfigError(f"unknown runtime {r!r}: use {', '.join(RUNTIMES)} or all")
@@ -305,7 +236,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     out = Path(cfg.out) if cfg.out else default_out(src)
     tdir = out / target.name
     tdir.mkdir(parents=True, exist_ok=True)
-    backends = {rt: importlib.import_module(f".backends.{rt}", __package__) for rt in runtimes}
+    backends = {rt: base.get(rt) for rt in runtimes}
     for mod in backends.values():
         mod.check_available(target, src)  # fail before any work for a missing tool
     # validation input: a real test image when the data is known (quantized models are calibrated for it)

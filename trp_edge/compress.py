@@ -6,7 +6,6 @@ been written and validated, so a failed run loses nothing already there."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as dt
 import logging
 import os
@@ -17,10 +16,11 @@ from typing import Any
 
 import torch
 
-from .config import CompressConfig
+from .config import CompressConfig, DecomposeConfig
 from .errors import InputError
 from .flops import count_macs, param_count
 from .lowrank import LayerPlan, conv_layers, decompose_
+from .report import CompressReport
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ ARTIFACTS = ("compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.js
 @dataclass
 class CompressResult:
     out: Path
-    report: dict[str, Any]
+    report: CompressReport
 
 
 def default_out(name: str) -> Path:
@@ -48,11 +48,39 @@ def _prepare_out(cfg: CompressConfig, name: str) -> Path:
     return out
 
 
+@dataclass
+class _Run:
+    """What the stages of one compress run hand each other."""
+
+    cfg: CompressConfig
+    data: Any
+    name: str
+    spec: dict[str, Any]
+    model: torch.nn.Module
+    example: torch.Tensor
+    out: Path
+    dense_macs: Any = None
+    other_macs: int = 0
+    initial_acc: float | None = None
+    last_iterate_acc: float | None = None
+    train: Any = None
+    dcfg: DecomposeConfig | None = None
+    energy: float | None = None  # the energy of TRP's last TSVD (None: the decomposition finds it)
+
+
 def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> CompressResult:
+    """load -> TRP training -> decomposition -> ONNX export and report, each a stage below."""
+    run = load_stage(cfg)
+    train_stage(run, progress=progress, on_step=on_step)
+    dense_model, plans = decompose_stage(run)
+    report = export_stage(run, dense_model, plans)
+    return CompressResult(run.out, report)
+
+
+def load_stage(cfg: CompressConfig) -> _Run:
+    """The data, the model (checked against the data) and its example input; prepares --out."""
     from .data import load_data
-    from .export import export_onnx, onnx_macs
-    from .models import compressed_payload, default_input_size, load_model
-    from .trp import TRPTrainer, evaluate, resolve_device
+    from .models import default_input_size, load_model
 
     data = load_data(cfg.data, workers=cfg.trp.workers, seed=cfg.trp.seed) if cfg.data else None
     in_ch = cfg.in_channels or (data.in_channels if data else None)
@@ -62,7 +90,7 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
                         in_channels=in_ch, num_classes=n_cls)
     if loaded.lowrank is not None:
         raise InputError(f"{cfg.model}: already a trp-edge compressed model; compress its dense source instead")
-    model, spec = loaded.model, loaded.spec
+    spec = loaded.spec
     if data is not None:
         if spec["in_channels"] != data.in_channels:
             raise InputError(f"{cfg.model}: takes {spec['in_channels']}-channel input but {data.name} has "
@@ -75,74 +103,82 @@ def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> Com
         example = torch.zeros(1, spec["in_channels"], size, size)
     out = _prepare_out(cfg, loaded.name)
     out.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, data, loaded.name, spec, loaded.model, example, out, dcfg=cfg.decompose)
+    run.dense_macs = count_macs(run.model, example)
+    run.other_macs = run.dense_macs.total - sum(la.macs_dense for la in conv_layers(run.model, example, cfg.decompose))
+    return run
 
-    dcfg, tcfg = cfg.decompose, cfg.trp
-    dense_macs = count_macs(model, example)
-    layers = conv_layers(model, example, dcfg)
-    other_macs = dense_macs.total - sum(la.macs_dense for la in layers)
+
+def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
+    """TRP training (when the config trains); the trainer decides the final decomposition's config."""
+    from .trp import TRPTrainer, evaluate, resolve_device
+
+    tcfg = run.cfg.trp
+    if not tcfg.trains:
+        return
     device = resolve_device(tcfg.device)
+    run.initial_acc = evaluate(run.model.to(device), run.data.test, device)
+    trainer = TRPTrainer(run.model, run.data, tcfg, run.cfg.decompose, checkpoint=run.out / "checkpoint.pt",
+                         other_macs=run.other_macs, progress=progress, on_step=on_step)
+    run.train = trainer.train(resume=run.cfg.resume)
+    log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", run.train.steps, run.train.train_seconds,
+             run.train.step_ms, run.train.svd_ms_per_step)
+    run.last_iterate_acc = evaluate(run.model, run.data.test, device)
+    run.dcfg, run.energy = trainer.decompose_config()
 
-    initial_acc = evaluate(model.to(device), data.test, device) if data is not None and tcfg.trains else None
-    train = last_iterate_acc = final_ranks = None
-    if tcfg.trains:
-        trainer = TRPTrainer(model, data, tcfg, dcfg, checkpoint=out / "checkpoint.pt", other_macs=other_macs,
-                             progress=progress, on_step=on_step)
-        train = trainer.train(resume=cfg.resume)
-        log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", train.steps, train.train_seconds,
-                 train.step_ms, train.svd_ms_per_step)
-        last_iterate_acc = evaluate(model, data.test, device)
-        final_ranks = trainer.finalize_()
-        if final_ranks is not None:  # decompose at exactly the ranks of TRP's last TSVD(W, e)
-            dcfg = dataclasses.replace(dcfg, ranks={**final_ranks, **(dcfg.ranks or {})}, target_speedup=None,
-                                       layer_schemes=dict(trainer.layer_scheme) if dcfg.scheme == "auto" else None)
-    model = model.cpu().eval()
-    dense_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
-    dense_model = copy.deepcopy(model)
 
-    plans, energy = decompose_(model, dcfg, example, other_macs=other_macs)
-    if final_ranks is not None:  # the ranks came from TRP's last TSVD, at the energy it used
-        energy = trainer.energy
-    comp_macs = count_macs(model, example)
-    comp_acc = evaluate(model, data.test, torch.device("cpu")) if data is not None else None
+def decompose_stage(run: _Run) -> tuple[torch.nn.Module, list[LayerPlan]]:
+    """The dense model as trained (a copy) and the plans; run.model is decomposed in place."""
+    run.model = run.model.cpu().eval()
+    dense_model = copy.deepcopy(run.model)
+    plans, energy = decompose_(run.model, run.dcfg, run.example, other_macs=run.other_macs)
+    run.energy = energy if run.energy is None else run.energy  # after TRP: the energy its last TSVD used
+    return dense_model, plans
 
-    stage = out / ".staging"
+
+def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]) -> CompressReport:
+    """ONNX export (validated), the latency check, the report and the weights, written to a staging folder
+    that replaces the old artifacts only when everything is there."""
+    from .export import export_onnx, onnx_macs
+    from .models import compressed_payload
+    from .report import plot_ranks
+
+    cfg, model, stage = run.cfg, run.model, run.out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        diff_dense = export_onnx(dense_model, example, stage / "dense.onnx")
-        diff_model = export_onnx(model, example, stage / "model.onnx")
+        diffs = {"dense": export_onnx(dense_model, run.example, stage / "dense.onnx"),
+                 "compressed": export_onnx(model, run.example, stage / "model.onnx")}
         onnx_count = {"dense": onnx_macs(stage / "dense.onnx"), "compressed": onnx_macs(stage / "model.onnx")}
+        comp_macs = count_macs(model, run.example)
         latency = None
         if cfg.latency is not None:  # what the MACs became in milliseconds, here, from day one
             from .profile import time_onnx_pair
 
-            latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(example.shape), cfg.latency)
-            latency["efficiency"] = latency["latency_speedup"] / (dense_macs.total / comp_macs.total)
-        report = _report(cfg, loaded.name, spec, energy, plans, dense_macs, comp_macs, dense_model, model,
-                         initial_acc, last_iterate_acc, dense_acc, comp_acc, train,
-                         {"dense": diff_dense, "compressed": diff_model},
-                         onnx_count, example, latency)
+            latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape), cfg.latency)
+            latency["efficiency"] = latency["latency_speedup"] / (run.dense_macs.total / comp_macs.total)
+        report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
-        payload = compressed_payload(model, spec, dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
-                                     {"energy": energy, "input_shape": list(example.shape)})
+        payload = compressed_payload(model, run.spec, run.dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
+                                     {"energy": run.energy, "input_shape": list(run.example.shape)})
         torch.save(payload, stage / "compressed.pt")
         torch.save(dense_model.state_dict(), stage / "dense.pt")  # the trained dense model, before decomposition
-        from .report import plot_ranks, write_json
-
-        write_json(stage / "report.json", report)
+        report.write(stage / "report.json")
         plot_ranks(report, stage / "ranks.png")
         for name in ARTIFACTS:
-            os.replace(stage / name, out / name)
+            os.replace(stage / name, run.out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    log.info("wrote %s", ", ".join(str(out / n) for n in ARTIFACTS))
-    return CompressResult(out, report)
+    log.info("wrote %s", ", ".join(str(run.out / n) for n in ARTIFACTS))
+    return report
 
 
-def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], dense_macs, comp_macs, dense_model,
-            model, initial_acc, last_iterate_acc, dense_acc, comp_acc, train, diffs, onnx_count,
-            example, latency) -> dict[str, Any]:
-    dcfg, tcfg = cfg.decompose, cfg.trp
+def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency) -> CompressReport:
+    from .trp import evaluate
+
+    cfg, dense_macs, model = run.cfg, run.dense_macs, run.model
+    dcfg, tcfg, train = cfg.decompose, cfg.trp, run.train
+    test = run.data.test if run.data is not None else None
     layers = []
     for p in plans:
         d = p.to_dict()
@@ -152,35 +188,25 @@ def _report(cfg: CompressConfig, name, spec, energy, plans: list[LayerPlan], den
         layers.append(d)
     rel = {k: abs(onnx_count[k] - v) / max(v, 1) for k, v in (("dense", dense_macs.total),
                                                                 ("compressed", comp_macs.total))}
-    return {
-        "model": name,
-        "arch": spec,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "scheme": dcfg.scheme,
-        "energy": energy,
-        "nuclear": tcfg.nuclear,
-        "period": tcfg.period,
-        "target_speedup": dcfg.target_speedup,
-        "input_shape": list(example.shape),
-        "data": cfg.data,
-        "dense": {"macs": dense_macs.total, "params": param_count(dense_model), "accuracy": dense_acc},
-        "compressed": {"macs": comp_macs.total, "params": param_count(model), "accuracy": comp_acc},
-        "initial_accuracy": initial_acc,
-        "mac_speedup": dense_macs.total / comp_macs.total,
-        "param_ratio": param_count(dense_model) / param_count(model),
-        "layers": layers,
-        "onnx": {"max_abs_diff": max(diffs.values()), "max_abs_diff_dense": diffs["dense"],
-                 "max_abs_diff_compressed": diffs["compressed"], "macs_dense": onnx_count["dense"],
-                 "macs_compressed": onnx_count["compressed"], "macs_rel_diff": max(rel.values())},
-        "training": None if train is None else {
+    cpu = torch.device("cpu")
+    return CompressReport(
+        model=run.name, arch=run.spec, created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        torch=torch.__version__, scheme=dcfg.scheme, energy=run.energy, nuclear=tcfg.nuclear, period=tcfg.period,
+        target_speedup=dcfg.target_speedup, input_shape=list(run.example.shape), data=cfg.data,
+        dense={"macs": dense_macs.total, "params": param_count(dense_model),
+               "accuracy": evaluate(dense_model, test, cpu) if test is not None else None},
+        compressed={"macs": comp_macs.total, "params": param_count(model),
+                    "accuracy": evaluate(model, test, cpu) if test is not None else None},
+        initial_accuracy=run.initial_acc, mac_speedup=dense_macs.total / comp_macs.total,
+        param_ratio=param_count(dense_model) / param_count(model), layers=layers,
+        onnx={"max_abs_diff": max(diffs.values()), "max_abs_diff_dense": diffs["dense"],
+              "max_abs_diff_compressed": diffs["compressed"], "macs_dense": onnx_count["dense"],
+              "macs_compressed": onnx_count["compressed"], "macs_rel_diff": max(rel.values())},
+        training=None if train is None else {
             "steps": train.steps, "epochs": train.epochs_done, "seconds": train.train_seconds,
             "step_ms": train.step_ms, "svd_ms_per_step": train.svd_ms_per_step, "device": str(tcfg.device),
             "train_accuracy_last_epoch": train.train_accuracy,
             # accuracy of the last SGD iterate, before TRP's final TSVD (dense.accuracy is after it)
-            "last_iterate_accuracy": last_iterate_acc},
+            "last_iterate_accuracy": run.last_iterate_acc},
         # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
-        "latency": latency,
-        "trajectory": [] if train is None else train.history,
-        "config": cfg.to_dict(),
-    }
+        latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict())

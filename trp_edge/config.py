@@ -233,3 +233,47 @@ class DeployConfig(_JSONMixin):
         _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
         if isinstance(self.protocol, Mapping):
             object.__setattr__(self, "protocol", ProfileConfig(**self.protocol))
+
+
+# the calibration protocol: each layer is small, so fewer runs per block and a short minimum
+CALIBRATION_PROTOCOL = ProfileConfig(warmup=2, block=3, min_runs=9, min_seconds=0.05, max_seconds=10)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(_JSONMixin):
+    """`trp-edge calibrate`: measure every eligible conv of `model`, dense and as low-rank pairs over a grid of
+    ranks in each of `schemes`, with `runtime` at `threads` (default: the target's), here with `local` or on
+    the device (connection as for deploy: host/port, tracker/key, else the target's [rpc]).
+
+    input_size / data: the input the layers see (default: the model's own size; data takes size and channels
+    from a data set). out: the table goes to OUT/<target>/<runtime>/<model>.{csv,json}."""
+
+    model: str
+    target: str = "host"
+    schemes: tuple[str, ...] = SCHEME_NAMES
+    runtime: str = "ort"
+    threads: int | None = None
+    local: bool = False
+    out: str = "calibration"
+    input_size: int | None = None
+    data: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tracker: str | None = None
+    key: str | None = None
+    timeout: float = 1800.0
+    protocol: ProfileConfig = CALIBRATION_PROTOCOL
+
+    def __post_init__(self):
+        object.__setattr__(self, "schemes", tuple(self.schemes))
+        if isinstance(self.protocol, Mapping):
+            object.__setattr__(self, "protocol", ProfileConfig(**self.protocol))
+        _check(self.runtime == "ort", f"calibration runtime {self.runtime!r} is not supported yet: use ort")
+        _check(bool(self.schemes), f"--schemes: name at least one of {', '.join(SCHEME_NAMES)}")
+        bad = [s for s in self.schemes if s not in SCHEME_NAMES]
+        _check(not bad, f"unknown scheme {bad[0] if bad else ''!r}: use one of {', '.join(SCHEME_NAMES)}")
+        _check(not (self.local and (self.host or self.tracker)), "--local measures here; drop --host/--tracker")
+        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        _check(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
+        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
+        _check(self.input_size is None or self.input_size >= 8, f"input size must be >= 8, got {self.input_size}")

@@ -113,7 +113,7 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise InputError(f"{path}: cannot read IDX file ({e})") from None
+        raise InputError(f"{path}: cannot read IDX file ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise InputError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
@@ -169,7 +169,7 @@ def cifar10(root: str) -> Dataset:
                 xs.append(np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(b[b"labels"], dtype=np.int64))
             except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-                raise InputError(f"{p}: not a CIFAR-10 python batch ({e})") from None
+                raise InputError(f"{p}: not a CIFAR-10 python batch ({e})") from e
         return TensorSplit(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), augment=augment)
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, TrpEdgeError
+from .errors import ConfigError, DeviceError, DeviceTimeout, MissingTool
 from .targets import EMULATORS, Target
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def ensure_userland() -> Path:
     if py.is_file() and (d / "site" / ".done").is_file():
         return py
     if not SCRIPT.is_file():
-        raise TrpEdgeError(f"the arm64 userland is missing in {d} and {SCRIPT} is not here to build it")
+        raise MissingTool(f"the arm64 userland is missing in {d} and {SCRIPT} is not here to build it")
     log.info("building the arm64 userland in %s (once, about 30 s; needs the Debian mirror and PyPI)", d)
     env = {**os.environ, "HOST_PY": sys.executable, "SKIP_CHECK": "1"}
     r = subprocess.run(["bash", str(SCRIPT), str(d)], env=env, capture_output=True, text=True)
     if r.returncode != 0 or not py.is_file():
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise TrpEdgeError(f"could not build the arm64 userland ({SCRIPT.name}): {tail[0]}")
+        raise MissingTool(f"could not build the arm64 userland ({SCRIPT.name}): {tail[0]}")
     return py
 
 
@@ -72,13 +72,13 @@ def run_module(module: str, job: dict, folder: Path, target: Target, timeout: fl
         r = subprocess.run([str(py), "-m", module, *args, str(job_file.resolve())], env=env,
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise TrpEdgeError(f"the emulated run in {folder} took over {timeout:.0f} s") from None
+        raise DeviceTimeout(f"the emulated run in {folder} took over {timeout:.0f} s") from None
     finally:
         job_file.unlink(missing_ok=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         err = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise TrpEdgeError(f"the emulated {target.cpu.arch} python failed (exit {r.returncode}): {err}")
+        raise DeviceError(f"the emulated {target.cpu.arch} python failed (exit {r.returncode}): {err}")
     return json.loads(lines[-1])
 
 

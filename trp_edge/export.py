@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, TrpEdgeError, ValidationError
+from .errors import ConversionError, InputError, MissingTool, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def _require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise TrpEdgeError(f"{module} is not installed: pip install 'trp-edge[{extra}]'") from None
+        raise MissingTool(f"{module} is not installed: pip install 'trp-edge[{extra}]'") from None
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, atol: float = 1e-4,
@@ -42,7 +42,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, atol: fl
                               dynamo=True, external_data=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             tmp.unlink(missing_ok=True)
-            raise TrpEdgeError(f"ONNX export of {path.name} failed: {str(e).splitlines()[0][:200]}") from e
+            raise ConversionError(f"ONNX export of {path.name} failed: {str(e).splitlines()[0][:200]}") from e
     try:
         diff = validate_onnx(model, tmp, example.shape, atol=atol, rtol=rtol, name=path.name)
     except BaseException:
@@ -62,7 +62,7 @@ def validate_onnx(model: nn.Module, path: Path, shape, *, atol: float = 1e-4, rt
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise ValidationError(f"{name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        raise ValidationError(f"{name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != ref.shape:
         raise ValidationError(f"{name}: output shape {got.shape} differs from torch's {ref.shape}")
@@ -80,7 +80,7 @@ def onnx_macs(path: Path) -> int:
     try:
         m = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from e
     shapes: dict[str, list[int]] = {}
     for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .report import CompressReport
 
 CONV_OPS = {"conv", "Conv", "FusedConv", "QLinearConv", "NhwcFusedConv"}
 BLOCK = 16  # channel padding tolerated between torch and a blocked runtime layout
@@ -80,13 +83,13 @@ def attribute(ops: list[dict[str, Any]], calls: list[ConvCall]) -> tuple[dict[st
     return per, other, unmatched
 
 
-def per_layer(model: Path, src: dict[str, Any], dense_ops: list[dict[str, Any]],
+def per_layer(model: Path, src: CompressReport, dense_ops: list[dict[str, Any]],
               comp_ops: list[dict[str, Any]]) -> dict[str, Any]:
-    shape = tuple(src["input_shape"])
+    shape = tuple(src.input_shape)
     dense_ms, dense_other, dense_un = attribute(dense_ops, conv_calls(model / "dense.pt", shape))
     comp_ms, comp_other, comp_un = attribute(comp_ops, conv_calls(model / "compressed.pt", shape))
     rows = []
-    for la in src["layers"]:
+    for la in src.layers:
         macs_c = la["macs_lowrank"] if la["rank"] is not None else la["macs_dense"]
         d, c = dense_ms.get(la["name"]), comp_ms.get(la["name"])
         row = {"name": la["name"], "scheme": la.get("scheme"), "rank": la["rank"], "full_rank": la.get("full_rank"),

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .config import DecomposeConfig
+from .config import SCHEME_NAMES, DecomposeConfig
 from .errors import ConfigError
+from .latency_table import LatencyTable, layer_shape, load_table
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ SCHEMES: dict[str, Scheme] = {
     "spatial": Scheme("spatial", _spatial_to_matrix, _spatial_from_matrix, _spatial_halves,
                       _spatial_pair_weights, _spatial_ineligible, _spatial_pair_macs),
 }
+assert tuple(SCHEMES) == SCHEME_NAMES, "config.SCHEME_NAMES names the registry's schemes"
 
 
 def scheme_names(config: DecomposeConfig) -> tuple[str, ...]:
@@ -374,13 +376,13 @@ def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Ten
     return {layer.name: s for layer, (_, s, _) in zip(eligible, svds)}
 
 
-def latency_rank(table, name: str, scheme: str, k: int, full: int,
+def latency_rank(table: LatencyTable, name: str, scheme: str, k: int, full: int,
                  guard: bool = True) -> tuple[int | None, float | None]:
     """The measured rank >= k with the lowest latency and that latency, when that pair is faster than the dense
     conv. Otherwise (None, dense ms) with `guard` (keep the layer dense), and without it (k, None): rounding up
     would buy nothing, so TRP goes on truncating at the energy rank, which may yet fall to a fast pair. Also
     (k, None) when nothing at or above k was measured."""
-    dense = table.latency(name, "dense", 0)
+    dense = table.dense(name)
     cands = sorted((ms, r) for r, ms in table.ranks(name, scheme).items() if k <= r <= full)
     if not cands or dense is None:
         return k, None
@@ -390,14 +392,12 @@ def latency_rank(table, name: str, scheme: str, k: int, full: int,
     return (None, dense) if guard else (k, None)
 
 
-def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]):
+def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> LatencyTable | None:
     """The calibration table named in the config, checked against these layers' shapes and the config's
     schemes (None without one)."""
     if not config.latency_table:
         return None
-    from .calibrate import layer_shape, load_table
-
-    table = load_table(config.latency_table, layers={la.name: layer_shape(la, la.module.in_channels) for la in layers})
+    table = load_table(config.latency_table, layers={la.name: layer_shape(la) for la in layers})
     missing = [s for s in scheme_names(config) if s not in table.header.get("schemes", [])]
     if missing:
         raise ConfigError(f"{config.latency_table}: measured {', '.join(table.header.get('schemes', []))} only, "
@@ -416,7 +416,7 @@ def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dic
     training, where every layer is truncated) such a layer keeps its energy rank instead."""
     by = {layer.name: layer for layer in layers}
     for p in plans:
-        p.dense_ms = table.latency(p.name, "dense", 0)
+        p.dense_ms = table.dense(p.name)
         if p.rank is None or p.dense_ms is None:
             p.predicted_ms = p.dense_ms if p.rank is None else None
             continue

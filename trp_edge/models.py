@@ -173,7 +173,7 @@ def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> N
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = " ".join(line.strip() for line in first[1:3])[:300]
-        raise InputError(f"{what}: the weights do not fit the architecture ({detail})") from None
+        raise InputError(f"{what}: the weights do not fit the architecture ({detail})") from e
 
 
 def is_torchscript(path: Path) -> bool:
@@ -228,7 +228,7 @@ def _spec_for(sd, arch, in_channels, num_classes, path) -> dict[str, Any]:
     try:
         spec = infer_spec(sd)
     except InputError as e:
-        raise InputError(f"{path}: {e}") from None
+        raise InputError(f"{path}: {e}") from e
     log.info("inferred architecture %s from %s", spec["name"], path)
     return spec
 
@@ -246,14 +246,14 @@ def _torch_load(path: Path, trust_pickle: bool):
         if "Unsupported global" not in msg:  # anything else is a damaged or foreign file
             detail = next((line.strip() for line in msg.splitlines() if "Unsupported operand" in line),
                           msg.splitlines()[0][:160] if msg else type(e).__name__)
-            raise InputError(f"{path}: not a readable PyTorch file ({detail})") from None
+            raise InputError(f"{path}: not a readable PyTorch file ({detail})") from e
     if not trust_pickle:
         raise InputError(f"{path}: holds pickled Python objects (a whole nn.Module?); unpickling runs code from "
                          "the file: pass --trust-pickle if you trust it, or save its state_dict instead")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: cannot unpickle ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(f"{path}: cannot unpickle ({str(e).splitlines()[0][:160]})") from e
     if not isinstance(obj, (nn.Module, dict)):
         raise InputError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module or a state_dict")
     return obj
@@ -291,6 +291,6 @@ def _rebuild_compressed(obj: dict[str, Any], name: str, path: Path) -> LoadedMod
             conv = model.get_submodule(lname)
             model.set_submodule(lname, make_pair(conv, layer["scheme"], int(layer["rank"]), init=False))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InputError(f"{path}: a damaged trp-edge spec ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: a damaged trp-edge spec ({type(e).__name__}: {e})") from e
     _load_weights(model, obj["state_dict"], str(path))
     return LoadedModel(model, spec["arch"], name, lowrank=spec)

@@ -93,21 +93,16 @@ def host_identity() -> dict:
 
 
 def time_onnx_pair(dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
-    """Dense vs compressed ONNX models in onnxruntime on this machine, by the protocol above."""
+    """Dense vs compressed ONNX models in onnxruntime on this machine, by the protocol above, in sessions made
+    as the device side makes them (trp_edge.backends.ort.load)."""
     import numpy as np
-    import onnxruntime as ort
+
+    from .backends import ort
 
     threads = cfg.threads or 1
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    runners = {}
-    for name, path in (("dense", dense), ("compressed", compressed)):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: x}
-        runners[name] = lambda sess=sess, feed=feed: sess.run(None, feed)
+    loaded = {"dense": ort.load(str(dense), threads), "compressed": ort.load(str(compressed), threads)}
+    runners = {name: (lambda fn=fn: fn(x)) for name, fn in loaded.items()}
     t = time_alternating(runners, cfg)
     speedup = t["dense"].median_ms / t["compressed"].median_ms
     return {"runtime": "onnxruntime", "target": "host", "threads": threads, "device": host_identity(),

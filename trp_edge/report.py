@@ -1,14 +1,24 @@
-"""The compress report: report.json and ranks.png."""
+"""What trp-edge reports, and how it is written: the compress report (report.json, a versioned dataclass every
+reader goes through, and ranks.png) and the deploy reports (reports/<target>/*.json, their Markdown and plots,
+and `trp-edge report`'s summary across devices). Every file is written atomically."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "trp-edge/compress-report"
+REPORT_VERSION = 1
 
 
 def write_text(path: Path, text: str) -> None:
@@ -22,7 +32,77 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def plot_ranks(report: dict[str, Any], path: Path) -> None:
+@dataclass
+class CompressReport:
+    """report.json of `trp-edge compress`: what was compressed, how, and what it gained. Written with "format"
+    and "version" keys; a report.json from before they existed reads as version 0 (the same fields)."""
+
+    model: str
+    arch: dict[str, Any]
+    scheme: str
+    energy: float
+    input_shape: list[int]
+    dense: dict[str, Any]  # macs, params, accuracy
+    compressed: dict[str, Any]
+    mac_speedup: float
+    layers: list[dict[str, Any]]  # one LayerPlan dict per conv, MACs as counted on the built modules
+    created: str = ""
+    torch: str | None = None
+    nuclear: float = 0.0
+    period: int = 0
+    target_speedup: float | None = None
+    data: str | None = None
+    initial_accuracy: float | None = None
+    param_ratio: float | None = None
+    onnx: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None  # host ONNX Runtime timing (trp_edge.profile.time_onnx_pair)
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] | None = None  # the CompressConfig it was made with
+
+    @property
+    def latency_table(self) -> str | None:
+        return ((self.config or {}).get("decompose") or {}).get("latency_table")
+
+    def __getitem__(self, key: str) -> Any:
+        """report["key"] as in the JSON, for code written against the plain dict of earlier releases."""
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "report.json") -> CompressReport:
+        if d.get("format", REPORT_FORMAT) != REPORT_FORMAT or not isinstance(d.get("version", 0), int):
+            raise InputError(f"{where}: not a trp-edge compress report")
+        if d.get("version", 0) > REPORT_VERSION:
+            raise InputError(f"{where}: report version {d['version']} is newer than this trp-edge reads "
+                             f"({REPORT_VERSION}): upgrade trp-edge")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise InputError(f"{where}: not a complete compress report (no {', '.join(missing)}); "
+                             "run trp-edge compress again")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def read(cls, path: Path) -> CompressReport:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: unreadable compress report ({e})") from e
+        if not isinstance(d, dict):
+            raise InputError(f"{path}: not a trp-edge compress report")
+        return cls.from_dict(d, str(path))
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+
+def plot_ranks(report: CompressReport, path: Path) -> None:
     """Left: each layer's rank over the TSVD iterations (the paper's Fig. 2). Right: MACs per layer,
     dense against low-rank."""
     import matplotlib
@@ -30,8 +110,8 @@ def plot_ranks(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = report["layers"]
-    traj = report.get("trajectory") or []
+    layers = report.layers
+    traj = report.trajectory or []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(4.5, 0.22 * len(layers) + 1.5)))
     if traj:
         steps = [t["step"] for t in traj]
@@ -42,7 +122,7 @@ def plot_ranks(report: dict[str, Any], path: Path) -> None:
                      label=name if len(names) <= 12 else None)
         ax1.set_xlabel("training step")
         ax1.set_ylabel("rank after TSVD")
-        ax1.set_title(f"TRP rank trajectory ({report['scheme']}, e={report['energy']:.3g})")
+        ax1.set_title(f"TRP rank trajectory ({report.scheme}, e={report.energy:.3g})")
         if len(names) <= 12:
             ax1.legend(fontsize=7)
     else:
@@ -62,7 +142,7 @@ def plot_ranks(report: dict[str, Any], path: Path) -> None:
     ax2.set_yticks(list(y), names, fontsize=7)
     ax2.invert_yaxis()
     ax2.set_xlabel("MMACs")
-    ax2.set_title(f"MACs per conv: {report['mac_speedup']:.2f}x fewer for the whole model")
+    ax2.set_title(f"MACs per conv: {report.mac_speedup:.2f}x fewer for the whole model")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -109,3 +189,112 @@ def plot_latency(reports: list[dict[str, Any]], path: Path, per_layer: bool = Tr
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# ---- deploy reports ----------------------------------------------------------------------------------
+
+
+def write_report(rep: dict[str, Any], root: Path) -> Path:
+    d = root / rep["target"]
+    d.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = d / f"{rep['name']}-{rep['runtime']}-{stamp}"
+    n = 1
+    while stem.with_suffix(".json").exists():
+        n += 1
+        stem = d / f"{rep['name']}-{rep['runtime']}-{stamp}-{n}"
+    rep["files"] = {"json": stem.name + ".json", "markdown": stem.name + ".md", "plot": stem.name + ".png"}
+    write_json(stem.with_suffix(".json"), rep)
+    write_text(stem.with_suffix(".md"), markdown(rep))
+    plot_latency([rep], stem.with_suffix(".png"))
+    return stem.with_suffix(".json")
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    d, c = rep["dense"], rep["compressed"]
+    em = " — **EMULATED, not device latency**" if rep["emulated"] else ""
+    lines = [f"# {rep['name']} on {rep['target']} ({rep['runtime']}, {rep['threads']} thread"
+             f"{'s' if rep['threads'] > 1 else ''}){em}", "",
+             f"**{rep['latency_speedup']:.2f}x faster for {rep['mac_speedup']:.2f}x fewer MACs: realization "
+             f"efficiency {rep['efficiency']:.2f}.**", "",
+             "| | median ms | p10 | p90 | runs | MACs |", "|---|---|---|---|---|---|",
+             f"| dense | {d['median_ms']:.3f} | {d['p10_ms']:.3f} | {d['p90_ms']:.3f} | {d['runs']} | "
+             f"{d['macs'] / 1e6:.1f}M |",
+             f"| compressed | {c['median_ms']:.3f} | {c['p10_ms']:.3f} | {c['p90_ms']:.3f} | {c['runs']} | "
+             f"{c['macs'] / 1e6:.1f}M |", "",
+             f"Device: {rep['device'].get('cpu')} ({rep['device'].get('cores')} cores, governor "
+             f"{rep['device'].get('governor')}); transport {rep['transport']}; outputs match the reference to "
+             f"{max(d['max_abs_diff'] or 0, c['max_abs_diff'] or 0):.2g}."]
+    if rep.get("note"):
+        lines += ["", rep["note"]]
+    pr = rep.get("prediction")
+    if pr:
+        lines += ["", f"Latency table {rep['latency_table']}: predicted {pr['compressed_conv_ms']:.3f} ms for the "
+                  f"convs (dense {pr['dense_conv_ms']:.3f} ms, {pr['latency_speedup']:.2f}x); measured whole net "
+                  f"{c['median_ms']:.3f} ms ({100 * pr['error']:+.1f}% against the prediction)."]
+    if rep.get("comparison"):
+        lines += ["", "Timed side by side in the same run (alternating blocks):", ""]
+        lines += comparison_markdown(rep["comparison"])
+    slower = [la for la in rep["layers"] if la.get("slower")]
+    if rep["layers"]:
+        lines += ["", f"Per layer ({len(rep['layers'])} convs; {len(slower)} decomposed layer(s) slower than dense):",
+                  "", "| layer | scheme | rank (energy rank) | MAC speedup | dense ms | compressed ms | predicted ms | "
+                  "latency speedup | |", "|---|---|---|---|---|---|---|---|---|"]
+        for la in rep["layers"]:
+            ls = la.get("latency_speedup")
+            er = la.get("energy_rank")
+            lines.append(f"| {la['name']} | {la.get('scheme') or ''} | {la.get('rank') or 'dense'}"
+                         f"{f' ({er})' if er and er != la.get('rank') else ''} | {la['mac_speedup']:.2f}x | "
+                         f"{_ms(la.get('dense_ms'))} | {_ms(la.get('compressed_ms'))} | "
+                         f"{_ms(la.get('predicted_ms'))} | "
+                         f"{f'{ls:.2f}x' if ls else 'n/a'} | {'**slower**' if la.get('slower') else ''} |")
+    if rep.get("layers_note"):
+        lines += ["", f"Per-layer: {rep['layers_note']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | scheme | latency table | MAC speedup | dense ms | compressed ms | latency speedup | "
+             "efficiency | layers slower than dense | predicted conv ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sl = "n/a" if r["slower_layers"] is None else str(r["slower_layers"])
+        lines.append(f"| {r['name']} | {r['scheme']} | {Path(r['latency_table']).name if r['latency_table'] else '-'} "
+                     f"| {r['mac_speedup']:.2f}x | {r['dense_ms']:.3f} | {r['compressed_ms']:.3f} | "
+                     f"{r['latency_speedup']:.2f}x | {r['efficiency']:.2f} | {sl} | {_ms(r['predicted_ms'])} |")
+    return lines
+
+
+def aggregate(root: Path) -> tuple[str, Path | None, list[dict[str, Any]]]:
+    """`trp-edge report`: every report under ROOT in one table (the latest per device, runtime and model)
+    and one plot."""
+    latest: dict[tuple[str, str, str, bool], dict[str, Any]] = {}
+    for f in sorted(Path(root).glob("*/*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            r = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue
+        if not {"target", "runtime", "dense", "compressed", "latency_speedup"} <= r.keys():
+            continue
+        key = (r["target"], r["runtime"], r.get("model_dir", r["model"]), r["threads"], r["emulated"])
+        latest[key] = r
+    rows = sorted(latest.values(), key=lambda r: (r["target"], r.get("name", r["model"]), r["runtime"], r["threads"]))
+    if not rows:
+        raise InputError(f"{root}: no trp-edge deploy reports found")
+    lines = ["| device | model | scheme | runtime | threads | dense ms | compressed ms | latency speedup | "
+             "MAC speedup | efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dev = r["target"] + (" (emulated)" if r["emulated"] else "")
+        lines.append(f"| {dev} | {r.get('name', r['model'])} | {r.get('scheme')} | {r['runtime']} | {r['threads']} | "
+                     f"{r['dense']['median_ms']:.3f} | "
+                     f"{r['compressed']['median_ms']:.3f} | {r['latency_speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
+                     f"{r['efficiency']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    write_text(Path(root) / "summary.md", table)
+    png = Path(root) / "summary.png"
+    plot_latency(rows, png, per_layer=False)
+    return table, png, rows
+

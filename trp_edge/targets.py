@@ -63,12 +63,17 @@ class GPU:
 
 @dataclass(frozen=True)
 class Connection:
-    """How the device is reached: a TVM RPC tracker (host:port) and key, or a server at host:port."""
+    """How the device is reached: a TVM RPC tracker (host:port) and key, or a server at host:port. The one
+    connection type: a target file's [rpc] section, and what trp_edge.transport resolves from flags and
+    environment."""
 
     key: str | None = None
     tracker: str | None = None
     host: str | None = None
     port: int = 9090
+
+    def describe(self) -> str:
+        return f"tracker {self.tracker} key {self.key!r}" if self.tracker else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ def parse_target(path: Path) -> Target:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
     r = _Reader(path, data)
     r.check_known({"name", "description", "runtimes", "threads", "cpu", "gpu", "rpc"})
     name = r.get("name", str, path.stem)

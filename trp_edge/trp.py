@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import DecomposeConfig, TRPConfig
 from .data import Dataset
-from .errors import InputError, TrpEdgeError
+from .errors import InputError, Interrupted
 from .lowrank import (
     ConvLayer,
     Scheme,
@@ -38,9 +38,7 @@ from .lowrank import (
 
 log = logging.getLogger(__name__)
 
-
-class Interrupted(TrpEdgeError):
-    """Training stopped on request (Ctrl-C) after saving a checkpoint."""
+RESUME_FREE = {("trp", "workers")}  # options that may differ between a run and its --resume
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +126,7 @@ class TRPTrainer:
         self.history: list[dict] = []
         self.stop_requested = False
         self._svd_seconds = 0.0
+        self._loss = nn.CrossEntropyLoss()
 
     # ---- schedule ----
     def _lr_factor(self, t: int) -> float:
@@ -238,6 +237,13 @@ class TRPTrainer:
                 "energy": self.energy, "history": self.history, "layer_scheme": self.layer_scheme,
                 "config": {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}}
 
+    def _identity(self, config: dict | None = None) -> dict:
+        """The settings a checkpoint must share to be resumed: every TRP and decomposition option except those
+        that do not change the numbers (RESUME_FREE: data loader workers)."""
+        config = {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()} if config is None else config
+        return {sec: {k: v for k, v in (config.get(sec) or {}).items() if (sec, k) not in RESUME_FREE}
+                for sec in ("trp", "decompose")}
+
     def save_checkpoint(self, epoch: int, batch: int) -> None:
         if self.checkpoint is None:
             return
@@ -253,11 +259,10 @@ class TRPTrainer:
         try:
             st = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from None
-        mine = {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}
-        if st.get("config") != mine:
-            diff = sorted(f"{sec}.{k}" for sec in mine for k in mine[sec]
-                          if st.get("config", {}).get(sec, {}).get(k) != mine[sec][k])
+            raise InputError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from e
+        mine, theirs = self._identity(), self._identity(st.get("config", {}))
+        if theirs != mine:
+            diff = sorted(f"{sec}.{k}" for sec in mine for k in mine[sec] if theirs.get(sec, {}).get(k) != mine[sec][k])
             raise InputError(f"{path}: the checkpoint was made with other settings ({', '.join(diff)}); "
                              "resume with the same options or start again with --force")
         self.model.load_state_dict(st["model"])
@@ -271,62 +276,21 @@ class TRPTrainer:
 
     # ---- the loop ----
     def train(self, resume: bool = False) -> TrainResult:
-        from tqdm.auto import tqdm
-
         epoch, start = self.load_checkpoint() if resume else (0, 0)
-        model, cfg = self.model, self.tcfg
-        model.train()
-        loss_fn = nn.CrossEntropyLoss()
-        n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.model.train()
         try:
             prev = signal.signal(signal.SIGINT, self._on_sigint)
         except ValueError:  # not the main thread: Ctrl-C handling stays as it is
             prev = None
         t_start = time.perf_counter()
         steps_at_start = self.step
-        correct = seen = 0
-        ranks = self.history[-1]["ranks"] if self.history else {}
+        acc = None
         try:
             while self.step < self.total_steps:
-                bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
-                           initial=start, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not self.progress,
-                           leave=False, dynamic_ncols=True)
-                batches = self.data.train.batches(cfg.batch, epoch=epoch, seed=cfg.seed, shuffle=True, start=start)
-                for b, (x, y) in enumerate(batches, start=start):
-                    if self.stop_requested:
-                        self.save_checkpoint(epoch, b)
-                        raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint}: "
-                                          "run the same command with --resume to go on")
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    projected = cfg.period > 0 and self.step % cfg.period == 0
-                    if projected:
-                        ranks = self.project_()
-                        self._record(ranks)
-                    out = model(x)
-                    loss = loss_fn(out, y)
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.nuclear > 0:
-                        self.add_nuclear_grad_(cached=projected)
-                    self.opt.step()
-                    self.sched.step()
-                    self.step += 1
-                    correct += int((out.argmax(1) == y).sum())
-                    seen += len(y)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}",
-                                    rank=sum(ranks.values()), refresh=False)
-                    if self.on_step is not None:
-                        self.on_step(self)
-                    if self.step >= self.total_steps:
-                        break
-                bar.close()
+                acc = self._epoch(epoch, start)
                 epoch, start = epoch + 1, 0
                 if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
                     self.save_checkpoint(epoch, 0)
-                    log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch, loss.item(),
-                             100 * correct / max(seen, 1), sum(ranks.values()))
-                    correct = seen = 0
         finally:
             if prev is not None:
                 signal.signal(signal.SIGINT, prev)
@@ -334,8 +298,61 @@ class TRPTrainer:
         seconds = time.perf_counter() - t_start
         done = max(self.step - steps_at_start, 1)
         return TrainResult(self.step, self.step / self.steps_per_epoch, seconds, 1000 * seconds / done,
-                           1000 * self._svd_seconds / done, self.history, self.energy,
-                           100 * correct / seen if seen else None)
+                           1000 * self._svd_seconds / done, self.history, self.energy, acc)
+
+    def _epoch(self, epoch: int, start: int) -> float | None:
+        """One epoch (or what is left of it, from batch `start`); returns its training accuracy."""
+        from tqdm.auto import tqdm
+
+        cfg = self.tcfg
+        n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
+                   initial=start, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        correct = seen = 0
+        loss = None
+        for b, (x, y) in enumerate(self.data.train.batches(cfg.batch, epoch=epoch, seed=cfg.seed, shuffle=True,
+                                                           start=start), start=start):
+            if self.stop_requested:
+                self.save_checkpoint(epoch, b)
+                raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint}: "
+                                  "run the same command with --resume to go on")
+            out, loss, y = self._step(x, y)
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}", rank=self._total_rank(),
+                            refresh=False)
+            if self.on_step is not None:
+                self.on_step(self)
+            if self.step >= self.total_steps:
+                break
+        bar.close()
+        acc = 100 * correct / seen if seen else None
+        if loss is not None and (self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps):
+            log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch + 1, loss.item(), acc or 0.0,
+                     self._total_rank())
+        return acc
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor):
+        """One SGD step; every `period` steps at the TSVD-projected weights. Returns (logits, loss, labels)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        projected = self.tcfg.period > 0 and self.step % self.tcfg.period == 0
+        if projected:
+            self._record(self.project_())
+        out = self.model(x)
+        loss = self._loss(out, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tcfg.nuclear > 0:
+            self.add_nuclear_grad_(cached=projected)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return out, loss, y
+
+    def _total_rank(self) -> int:
+        return sum(self.history[-1]["ranks"].values()) if self.history else 0
 
     def finalize_(self) -> dict[str, int] | None:
         """End TRP on low-rank weights: truncate each layer to the rank its last TSVD(W, e) chose (the
@@ -346,6 +363,18 @@ class TRPTrainer:
         ranks = self.project_(fixed=self.history[-1]["ranks"] if self.history else None)
         self._record(ranks, final=True)
         return ranks
+
+    def decompose_config(self) -> tuple[DecomposeConfig, float | None]:
+        """End training: finalize_, then the config the final decomposition uses and the energy it used. After
+        TRP that is the ranks of the last TSVD(W, e) (explicit ranks still win) and, with scheme 'auto', the
+        forms it chose, at which the decomposition reproduces the trained model exactly; after plain SGD the
+        config as given (None: the energy comes from the decomposition)."""
+        ranks = self.finalize_()
+        if ranks is None:
+            return self.dcfg, None
+        auto = self.dcfg.scheme == "auto"
+        return replace(self.dcfg, ranks={**ranks, **(self.dcfg.ranks or {})}, target_speedup=None,
+                       layer_schemes=dict(self.layer_scheme) if auto else None), self.energy
 
     def _on_sigint(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C stops at once

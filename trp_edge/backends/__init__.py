@@ -1,6 +1,3 @@
-"""Runtimes as same-shaped modules: tvm, ort, tflite. Each has
-
-    check_available(target, source)                  -> None, or one clear error before any work
-    build(source, target, folder, cfg, samples)      -> (list[Artifact], extra manifest keys)
-
-and leaves running the artifacts to trp_edge.device.runner (the device side, numpy only)."""
+"""Runtimes as same-shaped modules: tvm, ort, tflite. Each implements the runtime protocol of
+trp_edge.backends.base (check_available, build, load, profile_ops, OPS_NOTE); `base.get(name)` returns one.
+Heavy imports stay inside the functions, so a missing runtime is one clear line when it is used."""

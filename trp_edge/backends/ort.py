@@ -1,5 +1,9 @@
 """ONNX Runtime: the graph optimized for the target and saved (fp32), and a static INT8 (QDQ) model
-calibrated on real images.
+calibrated on real images; loading and per-op profiling on the device.
+
+Every onnxruntime session trp-edge creates comes from `session()`: one thread count, inter-op 1, intra-op
+spinning off (idle workers spinning after a call steal the core from whatever runs next: measured, 2-thread
+runs slower than 1-thread ones), graph optimizations at ORT_ENABLE_ALL unless saving a portable graph.
 
 Graph optimizations are saved at ORT_ENABLE_ALL only for the host itself: that level adds layout
 transforms (NCHWc) specific to this CPU; a foreign target gets the portable ORT_ENABLE_EXTENDED level
@@ -7,40 +11,94 @@ and finishes optimizing when it loads the file."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..build import Artifact, Samples, Source
-from ..config import BuildConfig
-from ..errors import TrpEdgeError
-from ..targets import Target
+from ..errors import ConversionError, MissingTool
+from .base import PROFILE_RUNS, Artifact, Run, Samples, Source
+
+if TYPE_CHECKING:
+    from ..config import BuildConfig
+    from ..targets import Target
 
 log = logging.getLogger(__name__)
+
+OPS_NOTE = None
 
 
 def check_available(target: Target, src: Source) -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise TrpEdgeError("onnxruntime is not installed: pip install 'trp-edge[onnx]'") from None
+        raise MissingTool("onnxruntime is not installed: pip install 'trp-edge[onnx]'") from None
 
 
-def optimize(src_onnx: Path, dst: Path, level_all: bool) -> None:
+def session(model: str | bytes | Path, threads: int = 1, *, level_all: bool = True,
+            optimized_path: Path | None = None, profile_prefix: str | None = None):
+    """The one place an onnxruntime InferenceSession is made (`model`: a file, or the model as bytes)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level_all
                                    else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3  # the NCHWc warning is the point of level_all on the host
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+        so.log_severity_level = 3  # the NCHWc warning is the point of level_all on the host
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so,
+                                providers=["CPUExecutionProvider"])
+
+
+def load(path: str | bytes, threads: int = 1, device: str = "cpu") -> Run:
+    sess = session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
+                runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
+    """onnxruntime's own profiler (enable_profiling), in a separate session after the timing: per kernel of
+    the optimized graph (fused node names), median over runs."""
+    sess = session(path, threads, profile_prefix=os.path.join(tempfile.gettempdir(), f"trp-edge-ort-{os.getpid()}"))
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(runs):
+        sess.run(None, feed)
+    prof = sess.end_profiling()
     try:
-        ort.InferenceSession(str(src_onnx), so, providers=["CPUExecutionProvider"])
+        events = json.loads(Path(prof).read_text())
+    finally:
+        Path(prof).unlink(missing_ok=True)
+    per: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        a = e.get("args", {})
+        shapes = [next(iter(t.values())) for t in a.get("input_type_shape", [])]
+        outs = [next(iter(t.values())) for t in a.get("output_type_shape", [])]
+        d = per.setdefault(e["name"][: -len("_kernel_time")],
+                           {"op": a.get("op_name", "?"), "weight": shapes[1] if len(shapes) > 1 else None,
+                            "output": outs[0] if outs else None, "us": []})
+        d["us"].append(float(e["dur"]))
+    return [{"name": n, "op": d["op"], "weight": d["weight"], "output": d["output"],
+             "ms": float(np.median(d["us"])) / 1000.0} for n, d in per.items()]
+
+
+def optimize(src_onnx: Path, dst: Path, level_all: bool) -> None:
+    try:
+        session(src_onnx, level_all=level_all, optimized_path=dst)
     except Exception as e:  # noqa: BLE001
-        raise TrpEdgeError(f"{src_onnx}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        raise ConversionError(f"{src_onnx}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
 
 
 def quantize_int8(src_onnx: Path, dst: Path, calib: np.ndarray, workdir: Path) -> None:

@@ -10,18 +10,45 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..build import Artifact, Samples, Source
-from ..config import BuildConfig
-from ..errors import InputError, TrpEdgeError
-from ..targets import Target
+from ..errors import ConversionError, InputError, MissingTool
+from .base import Artifact, Run, Samples, Source
+
+if TYPE_CHECKING:
+    from ..config import BuildConfig
+    from ..targets import Target
 
 log = logging.getLogger(__name__)
 
 _REPO = Path(__file__).resolve().parent.parent.parent
+OPS_NOTE = ("no per-layer breakdown: the Python TFLite interpreters (ai-edge-litert 2.3, tflite-runtime 2.14) "
+            "expose no op profiler")
+
+
+def load(path: str, threads: int = 1, device: str = "cpu") -> Run:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the older runtime a board may have instead
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+    it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if tuple(inp["shape"]) != x.shape:
+            raise ValueError(f"{Path(path).name}: takes input {tuple(inp['shape'])}, got {x.shape}")
+        it.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        it.invoke()
+        return it.get_tensor(out["index"]).copy()
+
+    return run
+
+
+def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu") -> None:
+    return None  # OPS_NOTE
 
 
 def converter_python() -> Path:
@@ -34,12 +61,12 @@ def check_available(target: Target, src: Source) -> None:
         raise InputError(f"{src.path}: TFLite is converted from the torch model; pass a trp-edge compress output "
                          "folder (an ONNX file alone cannot be converted without TensorFlow)")
     if not converter_python().is_file():
-        raise TrpEdgeError(f"the TFLite converter environment is missing ({converter_python()}): run tools/setup.sh "
+        raise MissingTool(f"the TFLite converter environment is missing ({converter_python()}): run tools/setup.sh "
                            "or set TRP_EDGE_LITERT_PYTHON to a python with litert-torch==0.10.0 and trp-edge")
     try:
         import ai_edge_litert  # noqa: F401
     except ImportError:
-        raise TrpEdgeError("ai-edge-litert is not installed: pip install 'trp-edge[tflite]'") from None
+        raise MissingTool("ai-edge-litert is not installed: pip install 'trp-edge[tflite]'") from None
 
 
 def convert(model_pt: Path, out: Path, shape: tuple[int, ...], calib: np.ndarray | None, folder: Path) -> None:
@@ -56,7 +83,7 @@ def convert(model_pt: Path, out: Path, shape: tuple[int, ...], calib: np.ndarray
         calib_file.unlink(missing_ok=True)
     if r.returncode != 0:
         err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()] or ["no output"]
-        raise TrpEdgeError(f"TFLite conversion of {model_pt.name} failed: {err[-1][:300]}")
+        raise ConversionError(f"TFLite conversion of {model_pt.name} failed: {err[-1][:300]}")
 
 
 def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
@@ -75,6 +102,4 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
     import ai_edge_litert
 
     return arts, {"runtime_version": {"ai_edge_litert": getattr(ai_edge_litert, "__version__", "unknown")},
-                  "converter": "litert-torch 0.10.0",
-                  "profiling": "the Python interpreters (ai-edge-litert 2.3, tflite-runtime 2.14) expose no op "
-                               "profiler"}
+                  "converter": "litert-torch 0.10.0", "profiling": OPS_NOTE}

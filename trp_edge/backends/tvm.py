@@ -16,22 +16,113 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..build import Artifact, Samples, Source
-from ..config import BuildConfig
-from ..device import runner as _runner  # noqa: F401 - sets TVM_NUM_THREADS before TVM's pool exists
-from ..errors import TrpEdgeError
-from ..targets import Target, require_tool
+import numpy as np
+
+from ..errors import ConversionError, MissingTool
+from ..targets import require_tool
+from .base import PROFILE_RUNS, Artifact, Run, Samples, Source
+
+if TYPE_CHECKING:
+    from ..config import BuildConfig
+    from ..targets import Target
 
 log = logging.getLogger(__name__)
+
+OPS_NOTE = None
+
+
+# ---- on the device: loading and per-op profiling (numpy and the TVM runtime only) ----------------------
+
+def tvm_device(device: str):
+    import tvm
+
+    return {"cpu": tvm.cpu, "opencl": tvm.opencl, "cuda": tvm.cuda, "vulkan": tvm.vulkan}[device](0)
+
+
+def _threads(threads: int) -> None:
+    import tvm
+
+    f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if f is not None:
+        f(1, threads)  # 1 = big cores first; the count of worker threads
+
+
+def tvm_vm(path: str, threads: int = 1, device: str = "cpu"):
+    """The library's Relax VM on its device, with the thread count set: (vm, device)."""
+    import tvm
+    from tvm import relax
+
+    _threads(threads)
+    dev = tvm_device(device)
+    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev), dev
+
+
+def load(path: str, threads: int = 1, device: str = "cpu") -> Run:
+    import tvm
+
+    vm, dev = tvm_vm(path, threads, device)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = vm["main"](tvm.runtime.tensor(x, dev))
+        if not hasattr(out, "numpy"):  # a tuple of outputs
+            out = out[0]
+        return out.numpy()
+
+    return run
+
+
+def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
+                runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
+    """Each VM call timed through the VM's instrument hook (0.27 has no VM profiler); kernel arguments give
+    the weight and output shapes. The hook costs about 1 us per call."""
+    import tvm
+    from tvm import relax
+
+    vm, dev = tvm_vm(path, threads, device)
+    per: dict[tuple[int, str], dict[str, Any]] = {}
+    order: list[int] = [0]
+    stack: list[float] = []
+
+    def instrument(func, name, before, ret, *args):
+        if before:
+            stack.append(time.perf_counter())
+            return relax.VMInstrumentReturnKind.NO_OP
+        dt = time.perf_counter() - stack.pop()
+        name = str(name)
+        if name.startswith("vm.builtin"):
+            return relax.VMInstrumentReturnKind.NO_OP
+        key = (order[0], name)
+        order[0] += 1
+        if key not in per:
+            shapes = [tuple(int(s) for s in a.shape) for a in args if hasattr(a, "shape")]
+            per[key] = {"op": "conv" if "conv" in name else name.split("_")[1] if "_" in name else name,
+                        "weight": list(shapes[1]) if len(shapes) > 2 else None,
+                        "output": list(shapes[-1]) if shapes else None, "us": []}
+        per[key]["us"].append(dt * 1e6)
+        return relax.VMInstrumentReturnKind.NO_OP
+
+    xt = tvm.runtime.tensor(x, dev)
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            order[0] = 0
+            vm["main"](xt)
+    finally:
+        vm.set_instrument(None)
+    return [{"name": name, "op": d["op"], "weight": d["weight"], "output": d["output"],
+             "ms": float(np.median(d["us"])) / 1000.0} for (_, name), d in sorted(per.items())]
+
+
+# ---- on this machine: import, tune, build ---------------------------------------------------------------
 
 
 def check_available(target: Target, src: Source) -> None:
     try:
         import tvm  # noqa: F401
     except ImportError:
-        raise TrpEdgeError("apache-tvm is not installed: pip install 'trp-edge[tvm]'") from None
+        raise MissingTool("apache-tvm is not installed: pip install 'trp-edge[tvm]'") from None
     cc = target.cpu.cross_compiler
     if not target.native and cc and not _android(target):
         require_tool(cc, f"it links {target.name}'s {target.cpu.arch} libraries")
@@ -78,7 +169,7 @@ def import_onnx(path: Path, shape: tuple[int, ...]):
     try:
         return from_onnx(m, shape_dict={name: list(shape)}, dtype_dict="float32", keep_params_in_input=False)
     except Exception as e:  # noqa: BLE001 - an op the frontend cannot lower
-        raise TrpEdgeError(f"{path.name}: TVM cannot import it ({str(e).strip().splitlines()[-1][:200]})") from None
+        raise ConversionError(f"{path.name}: TVM cannot import it ({str(e).strip().splitlines()[-1][:200]})") from e
 
 
 def prepare(mod, target):
@@ -224,7 +315,7 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
             gex = tvm.compile(imported, target=gpu_t)  # the default GPU pipeline schedules with DLight
             kinds = [m.kind for m in gex.mod.imports[0].imports] if gex.mod.imports else []
             if target.gpu.api not in kinds:
-                raise TrpEdgeError(f"{v.name}: TVM produced no {target.gpu.api} kernels for {target.name}")
+                raise ConversionError(f"{v.name}: TVM produced no {target.gpu.api} kernels for {target.name}")
             gf = folder / f"{v.name}-{target.gpu.api}.so"
             gextra = export(gex, gf, target)
             arts.append(Artifact(v.name, gextra.pop("file", gf.name), "tvm", device=target.gpu.api,

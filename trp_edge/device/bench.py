@@ -18,100 +18,20 @@ reference and its variant), so the models of several compress runs are timed sid
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..backends.base import get
 from ..config import ProfileConfig
 from ..profile import host_identity, time_alternating
-from .runner import load, runtime_versions, tvm_vm
-
-PROFILE_RUNS = 10
+from .runner import load, runtime_versions
 
 
 def device_identity() -> dict[str, Any]:
     return {**host_identity(), "runtimes": runtime_versions()}
-
-
-def ort_ops(path: str, x: np.ndarray, threads: int, runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
-    """onnxruntime's own profiler (enable_profiling), in a separate session after the timing: per kernel of
-    the optimized graph (fused node names), median over runs."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"trp-edge-ort-{os.getpid()}")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(runs):
-        sess.run(None, feed)
-    prof = sess.end_profiling()
-    try:
-        events = json.loads(Path(prof).read_text())
-    finally:
-        Path(prof).unlink(missing_ok=True)
-    per: dict[str, dict[str, Any]] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        a = e.get("args", {})
-        shapes = [next(iter(t.values())) for t in a.get("input_type_shape", [])]
-        outs = [next(iter(t.values())) for t in a.get("output_type_shape", [])]
-        d = per.setdefault(e["name"][: -len("_kernel_time")],
-                           {"op": a.get("op_name", "?"), "weight": shapes[1] if len(shapes) > 1 else None,
-                            "output": outs[0] if outs else None, "us": []})
-        d["us"].append(float(e["dur"]))
-    return [{"name": n, "op": d["op"], "weight": d["weight"], "output": d["output"],
-             "ms": float(np.median(d["us"])) / 1000.0} for n, d in per.items()]
-
-
-def tvm_ops(fn_vm, x: np.ndarray, runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
-    """Each VM call timed through the VM's instrument hook (0.27 has no VM profiler); kernel arguments give
-    the weight and output shapes. The hook costs about 1 us per call."""
-    import tvm
-    from tvm import relax
-
-    vm, dev = fn_vm
-    per: dict[tuple[int, str], dict[str, Any]] = {}
-    order: list[int] = [0]
-    stack: list[float] = []
-
-    def instrument(func, name, before, ret, *args):
-        if before:
-            stack.append(time.perf_counter())
-            return relax.VMInstrumentReturnKind.NO_OP
-        dt = time.perf_counter() - stack.pop()
-        if str(name).startswith("vm.builtin"):
-            return relax.VMInstrumentReturnKind.NO_OP
-        key = (order[0], str(name))
-        order[0] += 1
-        d = per.get(key)
-        if d is None:
-            shapes = [tuple(int(s) for s in a.shape) for a in args if hasattr(a, "shape")]
-            d = per[key] = {"op": "conv" if "conv" in str(name) else str(name).split("_")[1] if "_" in str(name)
-                            else str(name), "weight": list(shapes[1]) if len(shapes) > 2 else None,
-                            "output": list(shapes[-1]) if shapes else None, "us": []}
-        d["us"].append(dt * 1e6)
-        return relax.VMInstrumentReturnKind.NO_OP
-
-    xt = tvm.runtime.tensor(x, dev)
-    vm.set_instrument(instrument)
-    try:
-        for _ in range(runs):
-            order[0] = 0
-            vm["main"](xt)
-    finally:
-        vm.set_instrument(None)
-    return [{"name": name, "op": d["op"], "weight": d["weight"], "output": d["output"],
-             "ms": float(np.median(d["us"])) / 1000.0} for (_, name), d in sorted(per.items())]
 
 
 def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -145,24 +65,23 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     out["timing"] = {k: t.to_dict() for k, t in time_alternating(runners, cfg).items()}
     out["protocol"] = cfg.to_dict()
     if job.get("layers", True):
-        for a in job["artifacts"]:
-            if a["variant"] not in runners:
-                continue
-            path, x = str(base / a["file"]), inputs[a["variant"]]
-            try:
-                if rt == "ort":
-                    ops = ort_ops(path, x, threads)
-                elif rt == "tvm":
-                    ops = tvm_ops(tvm_vm(path, threads, a.get("device", "cpu")), x)
-                else:
-                    ops = None
-                out["artifacts"][a["variant"]]["ops"] = ops
-            except Exception as e:  # noqa: BLE001
-                out["artifacts"][a["variant"]]["ops_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    if rt == "tflite":
-        out["ops_note"] = ("no per-layer breakdown: the Python TFLite interpreters (ai-edge-litert 2.3, "
-                           "tflite-runtime 2.14) expose no op profiler")
+        _profile_ops(job, base, rt, threads, inputs, out, runners)
+    if get(rt).OPS_NOTE:
+        out["ops_note"] = get(rt).OPS_NOTE
     return out
+
+
+def _profile_ops(job, base: Path, rt: str, threads: int, inputs: dict[str, np.ndarray], out: dict[str, Any],
+                 runners: dict) -> None:
+    """Each timed artifact's per-op profile (the backend's profile_ops), after the timing."""
+    for a in job["artifacts"]:
+        if a["variant"] not in runners:
+            continue
+        r = out["artifacts"][a["variant"]]
+        try:
+            r["ops"] = get(rt).profile_ops(str(base / a["file"]), inputs[a["variant"]], threads, a.get("device", "cpu"))
+        except Exception as e:  # noqa: BLE001 - recorded, the timing stands
+            r["ops_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def calibrate(job: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Device side: load one artifact with the runtime it was built for and run it on numpy arrays.
 
 Imports numpy and that runtime only (no torch, no trp_edge modules that need torch), so it runs on a
-board, under qemu in the arm64 userland, and inside `trp-edge serve`.
+board, under qemu in the arm64 userland, and inside `trp-edge serve`. How each runtime loads is its
+backend's business (trp_edge.backends.<runtime>.load).
 
     python -m trp_edge.device.runner check JOB.json     # prints {"results": [...]} as JSON
 
@@ -13,101 +14,19 @@ reference.npz holds "input" and one "<variant>" array per model (the expected ou
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-# TVM sizes its thread pool once, from TVM_NUM_THREADS (default: half the cores), and a later
-# runtime.config_threadpool can only lower it: allow every core, then set each run's count.
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-
-Run = Callable[[np.ndarray], np.ndarray]
-
-
-def load_ort(path: str | bytes, threads: int = 1, device: str = "cpu") -> Run:
-    """`path`: a file, or the model itself as bytes."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # idle workers spinning after a call steal the core from whatever runs next (measured: 2-thread runs
-    # slower than 1-thread ones); the timing protocol groups runs, and spinning is off between them.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
-
-
-def load_tflite(path: str, threads: int = 1, device: str = "cpu") -> Run:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # the older runtime a board may have instead
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
-    it = Interpreter(model_path=path, num_threads=threads)
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if tuple(inp["shape"]) != x.shape:
-            raise ValueError(f"{Path(path).name}: takes input {tuple(inp['shape'])}, got {x.shape}")
-        it.set_tensor(inp["index"], x.astype(inp["dtype"]))
-        it.invoke()
-        return it.get_tensor(out["index"]).copy()
-
-    return run
-
-
-def tvm_device(device: str):
-    import tvm
-
-    return {"cpu": tvm.cpu, "opencl": tvm.opencl, "cuda": tvm.cuda, "vulkan": tvm.vulkan}[device](0)
-
-
-def tvm_vm(path: str, threads: int = 1, device: str = "cpu"):
-    """The library's Relax VM on its device, with the thread count set: (vm, device)."""
-    import tvm
-    from tvm import relax
-
-    _tvm_threads(threads)
-    dev = tvm_device(device)
-    return relax.VirtualMachine(tvm.runtime.load_module(path), dev), dev
-
-
-def load_tvm(path: str, threads: int = 1, device: str = "cpu") -> Run:
-    import tvm
-
-    vm, dev = tvm_vm(path, threads, device)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        out = vm["main"](tvm.runtime.tensor(x, dev))
-        if not hasattr(out, "numpy"):  # a tuple of outputs
-            out = out[0]
-        return out.numpy()
-
-    return run
-
-
-def _tvm_threads(threads: int) -> None:
-    import tvm
-
-    f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if f is not None:
-        f(1, threads)  # 1 = big cores first; the count of worker threads
-
-
-LOADERS: dict[str, Callable[..., Run]] = {"ort": load_ort, "tflite": load_tflite, "tvm": load_tvm}
+from ..backends.base import Run, get
 
 
 def load(path: str, runtime: str, threads: int = 1, device: str = "cpu") -> Run:
-    if runtime not in LOADERS:
-        raise ValueError(f"unknown runtime {runtime!r}")
-    return LOADERS[runtime](str(path), threads, device)
+    """An artifact loaded by its runtime's backend (trp_edge.backends.<runtime>.load)."""
+    return get(runtime).load(str(path), threads, device)
 
 
 def runtime_versions() -> dict[str, str | None]:

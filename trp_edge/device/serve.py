@@ -50,7 +50,7 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
 
     from tvm import rpc
 
-    from ..errors import TrpEdgeError
+    from ..errors import DeviceError
 
     tracker_addr = None
     if tracker:
@@ -59,8 +59,8 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
         try:  # TVM's listener thread dies on an unreachable tracker and leaves the port open and mute
             socket.create_connection(tracker_addr, timeout=5).close()
         except OSError as e:
-            raise TrpEdgeError(f"cannot reach the tracker at {tracker} ({e.strerror or e}); start it with "
-                               f"`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {p}`") from None
+            raise DeviceError(f"cannot reach the tracker at {tracker} ({e.strerror or e}); start it with "
+                               f"`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {p}`") from e
     server = rpc.Server(host, port, port_end or port + 10, key=key, tracker_addr=tracker_addr, silent=True,
                         server_init_callback=functools.partial(register, runtimes))
     log.info("serving on %s:%d%s", host, server.port, f", registered with tracker {tracker} as {key!r}" if tracker
