@@ -91,7 +91,7 @@ def test_target_speedup_is_met(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["compress", "missing.pt"], "missing.pt: no such file"),
     (["compress", "corrupt.pt"], "not a readable PyTorch file"),
-    (["compress", "odd.pt", "--arch", "vgg16"], "unknown architecture 'vgg16'"),
+    (["compress", "odd.pt", "--arch", "vgg17"], "unknown architecture 'vgg17'"),
     (["compress", "odd.pt"], "matches no known architecture"),
     (["compress", "resnet20", "--energy", "1.5"], "energy must be in (0, 1)"),
     (["compress", "resnet20", "--energy", "0"], "energy must be in (0, 1)"),

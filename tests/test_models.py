@@ -76,11 +76,13 @@ def test_missing_corrupt_and_unknown_inputs(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(InputError, match="not a readable PyTorch file"):
         load_model(str(tmp_path / "bad.pt"))
-    with pytest.raises(InputError, match="no such file; built-in models: resnet20"):
-        load_model("vgg16")
+    with pytest.raises(InputError, match="no such file; built-in models: resnet20.*every torchvision"):
+        load_model("vgg17")
     torch.save(build(builtin_spec("resnet20")).state_dict(), tmp_path / "m.pt")
-    with pytest.raises(InputError, match="unknown architecture 'vgg16'"):
-        load_model(str(tmp_path / "m.pt"), arch="vgg16")
+    with pytest.raises(InputError, match="unknown architecture 'vgg17'.*torchvision classification model name"):
+        load_model(str(tmp_path / "m.pt"), arch="vgg17")
+    with pytest.raises(InputError, match="the weights do not fit the architecture"):  # a name, but not these
+        load_model(str(tmp_path / "m.pt"), arch="vgg11")
 
 
 def test_compressed_payload_rebuilds_without_unpickling_code(tmp_path):

@@ -148,7 +148,8 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
              verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
-    MODEL is a built-in name (resnet18/34/50, resnet20/32/56) or a .pt file (state_dict, checkpoint
+    MODEL is a built-in name (resnet18/34/50, resnet20/32/56), any torchvision classification model name
+    (mobilenet_v3_small, efficientnet_b0, ...) or a .pt file (state_dict, checkpoint
     dict, or with --trust-pickle a pickled nn.Module)."""
     from .compress import compress as run
 

@@ -1,12 +1,14 @@
-"""Models trp-edge can compress and rebuild: torchvision classification ResNets and CIFAR-style
-ResNets (He et al. 2016, sec. 4.2). Every model carries an architecture spec (a small JSON dict) from
-which it is rebuilt without unpickling code."""
+"""Models trp-edge can compress and rebuild: CIFAR-style ResNets (He et al. 2016, sec. 4.2), torchvision's
+ResNets, and by name every other classification builder in torchvision's own registry
+(`torchvision.models.list_models`). Every model carries an architecture spec (a small JSON dict) from which it is
+rebuilt without unpickling code."""
 
 from __future__ import annotations
 
 import logging
 import re
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,29 @@ TV_RESNETS = {
     "resnet152": ([3, 8, 36, 3], True),
 }
 BUILTIN_NAMES = tuple(CIFAR_DEPTHS) + tuple(TV_RESNETS)
+# builders whose auxiliary classifiers make the training forward return a tuple: built without them
+_NO_AUX = {"googlenet", "inception_v3"}
+
+
+def torchvision_builders() -> tuple[str, ...]:
+    """Every classification model builder in torchvision's registry (ResNets included)."""
+    import torchvision
+    from torchvision.models import list_models
+
+    return tuple(list_models(module=torchvision.models))
+
+
+def _build_torchvision(spec: dict[str, Any]) -> nn.Module:
+    from torchvision.models import get_model
+
+    kw: dict[str, Any] = {"aux_logits": False, "init_weights": True} if spec["builder"] in _NO_AUX else {}
+    model = get_model(spec["builder"], weights=None, num_classes=spec["num_classes"], **kw)
+    if spec["in_channels"] != 3:  # the stem takes the data's channels
+        name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        model.set_submodule(name, nn.Conv2d(spec["in_channels"], stem.out_channels, stem.kernel_size, stem.stride,
+                                            stem.padding, stem.dilation, stem.groups, stem.bias is not None,
+                                            stem.padding_mode))
+    return model
 
 
 # ---- CIFAR ResNet (option A shortcuts: strided identity, zero-padded channels) -----------------------
@@ -96,6 +121,8 @@ def build(spec: dict[str, Any]) -> nn.Module:
         if spec["in_channels"] != 3:
             model.conv1 = nn.Conv2d(spec["in_channels"], 64, 7, 2, 3, bias=False)
         return model
+    if family == "torchvision":
+        return _build_torchvision(spec)
     raise InputError(f"unknown architecture family {family!r} in the model spec")
 
 
@@ -107,7 +134,11 @@ def builtin_spec(name: str, in_channels: int = 3, num_classes: int | None = None
         blocks, bottleneck = TV_RESNETS[name]
         return {"name": name, "family": "torchvision_resnet", "blocks": blocks, "bottleneck": bottleneck,
                 "in_channels": in_channels, "num_classes": num_classes or 1000}
-    raise InputError(f"unknown architecture {name!r}: use one of {', '.join(BUILTIN_NAMES)} or a .pt file")
+    if name in torchvision_builders():
+        return {"name": name, "family": "torchvision", "builder": name, "in_channels": in_channels,
+                "num_classes": num_classes or 1000}
+    raise InputError(f"unknown architecture {name!r}: use one of {', '.join(BUILTIN_NAMES)}, a torchvision "
+                     "classification model name (torchvision.models.list_models()) or a .pt file")
 
 
 def default_input_size(spec: dict[str, Any]) -> int:
@@ -188,14 +219,15 @@ def load_model(source: str, *, arch: str | None = None, weights: str | None = No
     """A model from a built-in name or a .pt file (state_dict, checkpoint dict, trp-edge
     compressed.pt, or — with trust_pickle — a pickled nn.Module)."""
     path = Path(source)
-    if source in BUILTIN_NAMES and not path.exists():
+    if not path.exists() and not path.suffix and (source in BUILTIN_NAMES or source in torchvision_builders()):
         spec = builtin_spec(source, in_channels or 3, num_classes)
         model = build(spec)
         if weights:
             _load_weights(model, _unwrap_state_dict(_torch_load(Path(weights), False), Path(weights)), weights)
         return LoadedModel(model, spec, source)
     if not path.exists():
-        hint = f"; built-in models: {', '.join(BUILTIN_NAMES)}" if not path.suffix else ""
+        hint = (f"; built-in models: {', '.join(BUILTIN_NAMES)} and every torchvision classification model "
+                "(torchvision.models.list_models())") if not path.suffix else ""
         raise InputError(f"{source}: no such file{hint}")
     if path.is_dir():
         cand = path / "compressed.pt"
@@ -221,9 +253,10 @@ def load_model(source: str, *, arch: str | None = None, weights: str | None = No
 
 
 def _spec_for(sd, arch, in_channels, num_classes, path) -> dict[str, Any]:
-    if arch:
-        ic = in_channels or (sd["conv1.weight"].shape[1] if "conv1.weight" in sd else 3)
-        nc = num_classes or (sd["fc.weight"].shape[0] if "fc.weight" in sd else None)
+    if arch:  # channels from the first conv weight, classes from the last weight (a Linear or a 1x1 conv)
+        weights = [v for k, v in sd.items() if k.endswith("weight") and v.ndim >= 2]
+        ic = in_channels or next((int(v.shape[1]) for v in weights if v.ndim == 4), 3)
+        nc = num_classes or (int(weights[-1].shape[0]) if weights else None)
         return builtin_spec(arch, ic, nc)
     try:
         spec = infer_spec(sd)
@@ -275,8 +308,10 @@ def compressed_payload(model: nn.Module, arch: dict[str, Any], scheme: str, rank
     spec = {"arch": arch, "scheme": scheme,
             "layers": {n: {"scheme": per.get(n, scheme), "rank": k} for n, k in ranks.items()}}
     spec.update(extra or {})
-    return {"format": COMPRESSED_FORMAT, "version": 1, "spec": json.dumps(spec),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    sd = model.state_dict()
+    weights = OrderedDict((k, v.detach().cpu()) for k, v in sd.items())
+    weights._metadata = getattr(sd, "_metadata", None)  # module versions (MNASNet's loader needs its own)
+    return {"format": COMPRESSED_FORMAT, "version": 1, "spec": json.dumps(spec), "state_dict": weights}
 
 
 def _rebuild_compressed(obj: dict[str, Any], name: str, path: Path) -> LoadedModel:
