@@ -54,16 +54,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, atol: fl
 
 def validate_onnx(model: nn.Module, path: Path, shape, *, atol: float = 1e-4, rtol: float = 1e-3,
                   seed: int = 0, name: str | None = None) -> float:
-    ort = _require("onnxruntime", "onnx")
+    _require("onnxruntime", "onnx")
+    from .backends.ort import load
+
     name = name or path.name
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = model.eval()(x.to(next(model.parameters()).device)).cpu().numpy()
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = load(str(path))  # the session every other ORT figure uses
     except Exception as e:  # noqa: BLE001
         raise ValidationError(f"{name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    got = run(x.numpy())
     if got.shape != ref.shape:
         raise ValidationError(f"{name}: output shape {got.shape} differs from torch's {ref.shape}")
     diff = float(np.max(np.abs(got - ref)))
