@@ -46,8 +46,9 @@ def default(cls, name: str):
 
 def opt(cls, name: str, *decls: str, **kw):
     """click.option with the default of `cls.name` (shown in --help)."""
-    kw.setdefault("show_default", kw.get("default", default(cls, name)) is not None)
-    return click.option(*decls, default=default(cls, name), **kw)
+    d = default(cls, name)
+    kw.setdefault("show_default", d is not None)
+    return click.option(*decls, default=d, **kw)
 
 
 def library_errors(fn):

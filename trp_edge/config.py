@@ -200,6 +200,16 @@ class BuildConfig(_JSONMixin):
         _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
 
 
+def _check_device_options(cfg) -> None:
+    """What DeployConfig and CalibrateConfig share: threads, timeout, tracker address, and the timing protocol
+    (a mapping from JSON becomes a ProfileConfig)."""
+    _check(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
+    _check(cfg.timeout > 0, f"--timeout must be > 0, got {cfg.timeout}")
+    _check(cfg.tracker is None or ":" in cfg.tracker, f"--tracker must be HOST:PORT, got {cfg.tracker!r}")
+    if isinstance(cfg.protocol, Mapping):
+        object.__setattr__(cfg, "protocol", ProfileConfig(**cfg.protocol))
+
+
 @dataclass(frozen=True)
 class DeployConfig(_JSONMixin):
     """`trp-edge deploy`: build (or reuse) a model's artifacts for a target, run them on the device (over
@@ -228,11 +238,7 @@ class DeployConfig(_JSONMixin):
         _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
         _check(not ((self.local or self.emulate) and (self.host or self.tracker)),
                "--local/--emulate run here; drop --host/--tracker")
-        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        _check(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
-        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
-        if isinstance(self.protocol, Mapping):
-            object.__setattr__(self, "protocol", ProfileConfig(**self.protocol))
+        _check_device_options(self)
 
 
 # the calibration protocol: each layer is small, so fewer runs per block and a short minimum
@@ -266,14 +272,10 @@ class CalibrateConfig(_JSONMixin):
 
     def __post_init__(self):
         object.__setattr__(self, "schemes", tuple(self.schemes))
-        if isinstance(self.protocol, Mapping):
-            object.__setattr__(self, "protocol", ProfileConfig(**self.protocol))
         _check(self.runtime == "ort", f"calibration runtime {self.runtime!r} is not supported yet: use ort")
         _check(bool(self.schemes), f"--schemes: name at least one of {', '.join(SCHEME_NAMES)}")
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         _check(not bad, f"unknown scheme {bad[0] if bad else ''!r}: use one of {', '.join(SCHEME_NAMES)}")
         _check(not (self.local and (self.host or self.tracker)), "--local measures here; drop --host/--tracker")
-        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        _check(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
-        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
+        _check_device_options(self)
         _check(self.input_size is None or self.input_size >= 8, f"input size must be >= 8, got {self.input_size}")

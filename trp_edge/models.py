@@ -5,6 +5,7 @@ rebuilt without unpickling code."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import zipfile
@@ -34,6 +35,7 @@ BUILTIN_NAMES = tuple(CIFAR_DEPTHS) + tuple(TV_RESNETS)
 _NO_AUX = {"googlenet", "inception_v3"}
 
 
+@functools.cache
 def torchvision_builders() -> tuple[str, ...]:
     """Every classification model builder in torchvision's registry (ResNets included)."""
     import torchvision
@@ -46,10 +48,15 @@ def _build_torchvision(spec: dict[str, Any]) -> nn.Module:
     from torchvision.models import get_model
 
     kw: dict[str, Any] = {"aux_logits": False, "init_weights": True} if spec["builder"] in _NO_AUX else {}
-    model = get_model(spec["builder"], weights=None, num_classes=spec["num_classes"], **kw)
-    if spec["in_channels"] != 3:  # the stem takes the data's channels
+    return _with_stem_channels(get_model(spec["builder"], weights=None, num_classes=spec["num_classes"], **kw),
+                               spec["in_channels"])
+
+
+def _with_stem_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """The model with its first conv (the stem) taking `in_channels` (a new conv of the same shape otherwise)."""
+    if in_channels != 3:
         name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-        model.set_submodule(name, nn.Conv2d(spec["in_channels"], stem.out_channels, stem.kernel_size, stem.stride,
+        model.set_submodule(name, nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride,
                                             stem.padding, stem.dilation, stem.groups, stem.bias is not None,
                                             stem.padding_mode))
     return model
@@ -117,10 +124,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
         from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
         block = Bottleneck if spec["bottleneck"] else BasicBlock
-        model = ResNet(block, spec["blocks"], num_classes=spec["num_classes"])
-        if spec["in_channels"] != 3:
-            model.conv1 = nn.Conv2d(spec["in_channels"], 64, 7, 2, 3, bias=False)
-        return model
+        return _with_stem_channels(ResNet(block, spec["blocks"], num_classes=spec["num_classes"]), spec["in_channels"])
     if family == "torchvision":
         return _build_torchvision(spec)
     raise InputError(f"unknown architecture family {family!r} in the model spec")

@@ -287,10 +287,12 @@ class TRPTrainer:
         acc = None
         try:
             while self.step < self.total_steps:
-                acc = self._epoch(epoch, start)
+                acc, loss = self._epoch(epoch, start)
                 epoch, start = epoch + 1, 0
-                if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:  # an epoch's end
                     self.save_checkpoint(epoch, 0)
+                    log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch, loss, acc or 0.0,
+                             self._total_rank())
         finally:
             if prev is not None:
                 signal.signal(signal.SIGINT, prev)
@@ -300,8 +302,8 @@ class TRPTrainer:
         return TrainResult(self.step, self.step / self.steps_per_epoch, seconds, 1000 * seconds / done,
                            1000 * self._svd_seconds / done, self.history, self.energy, acc)
 
-    def _epoch(self, epoch: int, start: int) -> float | None:
-        """One epoch (or what is left of it, from batch `start`); returns its training accuracy."""
+    def _epoch(self, epoch: int, start: int) -> tuple[float | None, float]:
+        """One epoch (or what is left of it, from batch `start`); returns its training accuracy and last loss."""
         from tqdm.auto import tqdm
 
         cfg = self.tcfg
@@ -328,11 +330,7 @@ class TRPTrainer:
             if self.step >= self.total_steps:
                 break
         bar.close()
-        acc = 100 * correct / seen if seen else None
-        if loss is not None and (self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps):
-            log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch + 1, loss.item(), acc or 0.0,
-                     self._total_rank())
-        return acc
+        return (100 * correct / seen if seen else None), (loss.item() if loss is not None else float("nan"))
 
     def _step(self, x: torch.Tensor, y: torch.Tensor):
         """One SGD step; every `period` steps at the TSVD-projected weights. Returns (logits, loss, labels)."""
