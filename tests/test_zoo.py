@@ -67,3 +67,21 @@ def test_a_state_dict_with_arch(tmp_path):
     torch.save(build(builtin_spec("squeezenet1_1", num_classes=7)).state_dict(), tmp_path / "sq.pt")
     m = load_model(str(tmp_path / "sq.pt"), arch="squeezenet1_1")
     assert m.spec["num_classes"] == 7 and m.spec["in_channels"] == 3  # from the weights' shapes
+
+
+def test_a_torchvision_model_goes_through_compress_and_build(tmp_path):
+    """The output folder records the architecture, so its dense.pt (a plain state_dict) builds and validates
+    with no --arch, as for the ResNets whose architecture is inferred."""
+    from click.testing import CliRunner
+
+    from trp_edge.cli import main
+
+    out = tmp_path / "sq"
+    res = CliRunner().invoke(main, ["compress", "squeezenet1_1", "--steps", "0", "--input-size", "32",
+                                    "--num-classes", "10", "--target-speedup", "2", "--no-latency", "-q",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert load_model(str(out / "dense.pt")).spec["family"] == "torchvision"
+    res = CliRunner().invoke(main, ["build", str(out), "--target", "host", "--runtime", "ort", "--no-int8", "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("passed (native") == 2, res.output

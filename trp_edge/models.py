@@ -256,12 +256,27 @@ def load_model(source: str, *, arch: str | None = None, weights: str | None = No
     return LoadedModel(model, spec, name)
 
 
+def _recorded_spec(path: Path) -> dict[str, Any] | None:
+    """The architecture a `trp-edge compress` output folder records for its weights (report.json's arch), so
+    its dense.pt loads as it was built, whatever the family; None outside such a folder."""
+    from .report import CompressReport
+
+    report = path.parent / "report.json"
+    if path.name != "dense.pt" or not report.is_file():
+        return None
+    return CompressReport.read(report).arch
+
+
 def _spec_for(sd, arch, in_channels, num_classes, path) -> dict[str, Any]:
     if arch:  # channels from the first conv weight, classes from the last weight (a Linear or a 1x1 conv)
         weights = [v for k, v in sd.items() if k.endswith("weight") and v.ndim >= 2]
         ic = in_channels or next((int(v.shape[1]) for v in weights if v.ndim == 4), 3)
         nc = num_classes or (int(weights[-1].shape[0]) if weights else None)
         return builtin_spec(arch, ic, nc)
+    recorded = _recorded_spec(path)
+    if recorded is not None:
+        log.info("architecture %s as recorded in %s", recorded["name"], path.parent / "report.json")
+        return recorded
     try:
         spec = infer_spec(sd)
     except InputError as e:
