@@ -187,3 +187,56 @@ def test_unreachable_target_speedup_is_a_clear_error(tiny):
 def test_energy_outside_0_1_is_refused(bad):
     with pytest.raises(ConfigError, match="energy"):
         DecomposeConfig(energy=bad)
+
+
+class _VGGish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.classifier = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def test_linear_layers_factorize_with_the_flag(tmp_path):
+    from trp_edge.models import exported, load_model, module_spec
+
+    torch.manual_seed(0)
+    model, x = _VGGish().eval(), torch.randn(2, 3, 8, 8)
+    assert [la.name for la in conv_layers(model, x, DecomposeConfig())] == ["features.0"]  # off by default
+    layers = conv_layers(model, x, DecomposeConfig(linear=True))
+    assert [(la.name, la.out_hw) for la in layers] == [("features.0", (8, 8)), ("classifier.0", (1, 1)),
+                                                        ("classifier.2", (1, 1))]
+    assert "linear layer" in conv_layers(model, x, DecomposeConfig(scheme="spatial", linear=True))[1].reason
+    full = copy.deepcopy(model)
+    full.set_submodule("classifier.0", make_pair(model.classifier[0], "channel", 128))
+    assert torch.allclose(full(x), model(x), atol=1e-5)  # full rank: the same function
+    ref = model(x)
+    plans, _ = decompose_(model, DecomposeConfig(ranks={"classifier.0": 8}, linear=True), x)
+    lin = model.get_submodule("classifier.0")
+    assert type(lin).__name__ == "LowRankLinear" and lin.first.weight.shape == (8, 256)
+    assert next(p for p in plans if p.name == "classifier.0").macs_lowrank == 8 * 256 + 128 * 8
+    assert (model(x) - ref).abs().max() < ref.abs().max()  # a rank-8 approximation, not garbage
+    ranks = {p.name: p.rank for p in plans if p.rank is not None}
+    exported.save(model, x[:1], tmp_path / "c.pt2", {"arch": module_spec(model, "v", x), "layers": {
+        n: {"scheme": "channel", "rank": k} for n, k in ranks.items()}})
+    again = load_model(str(tmp_path / "c.pt2"))
+    assert type(again.model.get_submodule("classifier.0")).__name__ == "LowRankLinear"  # the program, regrouped
+    assert torch.allclose(again.model.eval()(x), model(x), atol=1e-5)
+
+
+def test_trp_projects_linear_layers_too():
+    from trp_edge.config import TRPConfig
+    from trp_edge.data import synthetic
+    from trp_edge.trp import TRPTrainer
+
+    torch.manual_seed(0)
+    model = _VGGish()
+    data = synthetic("3x8x8", n_train=64, n_test=32)
+    trainer = TRPTrainer(model, data, TRPConfig(steps=2, period=1, batch=32, nuclear=1e-3),
+                         DecomposeConfig(energy=0.3, linear=True), progress=False)
+    assert "classifier.0" in {la.name for la in trainer.layers}
+    trainer.train()
+    s = torch.linalg.svdvals(model.classifier[0].weight.detach())
+    assert (s > 1e-4 * s[0]).sum() < 128  # projected onto a truncated SVD

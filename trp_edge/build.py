@@ -42,11 +42,12 @@ def resolve_source(model: str | os.PathLike) -> Source:
             raise InputError(f"{p}: not a trp-edge compress output (no report.json); pass it or an .onnx file")
         report = CompressReport.read(p / "report.json")
         variants = []
-        for name, onnx_file, pt in (("dense", "dense.onnx", "dense.pt"), ("compressed", "model.onnx", "compressed.pt")):
+        from .models import model_file
+
+        for name, onnx_file in (("dense", "dense.onnx"), ("compressed", "model.onnx")):
             if not (p / onnx_file).is_file():
                 raise InputError(f"{p}: {onnx_file} is missing; run trp-edge compress again")
-            variants.append(Variant(name, p / onnx_file, p / pt if (p / pt).is_file() else None,
-                                    getattr(report, name)["macs"]))
+            variants.append(Variant(name, p / onnx_file, model_file(p, name), getattr(report, name)["macs"]))
         return Source(report.model, p, variants, tuple(report.input_shape), report.data, report)
     if p.suffix == ".onnx" and p.is_file():
         onnx = importlib.import_module("onnx")

@@ -82,20 +82,16 @@ def calibration_model(cfg: CalibrateConfig):
     """(name, model in eval mode, a zero input of the size the deployment feeds it)."""
     import torch
 
+    from .data import free_size, load_data
     from .models import default_input_size, load_model
 
-    ds = None
-    if cfg.data:
-        from .data import load_data
-
-        ds = load_data(cfg.data)
+    ds = load_data(cfg.data) if cfg.data else None
+    sized = ds is not None and not free_size(cfg.data)  # else the size is the model's, as compress makes it
     loaded = load_model(cfg.model, in_channels=ds.in_channels if ds else None,
-                        num_classes=ds.num_classes if ds else None)
-    if ds is not None:
-        example = torch.zeros_like(ds.example[:1])
-    else:
-        size = cfg.input_size or default_input_size(loaded.spec)
-        example = torch.zeros(1, loaded.spec["in_channels"], size, size)
+                        num_classes=ds.num_classes if ds else None,
+                        input_size=cfg.input_size or (ds.image_size if sized else None))
+    size = ds.image_size if sized else cfg.input_size or default_input_size(loaded.spec)
+    example = torch.zeros(1, loaded.spec["in_channels"], size, size)
     return loaded.name, loaded.model.eval(), example
 
 

@@ -127,8 +127,12 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @click.option("--trust-pickle", is_flag=True, help="allow a .pt holding a pickled nn.Module (runs code from the file)")
 @opt(C, "in_channels", "--in-channels", type=int, help="input channels of a built-in model (default: the data's)")
 @opt(C, "num_classes", "--num-classes", type=int, help="classes of a built-in model (default: the data's)")
-@opt(C, "input_size", "--input-size", type=int, help="input size without --data (default 32 CIFAR, 224 ImageNet)")
+@opt(C, "input_size", "--input-size", type=int,
+     help="input size without --data or with synthetic / imagefolder data (default: the model's: 32 CIFAR, "
+          "224 ImageNet)")
 @click.option("--skip-stem", is_flag=True, help="leave the first conv dense")
+@click.option("--linear", is_flag=True, help="also factorize nn.Linear layers into two (channel scheme; VGG's "
+              "classifier holds most of its weights)")
 @click.option("--ranks", default=None, help="explicit per-layer ranks: NAME=K,... or a JSON file")
 @opt(D, "target_speedup", "--target-speedup", type=float,
      help="choose e by bisection so the decomposed model has X times fewer MACs")
@@ -145,13 +149,14 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @library_errors
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
              device, svd_device, seed, workers, data, arch, weights, trust_pickle, in_channels, num_classes,
-             input_size, skip_stem, ranks, target_speedup, out, force, resume, latency_table, latency, threads, quiet,
-             verbose):
+             input_size, skip_stem, linear, ranks, target_speedup, out, force, resume, latency_table, latency, threads,
+             quiet, verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
     MODEL is a built-in name (resnet18/34/50, resnet20/32/56), any torchvision classification model name
-    (mobilenet_v3_small, efficientnet_b0, ...) or a .pt file (state_dict, checkpoint
-    dict, or with --trust-pickle a pickled nn.Module)."""
+    (mobilenet_v3_small, efficientnet_b0, ...), a .pt file (a state_dict or checkpoint dict of any of those,
+    architecture inferred; with --trust-pickle a pickled nn.Module of any class) or a torch.export program
+    (.pt2, loaded without running code from the file)."""
     from .compress import compress as run
 
     cfg = CompressConfig(
@@ -159,7 +164,7 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
         num_classes=num_classes, input_size=input_size, data=data, out=out, force=force, resume=resume,
         latency=ProfileConfig(threads=threads) if latency else None,
         decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
-                                  target_speedup=target_speedup, latency_table=latency_table),
+                                  linear=linear, target_speedup=target_speedup, latency_table=latency_table),
         trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
                       seed=seed, workers=workers, svd_device=svd_device))
@@ -168,8 +173,6 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
 
 
 def _echo_compress(result) -> None:
-    from .compress import ARTIFACTS
-
     r = result.report
 
     def acc(v):
@@ -191,7 +194,7 @@ def _echo_compress(result) -> None:
                    f"dense {lat['dense']['median_ms']:.2f} ms, compressed {lat['compressed']['median_ms']:.2f} ms: "
                    f"{lat['latency_speedup']:.2f}x for {r.mac_speedup:.2f}x fewer MACs "
                    f"(efficiency {lat['efficiency']:.2f})")
-    click.echo(f"artifacts in {result.out}/ ({', '.join(ARTIFACTS)})")
+    click.echo(f"artifacts in {result.out}/ ({', '.join(result.artifacts)})")
 
 
 @main.command()

@@ -10,6 +10,8 @@ import datetime as dt
 import logging
 import os
 import shutil
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,17 @@ from .report import CompressReport
 
 log = logging.getLogger(__name__)
 
+# compressed.pt / dense.pt for the families trp-edge rebuilds; compressed.pt2 / dense.pt2 for any other model
 ARTIFACTS = ("compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png")
+PROGRAMS = {"compressed.pt": "compressed.pt2", "dense.pt": "dense.pt2"}
 
 
 @dataclass
 class CompressResult:
     out: Path
     report: CompressReport
+    model: torch.nn.Module | None = None  # the compressed model
+    artifacts: tuple[str, ...] = ARTIFACTS
 
 
 def default_out(name: str) -> Path:
@@ -68,29 +74,47 @@ class _Run:
     energy: float | None = None  # the energy of TRP's last TSVD (None: the decomposition finds it)
 
 
-def compress(cfg: CompressConfig, *, progress: bool = True, on_step=None) -> CompressResult:
-    """load -> TRP training -> decomposition -> ONNX export and report, each a stage below."""
-    run = load_stage(cfg)
+def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool = True, on_step=None,
+             **options: Any) -> CompressResult | torch.nn.Module:
+    """load -> TRP training -> decomposition -> ONNX export and report, each a stage below.
+
+    Given a CompressConfig, returns the CompressResult. The Python API: given a model (any nn.Module, or a name
+    or file as on the command line) and keyword options named as the CLI's (`data=`, `scheme=`, `energy=`,
+    `epochs=`, `out=`, ...), writes the same output folder and returns the compressed module; the module
+    passed in is left as it was."""
+    module, api = None, not isinstance(cfg, CompressConfig)
+    if api:
+        module = copy.deepcopy(cfg) if isinstance(cfg, torch.nn.Module) else None
+        label = type(cfg).__name__.lower() if module is not None else str(cfg)
+        cfg = CompressConfig.from_options(label, **options)
+    elif options:
+        raise InputError(f"compress(config) takes no options ({', '.join(options)}): set them in the config")
+    run = load_stage(cfg, module=module)
     train_stage(run, progress=progress, on_step=on_step)
     dense_model, plans = decompose_stage(run)
-    report = export_stage(run, dense_model, plans)
-    return CompressResult(run.out, report)
+    result = export_stage(run, dense_model, plans)
+    return result.model if api else result
 
 
-def load_stage(cfg: CompressConfig) -> _Run:
-    """The data, the model (checked against the data) and its example input; prepares --out."""
-    from .data import load_data
+def load_stage(cfg: CompressConfig, module: torch.nn.Module | None = None) -> _Run:
+    """The data, the model (checked against the data) and its example input; prepares --out. `module`: a
+    model object (the Python API) in place of cfg.model."""
+    from .data import free_size, load_data
     from .models import default_input_size, load_model
 
     data = load_data(cfg.data, workers=cfg.trp.workers, seed=cfg.trp.seed) if cfg.data else None
     in_ch = cfg.in_channels or (data.in_channels if data else None)
     n_cls = cfg.num_classes or (data.num_classes if data else None)
+    fixed = cfg.input_size or (data.image_size if data is not None and not free_size(cfg.data) else None)
     torch.manual_seed(cfg.trp.seed)  # random init of built-in models is part of the run's identity
-    loaded = load_model(cfg.model, arch=cfg.arch, weights=cfg.weights, trust_pickle=cfg.trust_pickle,
-                        in_channels=in_ch, num_classes=n_cls)
+    loaded = load_model(module if module is not None else cfg.model, arch=cfg.arch, weights=cfg.weights,
+                        trust_pickle=cfg.trust_pickle, in_channels=in_ch, num_classes=n_cls, input_size=fixed)
     if loaded.lowrank is not None:
         raise InputError(f"{cfg.model}: already a trp-edge compressed model; compress its dense source instead")
     spec = loaded.spec
+    size = cfg.input_size or default_input_size(spec)
+    if data is not None and free_size(cfg.data) and data.image_size != size:  # made or resized at the model's size
+        data = load_data(cfg.data, workers=cfg.trp.workers, seed=cfg.trp.seed, size=size)
     if data is not None:
         if spec["in_channels"] != data.in_channels:
             raise InputError(f"{cfg.model}: takes {spec['in_channels']}-channel input but {data.name} has "
@@ -99,7 +123,6 @@ def load_stage(cfg: CompressConfig) -> _Run:
             raise InputError(f"{cfg.model}: has {spec['num_classes']} classes but {data.name} has {data.num_classes}")
         example = data.example
     else:
-        size = cfg.input_size or default_input_size(spec)
         example = torch.zeros(1, spec["in_channels"], size, size)
     out = _prepare_out(cfg, loaded.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,11 +159,11 @@ def decompose_stage(run: _Run) -> tuple[torch.nn.Module, list[LayerPlan]]:
     return dense_model, plans
 
 
-def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]) -> CompressReport:
+def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]) -> CompressResult:
     """ONNX export (validated), the latency check, the report and the weights, written to a staging folder
     that replaces the old artifacts only when everything is there."""
     from .export import export_onnx, onnx_macs
-    from .models import compressed_payload
+    from .models import compressed_spec, save_models
     from .report import plot_ranks
 
     cfg, model, stage = run.cfg, run.model, run.out / ".staging"
@@ -159,18 +182,20 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
             latency["efficiency"] = latency["latency_speedup"] / (run.dense_macs.total / comp_macs.total)
         report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
-        payload = compressed_payload(model, run.spec, run.dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
-                                     {"energy": run.energy, "input_shape": list(run.example.shape)})
-        torch.save(payload, stage / "compressed.pt")
-        torch.save(dense_model.state_dict(), stage / "dense.pt")  # the trained dense model, before decomposition
+        spec = compressed_spec(run.spec, run.dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
+                               {"energy": run.energy, "input_shape": list(run.example.shape)})
+        written = save_models(stage, dense_model, model, spec, run.example)
         report.write(stage / "report.json")
         plot_ranks(report, stage / "ranks.png")
-        for name in ARTIFACTS:
+        names = (*written, "dense.onnx", "model.onnx", "report.json", "ranks.png")
+        for name in names:
             os.replace(stage / name, run.out / name)
+        for pt, pt2 in PROGRAMS.items():  # the other kind, from an earlier run, would shadow what was written
+            (run.out / (pt2 if pt in written else pt)).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    log.info("wrote %s", ", ".join(str(run.out / n) for n in ARTIFACTS))
-    return report
+    log.info("wrote %s", ", ".join(str(run.out / n) for n in names))
+    return CompressResult(run.out, report, model, names)
 
 
 def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency) -> CompressReport:
@@ -210,3 +235,15 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
             "last_iterate_accuracy": run.last_iterate_acc},
         # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
         latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict())
+
+
+class _CallableModule(types.ModuleType):
+    """`trp_edge.compress(...)` is the Python API's entry point, but once this module is imported the package's
+    `compress` attribute is the module itself (Python sets submodules on their package): calling the module
+    calls `compress` so both spellings work."""
+
+    def __call__(self, *args, **kwargs):
+        return compress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -39,6 +39,8 @@ class DecomposeConfig(_JSONMixin):
     target_speedup: choose e by bisection so the decomposed model has this many times fewer MACs.
     scheme "auto": per layer the faster of channel, spatial and dense at the kept energy (measured latency
     with latency_table, else fewer MACs); layer_schemes fixes the scheme of named layers.
+    linear: also factorize nn.Linear layers into two Linears (the channel scheme's form; same energy rule and
+    TRP projection); the spatial scheme leaves them dense.
     """
 
     scheme: str = "channel"
@@ -48,6 +50,7 @@ class DecomposeConfig(_JSONMixin):
     target_speedup: float | None = None
     latency_table: str | None = None
     layer_schemes: Mapping[str, str] | None = None
+    linear: bool = False
 
     def __post_init__(self):
         names = (*SCHEME_NAMES, "auto")
@@ -158,6 +161,24 @@ class CompressConfig(_JSONMixin):
         _check(not (self.trp.trains and self.data is None),
                "TRP training needs data: pass --data (fashion-mnist, cifar10:DIR, imagefolder:DIR, synthetic) "
                "or --steps 0 to decompose directly")
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> CompressConfig:
+        """A config from flat keyword options named as the CLI's (the Python API): each goes to the
+        decomposition, the TRP training or the run itself by its name. `latency=False` skips the timing."""
+        parts: dict[str, dict[str, Any]] = {"decompose": {}, "trp": {}, "run": {}}
+        owners = {f.name: part for part, kind in (("decompose", DecomposeConfig), ("trp", TRPConfig), ("run", cls))
+                  for f in dataclasses.fields(kind) if f.name not in ("decompose", "trp", "model")}
+        unknown = sorted(set(options) - set(owners))
+        _check(not unknown, f"compress: unknown options {unknown}; use any of {sorted(owners)}")
+        for k, v in options.items():
+            parts[owners[k]][k] = v
+        run = parts["run"]
+        if run.get("latency") is True or "latency" not in run:
+            run["latency"] = ProfileConfig()
+        elif run["latency"] is False:
+            run["latency"] = None
+        return cls(model, DecomposeConfig(**parts["decompose"]), TRPConfig(**parts["trp"]), **run)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):

@@ -2,8 +2,8 @@
 
     fashion-mnist[:DIR]   IDX files (default DIR: Debian's dataset-fashion-mnist)
     cifar10:DIR           the python-pickle batches (data_batch_1..5, test_batch)
-    imagefolder:DIR       DIR/train and DIR/val, one folder per class
-    synthetic[:CxHxW]     learnable random images (tests)
+    imagefolder:DIR       DIR/train and DIR/val, one folder per class, resized to the model's input size
+    synthetic[:CxHxW]     learnable random images (tests); without a shape, at the model's input size
 
 Batches are deterministic given (seed, epoch, batch index): the order and the augmentation of an
 epoch can be replayed from any batch, which makes --resume exact."""
@@ -180,10 +180,11 @@ def cifar10(root: str) -> Dataset:
 # ---- synthetic -------------------------------------------------------------------------------------------
 
 def synthetic(shape: str | None = None, n_train: int = 512, n_test: int = 256, classes: int = 10,
-              seed: int = 0) -> Dataset:
-    """Images whose class is a fixed random pattern plus noise: learnable in a few steps."""
+              seed: int = 0, size: int | None = None) -> Dataset:
+    """Images whose class is a fixed random pattern plus noise: learnable in a few steps. Without a shape:
+    3 x size x size (16 unless the model says otherwise)."""
     try:
-        c, h, w = (int(v) for v in (shape or "3x16x16").lower().split("x"))
+        c, h, w = (int(v) for v in (shape or f"3x{size or 16}x{size or 16}").lower().split("x"))
     except ValueError:
         raise InputError(f"synthetic:{shape}: expected synthetic:CxHxW, e.g. synthetic:3x16x16") from None
     g = torch.Generator().manual_seed(seed)
@@ -254,8 +255,16 @@ def imagefolder(root: str, size: int = 224, workers: int = 2) -> Dataset:
     return Dataset(f"imagefolder-{d.name}", train, test, 3, len(train.ds.classes), size)
 
 
-def load_data(spec: str, *, workers: int = 2, seed: int = 0) -> Dataset:
-    """A data set from a --data spec (see the module docstring)."""
+def free_size(spec: str) -> bool:
+    """Whether a --data spec leaves the image size to the model (imagefolder resizes; synthetic without a
+    shape is made at it)."""
+    kind, _, arg = spec.partition(":")
+    return kind == "imagefolder" or (kind == "synthetic" and not arg)
+
+
+def load_data(spec: str, *, workers: int = 2, seed: int = 0, size: int | None = None) -> Dataset:
+    """A data set from a --data spec (see the module docstring); `size` is the image size for the specs
+    that leave it free (`free_size`)."""
     kind, _, arg = spec.partition(":")
     if kind == "fashion-mnist":
         return fashion_mnist(arg or None)
@@ -266,7 +275,7 @@ def load_data(spec: str, *, workers: int = 2, seed: int = 0) -> Dataset:
     if kind == "imagefolder":
         if not arg:
             raise InputError("imagefolder needs a directory: --data imagefolder:DIR")
-        return imagefolder(arg, workers=workers)
+        return imagefolder(arg, size=size or 224, workers=workers)
     if kind == "synthetic":
-        return synthetic(arg or None, seed=seed)
+        return synthetic(arg or None, seed=seed, size=size)
     raise InputError(f"unknown data set {spec!r}: use fashion-mnist[:DIR], cifar10:DIR, imagefolder:DIR or synthetic")

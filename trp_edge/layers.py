@@ -85,9 +85,11 @@ def attribute(ops: list[dict[str, Any]], calls: list[ConvCall]) -> tuple[dict[st
 
 def per_layer(model: Path, src: CompressReport, dense_ops: list[dict[str, Any]],
               comp_ops: list[dict[str, Any]]) -> dict[str, Any]:
+    from .models import model_file
+
     shape = tuple(src.input_shape)
-    dense_ms, dense_other, dense_un = attribute(dense_ops, conv_calls(model / "dense.pt", shape))
-    comp_ms, comp_other, comp_un = attribute(comp_ops, conv_calls(model / "compressed.pt", shape))
+    dense_ms, dense_other, dense_un = attribute(dense_ops, conv_calls(model_file(model, "dense"), shape))
+    comp_ms, comp_other, comp_un = attribute(comp_ops, conv_calls(model_file(model, "compressed"), shape))
     rows = []
     for la in src.layers:
         macs_c = la["macs_lowrank"] if la["rank"] is not None else la["macs_dense"]

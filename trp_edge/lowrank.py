@@ -61,14 +61,21 @@ class Scheme:
     pair_macs: Callable[[nn.Conv2d, tuple[int, int], tuple[int, int], int], int]
 
 
-def _common_ineligible(conv: nn.Conv2d) -> str | None:
-    if conv.groups != 1:
+def weight4(m: nn.Module) -> torch.Tensor:
+    """A conv's weight; a Linear's as the (n, c, 1, 1) weight of the 1x1 conv it equals (a view: writes to it, and
+    to its .grad the same way, go to the Linear's own)."""
+    w = m.weight
+    return w if w.ndim == 4 else w.view(*w.shape, 1, 1)
+
+
+def _common_ineligible(conv: nn.Module) -> str | None:
+    if getattr(conv, "groups", 1) != 1:
         return f"grouped conv (groups={conv.groups})"
     return None
 
 
-def dense_macs(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    n, cg, kh, kw = conv.weight.shape
+def dense_macs(conv: nn.Module, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    n, cg, kh, kw = weight4(conv).shape
     return n * cg * kh * kw * out_hw[0] * out_hw[1]
 
 
@@ -96,8 +103,8 @@ def _channel_pair_weights(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ..
     return b.reshape(k, c, kh, kw), a.reshape(n, k, 1, 1)
 
 
-def _channel_pair_macs(conv: nn.Conv2d, in_hw, out_hw, k: int) -> int:
-    n, c, kh, kw = conv.weight.shape
+def _channel_pair_macs(conv: nn.Module, in_hw, out_hw, k: int) -> int:
+    n, c, kh, kw = weight4(conv).shape
     return k * c * kh * kw * out_hw[0] * out_hw[1] + n * k * out_hw[0] * out_hw[1]
 
 
@@ -137,15 +144,17 @@ def _spatial_pair_weights(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ..
     return first, second
 
 
-def _spatial_ineligible(conv: nn.Conv2d) -> str | None:
+def _spatial_ineligible(conv: nn.Module) -> str | None:
+    if isinstance(conv, nn.Linear):
+        return "linear layer (the spatial scheme needs kh or kw > 1; --linear takes the channel scheme)"
     kh, kw = conv.kernel_size
     if kh == 1 and kw == 1:
         return "1x1 kernel (the spatial scheme needs kh or kw > 1)"
     return _common_ineligible(conv)
 
 
-def _spatial_pair_macs(conv: nn.Conv2d, in_hw, out_hw, k: int) -> int:
-    n, c, kh, kw = conv.weight.shape
+def _spatial_pair_macs(conv: nn.Module, in_hw, out_hw, k: int) -> int:
+    n, c, kh, kw = weight4(conv).shape
     # the vertical half keeps the input width (its W stride, padding and dilation are all 1 or 0)
     return k * c * kh * out_hw[0] * in_hw[1] + n * k * kw * out_hw[0] * out_hw[1]
 
@@ -188,24 +197,38 @@ class LowRankConv2d(nn.Module):
         return f"scheme={self.scheme}, rank={self.rank}"
 
 
-def make_pair(conv: nn.Conv2d, scheme: str, k: int, *, init: bool = True) -> LowRankConv2d:
-    """The low-rank pair of `conv` at rank k. With init, weights come from the rank-k TSVD of
-    conv.weight (sqrt(s) on each side); without, they are left for a state_dict to fill."""
+class LowRankLinear(LowRankConv2d):
+    """A Linear replaced by two (`--linear`): `first` (k outputs) then `second`; the channel scheme's 1x1 pair."""
+
+    def __init__(self, first: nn.Linear, second: nn.Linear, scheme: str):
+        nn.Module.__init__(self)
+        self.first, self.second, self.scheme, self.rank = first, second, scheme, first.out_features
+
+
+def _linear_halves(lin: nn.Linear, k: int) -> tuple[nn.Linear, nn.Linear]:
+    return nn.Linear(lin.in_features, k, bias=False), nn.Linear(k, lin.out_features, bias=lin.bias is not None)
+
+
+def make_pair(conv: nn.Module, scheme: str, k: int, *, init: bool = True) -> LowRankConv2d:
+    """The low-rank pair of `conv` (an nn.Conv2d, or an nn.Linear under the channel scheme) at rank k. With init,
+    weights come from the rank-k TSVD of its weight (sqrt(s) on each side); without, they are left for a
+    state_dict to fill."""
     sch = get_scheme(scheme)
-    first, second = sch.halves(conv, k)
+    linear = isinstance(conv, nn.Linear)
+    first, second = _linear_halves(conv, k) if linear else sch.halves(conv, k)
     if init:
-        w = conv.weight.detach()
+        w = weight4(conv).detach()
         m = sch.to_matrix(w.double())
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         r = s[:k].sqrt()
         a, b = u[:, :k] * r, r[:, None] * vh[:k]
         fw, sw = sch.pair_weights(a, b, tuple(w.shape))
         with torch.no_grad():
-            first.weight.copy_(fw.to(w.dtype))
-            second.weight.copy_(sw.to(w.dtype))
+            first.weight.copy_(fw.reshape(first.weight.shape).to(w.dtype))
+            second.weight.copy_(sw.reshape(second.weight.shape).to(w.dtype))
             if conv.bias is not None:
                 second.bias.copy_(conv.bias.detach())
-    pair = LowRankConv2d(first, second, scheme)
+    pair = (LowRankLinear if linear else LowRankConv2d)(first, second, scheme)
     return pair.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
@@ -213,10 +236,11 @@ def make_pair(conv: nn.Conv2d, scheme: str, k: int, *, init: bool = True) -> Low
 
 @dataclass
 class ConvLayer:
-    """A conv of the model with the shapes it sees on the example input."""
+    """A conv of the model (or with --linear a Linear, as the 1x1 conv it equals: in_hw (1, 1), out_hw (1, the
+    positions it is applied at)) with the shapes it sees on the example input."""
 
     name: str
-    module: nn.Conv2d
+    module: nn.Conv2d | nn.Linear
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
     reason: str | None  # why it is not eligible, None when it is
@@ -225,24 +249,32 @@ class ConvLayer:
     def macs_dense(self) -> int:
         return dense_macs(self.module, self.in_hw, self.out_hw)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return weight4(self.module)
+
     def matrix(self, scheme: str) -> torch.Tensor:
-        return get_scheme(scheme).to_matrix(self.module.weight.detach())
+        return get_scheme(scheme).to_matrix(self.weight.detach())
 
 
 def conv_layers(model: nn.Module, example: torch.Tensor, config: DecomposeConfig) -> list[ConvLayer]:
-    """Every nn.Conv2d of the model in forward order with its input/output size, and whether the
-    scheme (with 'auto': any scheme) can decompose it."""
+    """Every nn.Conv2d of the model (with config.linear every nn.Linear too) in forward order with its
+    input/output size, and whether the scheme (with 'auto': any scheme) can decompose it."""
     schemes = [get_scheme(n) for n in scheme_names(config)]
     shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
     order: list[str] = []
     hooks = []
     names = {m: n for n, m in model.named_modules()}
+    kinds = (nn.Conv2d, nn.Linear) if config.linear else nn.Conv2d
+    batch = example.shape[0]
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, kinds) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
             def hook(m, inp, out, name=name):
                 if name not in shapes:
                     order.append(name)
-                shapes[name] = (tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+                x = inp[0]
+                shapes[name] = ((tuple(x.shape[-2:]), tuple(out.shape[-2:])) if x.ndim == 4 and m.weight.ndim == 4
+                                else ((1, 1), (1, x.numel() // x.shape[-1] // batch)))  # a Linear: positions per item
             hooks.append(mod.register_forward_hook(hook))
     was_training = model.training
     try:
@@ -262,7 +294,7 @@ def conv_layers(model: nn.Module, example: torch.Tensor, config: DecomposeConfig
         if reason is None and config.skip_stem and i == 0:
             reason = "stem (--skip-stem)"
         layers.append(ConvLayer(name, mod, *shapes[name], reason))
-    unused = [n for m, n in names.items() if isinstance(m, nn.Conv2d) and n not in shapes]
+    unused = [n for m, n in names.items() if isinstance(m, kinds) and n not in shapes]
     if unused:
         log.debug("convs not reached by the forward pass (left as they are): %s", unused)
     return layers
@@ -397,7 +429,8 @@ def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> Late
     schemes (None without one)."""
     if not config.latency_table:
         return None
-    table = load_table(config.latency_table, layers={la.name: layer_shape(la) for la in layers})
+    table = load_table(config.latency_table,
+                       layers={la.name: layer_shape(la) for la in layers if isinstance(la.module, nn.Conv2d)})
     missing = [s for s in scheme_names(config) if s not in table.header.get("schemes", [])]
     if missing:
         raise ConfigError(f"{config.latency_table}: measured {', '.join(table.header.get('schemes', []))} only, "

@@ -104,7 +104,7 @@ class TRPTrainer:
         for n in self.schemes:
             for la in self.layers:
                 if self.reasons[n][la.name] is None:
-                    groups.setdefault((n, tuple(la.module.weight.shape)), []).append(la)
+                    groups.setdefault((n, tuple(la.weight.shape)), []).append(la)
         self.all_groups = [_Group(v, shape, get_scheme(n)) for (n, shape), v in groups.items()]
         fixed = dcfg.layer_schemes or {}
         # the form each layer is truncated in; with 'auto' every TSVD chooses it again
@@ -148,7 +148,7 @@ class TRPTrainer:
         return out
 
     def _svd(self, g: _Group):
-        w = torch.stack([la.module.weight.detach() for la in g.layers])
+        w = torch.stack([la.weight.detach() for la in g.layers])
         m = g.scheme.to_matrix(w).to(self.svd_device)
         return torch.linalg.svd(m, full_matrices=False)
 
@@ -195,7 +195,7 @@ class TRPTrainer:
             w = g.scheme.from_matrix(m, g.shape).to(self.device)
             for i, la in enumerate(g.layers):
                 if self.layer_scheme[la.name] == g.scheme.name:
-                    la.module.weight.copy_(w[i])
+                    la.weight.copy_(w[i])
                     parts[la.name] = (u[i], keep[i], vh[i])
                     kept[la.name] = int(k[i])
         self.groups = self._active()
@@ -225,8 +225,9 @@ class TRPTrainer:
                 keep = (s > tol).to(s.dtype)
             sub = g.scheme.from_matrix((u * keep[:, None, :]) @ vh, g.shape).to(self.device)
             for i, la in enumerate(g.layers):
-                if la.module.weight.grad is not None:
-                    la.module.weight.grad.add_(sub[i], alpha=lam)
+                grad = la.module.weight.grad
+                if grad is not None:
+                    grad.view(la.weight.shape).add_(sub[i], alpha=lam)
         self._sync()
         self._svd_seconds += time.perf_counter() - t0
 
