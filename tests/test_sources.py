@@ -158,3 +158,16 @@ def test_synthetic_and_unsized_inputs_follow_the_model(tmp_path):
         run = load_stage(CompressConfig(model=name, data="synthetic", trp=TRPConfig(steps=0), latency=None,
                                         out=str(tmp_path / name)))
         assert run.example.shape[-1] == size and run.data.image_size == size
+
+
+def test_a_pickle_whose_class_cannot_be_imported_says_why(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("gone_mod")
+    exec("from torch import nn\nclass Gone(nn.Module):\n    def forward(self, x):\n        return x", mod.__dict__)
+    monkeypatch.setitem(sys.modules, "gone_mod", mod)
+    torch.save(mod.Gone(), tmp_path / "g.pt")
+    monkeypatch.delitem(sys.modules, "gone_mod")
+    with pytest.raises(InputError, match="must be importable here"):
+        load_model(str(tmp_path / "g.pt"), trust_pickle=True)

@@ -98,7 +98,7 @@ def samples(src: Source, cfg: BuildConfig) -> Samples:
 
         from .data import load_data
 
-        data = load_data(spec)
+        data = load_data(spec, size=src.input_shape[-1])  # synthetic / imagefolder: at the model's size
         if tuple(data.example.shape[1:]) != tuple(src.input_shape[1:]):
             raise InputError(f"calibration data {spec}: images {tuple(data.example.shape[1:])} do not fit the "
                              f"model's input {tuple(src.input_shape[1:])}")

@@ -87,7 +87,7 @@ def calibration_model(cfg: CalibrateConfig):
 
     ds = load_data(cfg.data) if cfg.data else None
     sized = ds is not None and not free_size(cfg.data)  # else the size is the model's, as compress makes it
-    loaded = load_model(cfg.model, in_channels=ds.in_channels if ds else None,
+    loaded = load_model(cfg.model, trust_pickle=cfg.trust_pickle, in_channels=ds.in_channels if ds else None,
                         num_classes=ds.num_classes if ds else None,
                         input_size=cfg.input_size or (ds.image_size if sized else None))
     size = ds.image_size if sized else cfg.input_size or default_input_size(loaded.spec)

@@ -381,7 +381,7 @@ def report(reports) -> None:
 
 @main.command()
 @opt(Ca, "target", "--target", "-t")
-@click.option("--model", "-m", required=True, help="a built-in name or a .pt file (as for compress)")
+@click.option("--model", "-m", required=True, help="a model name, a .pt or .pt2 file (as for compress)")
 @click.option("--schemes", default=",".join(default(Ca, "schemes")), show_default=True)
 @opt(Ca, "runtime", "--runtime", "-r", help="the runtime to measure with (ort)")
 @click.option("--local", is_flag=True, help="measure on this machine (target host)")
@@ -390,12 +390,13 @@ def report(reports) -> None:
 @opt(Ca, "threads", "--threads", type=int, help="runtime threads [default: the target's]")
 @opt(Ca, "input_size", "--input-size", type=int)
 @opt(Ca, "data", "--data", help="take input size and channels from this data set (as compress --data)")
+@click.option("--trust-pickle", is_flag=True, help="allow a .pt holding a pickled nn.Module (as for compress)")
 @opt(Ca, "out", "--out")
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def calibrate(target, model, schemes, runtime, local, host, port, tracker, key, timeout, threads, input_size, data,
-              out, quiet, verbose) -> None:
+              trust_pickle, out, quiet, verbose) -> None:
     """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, on the
     device (over RPC, as deploy) or here (--local), and write calibration/<target>/<runtime>/<model>.csv with a
     JSON header."""
@@ -403,7 +404,7 @@ def calibrate(target, model, schemes, runtime, local, host, port, tracker, key, 
 
     r = run(CalibrateConfig(model=model, target=target, schemes=tuple(s for s in schemes.split(",") if s),
                             runtime=runtime, threads=threads, local=local, out=out, input_size=input_size, data=data,
-                            host=host, port=port, tracker=tracker, key=key, timeout=timeout))
+                            trust_pickle=trust_pickle, host=host, port=port, tracker=tracker, key=key, timeout=timeout))
     click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")
 
 

@@ -284,6 +284,7 @@ class CalibrateConfig(_JSONMixin):
     out: str = "calibration"
     input_size: int | None = None
     data: str | None = None
+    trust_pickle: bool = False
     host: str | None = None
     port: int | None = None
     tracker: str | None = None

@@ -206,7 +206,9 @@ def _torch_load(path: Path, trust_pickle: bool):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: cannot unpickle ({str(e).splitlines()[0][:160]})") from e
+        hint = ("; the pickled class must be importable here (its module on PYTHONPATH): one defined in a script's "
+                "__main__ cannot be found by another process") if isinstance(e, AttributeError | ImportError) else ""
+        raise InputError(f"{path}: cannot unpickle ({str(e).splitlines()[0][:160]}){hint}") from e
     if not isinstance(obj, (nn.Module, dict)):
         raise InputError(f"{path}: unpickled a {type(obj).__name__}, not an nn.Module or a state_dict")
     return obj
