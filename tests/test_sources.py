@@ -171,3 +171,15 @@ def test_a_pickle_whose_class_cannot_be_imported_says_why(tmp_path, monkeypatch)
     monkeypatch.delitem(sys.modules, "gone_mod")
     with pytest.raises(InputError, match="must be importable here"):
         load_model(str(tmp_path / "g.pt"), trust_pickle=True)
+
+
+def test_a_program_with_a_fixed_batch_is_refused_for_training(tmp_path):
+    program = torch.export.export(UserNet().eval(), (torch.randn(1, 1, 28, 28),))  # batch fixed at 1
+    torch.export.save(program, str(tmp_path / "fixed.pt2"))
+    cfg = CompressConfig(model=str(tmp_path / "fixed.pt2"), data="synthetic:1x28x28", out=str(tmp_path / "o"),
+                         trp=TRPConfig(steps=2, batch=8), latency=None)
+    with pytest.raises(InputError, match="fixed batch of 1"):
+        trp_edge.compress(cfg)
+    cfg = CompressConfig(model=str(tmp_path / "fixed.pt2"), out=str(tmp_path / "o2"), trp=TRPConfig(steps=0),
+                         latency=None)
+    assert trp_edge.compress(cfg).report.mac_speedup >= 1.0  # decomposing without training still works

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -83,6 +85,10 @@ def check(name: str, tmp: Path) -> dict:
     try:
         torch.manual_seed(0)
         model = build(builtin_spec(name, 3, CLASSES)).eval()
+        with torch.no_grad():  # zero-initialised heads (ViT) give a zero output: nothing to compare
+            for m in model.modules():
+                if isinstance(m, nn.Linear | nn.Conv2d) and not m.weight.any():
+                    m.weight.normal_(0, m.weight.shape[1] ** -0.5)
         row["params_m"] = param_count(model) / 1e6
         size = next((s for s in SIZES if _runs_at(model, s)), None)
         if size is None:
@@ -166,8 +172,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     names = (smallest_per_family() if args.models == "families" else args.models.split(",") if args.models
              else list(torchvision_builders()))
-    tmp = Path(".zoo-sweep")
-    tmp.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="zoo-sweep-"))
     rows = []
     t0 = time.perf_counter()
     for name in names:
@@ -178,7 +183,7 @@ def main() -> None:
             row = check(name, tmp)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    tmp.rmdir()
+    shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - t0
     counts = {k: sum(r["result"] == k for r in rows) for k in ("pass", "partial", "fail", "not run")}
     print(f"{len(rows)} models in {total:.0f} s: " + ", ".join(f"{v} {k}" for k, v in counts.items()))

@@ -139,6 +139,11 @@ def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
     tcfg = run.cfg.trp
     if not tcfg.trains:
         return
+    fixed = run.spec.get("fixed_batch")
+    if fixed is not None and fixed != tcfg.batch:
+        raise InputError(f"{run.cfg.model}: exported with a fixed batch of {fixed}, so it cannot train in batches of "
+                         f"{tcfg.batch}: export it with dynamic_shapes=({{0: torch.export.Dim('batch')}},), or pass "
+                         "--steps 0 to decompose without training")
     device = resolve_device(tcfg.device)
     run.initial_acc = evaluate(run.model.to(device), run.data.test, device)
     trainer = TRPTrainer(run.model, run.data, tcfg, run.cfg.decompose, checkpoint=run.out / "checkpoint.pt",

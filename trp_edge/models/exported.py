@@ -133,25 +133,36 @@ def input_shape(program) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else 1 for d in node.meta["val"].shape)
 
 
-def load(path: Path) -> tuple[fx.GraphModule, dict[str, Any] | None, tuple[int, ...]]:
-    """The lifted program in a .pt2 file, the trp-edge spec saved with it (None for a user's program) and its
-    input shape."""
+def fixed_batch(program) -> int | None:
+    """The batch size a program was exported with when it is not free (training then cannot batch)."""
+    first = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
+    d = node.meta["val"].shape[0]
+    return d if isinstance(d, int) else None
+
+
+def load(path: Path) -> tuple[fx.GraphModule, dict[str, Any] | None, tuple[int, ...], int | None]:
+    """The lifted program in a .pt2 file, the trp-edge spec saved with it (None for a user's program), its input
+    shape and its batch size when that is fixed."""
     extra = {SPEC_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:  # noqa: BLE001 - the deserializer raises many types
         raise InputError(f"{path}: not a loadable torch.export program ({str(e).splitlines()[0][:160]})") from e
     spec = json.loads(extra[SPEC_FILE]) if extra[SPEC_FILE] else None
-    return lift(program), spec, input_shape(program)
+    return lift(program), spec, input_shape(program), fixed_batch(program)
 
 
 def save(model: nn.Module, example: torch.Tensor, path: Path, spec: dict[str, Any]) -> None:
-    """`model` as a torch.export program with a free batch dimension, `spec` inside the archive."""
-    x = example.expand(2, *example.shape[1:]).contiguous()  # batch 2: a size-1 example would fix the batch to 1
+    """`model` as a torch.export program with a free batch dimension (or the fixed one of the program it came
+    from), `spec` inside the archive."""
+    fixed = spec["arch"].get("fixed_batch")  # a program exported at a fixed batch keeps it
+    # batch 2 otherwise: a size-1 example would fix the batch to 1
+    x = example.expand(fixed or 2, *example.shape[1:]).contiguous()
     was = model.training
     model.eval()
     try:
-        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(model, (x,), dynamic_shapes=None if fixed else ({0: torch.export.Dim("batch")},))
     except Exception as e:  # noqa: BLE001 - export fails in many ways on data-dependent models
         raise InputError(f"torch.export of the model failed ({str(e).splitlines()[0][:200]}); such a model "
                          "cannot be written as a .pt2") from e

@@ -142,7 +142,7 @@ def _from_module(model: nn.Module, name: str, in_channels: int | None, input_siz
 def _from_program(path: Path, name: str, in_channels: int | None) -> LoadedModel:
     """A .pt2: a trp-edge output (its spec inside; a compressed one with its pairs regrouped) or a user's
     program, whose input shape is the one it was exported at."""
-    model, saved, shape = exported.load(path)
+    model, saved, shape, fixed = exported.load(path)
     if saved is not None:
         if saved.get("layers"):
             exported.regroup_(model, saved["layers"])
@@ -150,8 +150,10 @@ def _from_program(path: Path, name: str, in_channels: int | None) -> LoadedModel
         return LoadedModel(model, saved["arch"], name)
     if len(shape) != 4:
         raise InputError(f"{path}: the program takes a {len(shape)}-d input; trp-edge takes images (N, C, H, W)")
-    example = torch.zeros(2, in_channels or shape[1], shape[2], shape[3])
-    return LoadedModel(model, module_spec(model, name, example), name)
+    spec = module_spec(model, name, torch.zeros(fixed or 2, in_channels or shape[1], shape[2], shape[3]))
+    if fixed is not None:
+        spec["fixed_batch"] = fixed  # exported without a free batch dimension: it runs at this batch only
+    return LoadedModel(model, spec, name)
 
 
 def model_file(folder: Path, stem: str) -> Path | None:
