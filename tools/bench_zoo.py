@@ -80,8 +80,7 @@ def run_one(name: str, args, root: Path) -> dict:
                           target_speedup=args.speedup, latency_table=str(table), out=str(out), force=True)
     else:
         model, data = source(name, d)
-        sh("calibrate", "--target", "host", "--local", "--model", model, "--schemes", "channel",
-           *[a for a in data if a != "--trust-pickle"], *(["--trust-pickle"] if "--trust-pickle" in data else []),
+        sh("calibrate", "--target", "host", "--local", "--model", model, "--schemes", "channel", *data,
            "--out", str(d / "calibration"), "-q")
         table = next((d / "calibration" / "host" / "ort").glob("*.csv"))
         sh("compress", model, *data, *steps, "--scheme", "channel", "--target-speedup", str(args.speedup),

@@ -27,7 +27,8 @@ from .report import CompressReport
 log = logging.getLogger(__name__)
 
 # compressed.pt / dense.pt for the families trp-edge rebuilds; compressed.pt2 / dense.pt2 for any other model
-ARTIFACTS = ("compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png")
+OUTPUTS = ("dense.onnx", "model.onnx", "report.json", "ranks.png")  # beside the two model files
+ARTIFACTS = ("compressed.pt", "dense.pt", *OUTPUTS)
 PROGRAMS = {"compressed.pt": "compressed.pt2", "dense.pt": "dense.pt2"}
 
 
@@ -192,7 +193,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
         written = save_models(stage, dense_model, model, spec, run.example)
         report.write(stage / "report.json")
         plot_ranks(report, stage / "ranks.png")
-        names = (*written, "dense.onnx", "model.onnx", "report.json", "ranks.png")
+        names = (*written, *OUTPUTS)
         for name in names:
             os.replace(stage / name, run.out / name)
         for pt, pt2 in PROGRAMS.items():  # the other kind, from an earlier run, would shadow what was written

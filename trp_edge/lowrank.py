@@ -188,7 +188,7 @@ class LowRankConv2d(nn.Module):
         self.first = first
         self.second = second
         self.scheme = scheme
-        self.rank = first.out_channels
+        self.rank = first.weight.shape[0]  # the first half's outputs: conv filters or Linear features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
@@ -199,10 +199,6 @@ class LowRankConv2d(nn.Module):
 
 class LowRankLinear(LowRankConv2d):
     """A Linear replaced by two (`--linear`): `first` (k outputs) then `second`; the channel scheme's 1x1 pair."""
-
-    def __init__(self, first: nn.Linear, second: nn.Linear, scheme: str):
-        nn.Module.__init__(self)
-        self.first, self.second, self.scheme, self.rank = first, second, scheme, first.out_features
 
 
 def _linear_halves(lin: nn.Linear, k: int) -> tuple[nn.Linear, nn.Linear]:

@@ -51,8 +51,15 @@ def _tensor(gm: nn.Module, node: fx.Node | None) -> torch.Tensor | None:
 
 def _args(node: fx.Node, names: tuple[str, ...], defaults: tuple) -> list:
     """An aten call's arguments by position, keyword or default."""
-    args = list(node.args) + [node.kwargs.get(n, d) for n, d in zip(names[len(node.args):], defaults[len(node.args):])]
-    return args
+    return list(node.args) + [node.kwargs.get(n, d) for n, d in zip(names[len(node.args):], defaults[len(node.args):])]
+
+
+def _weights(gm: nn.Module, w: fx.Node, b: fx.Node | None) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """(owner path, weight, bias) of a conv or linear call whose weight owner can become its module, else None."""
+    path = _holder(gm, w, {"weight", "bias"})
+    if path is None or (b is not None and b.op != "get_attr"):
+        return None
+    return path, _tensor(gm, w), _tensor(gm, b)
 
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -60,38 +67,38 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 def _conv(gm, node) -> tuple[str, nn.Module] | None:
     _, w, b, stride, padding, dilation, groups = _args(node, _CONV_ARGS, (None, None, None, [1, 1], [0, 0], [1, 1], 1))
-    path = _holder(gm, w, {"weight", "bias"})
-    if path is None or (b is not None and b.op != "get_attr"):
+    found = _weights(gm, w, b)
+    if found is None:
         return None
-    weight = _tensor(gm, w)
+    path, weight, bias = found
     n, cg, kh, kw = weight.shape
-    conv = nn.Conv2d(cg * groups, n, (kh, kw), stride, padding, dilation, groups, bias=b is not None,
+    conv = nn.Conv2d(cg * groups, n, (kh, kw), stride, padding, dilation, groups, bias=bias is not None,
                      device="meta")
-    conv.weight, conv.bias = weight, _tensor(gm, b)
+    conv.weight, conv.bias = weight, bias
     return path, conv
 
 
 def _linear(gm, node) -> tuple[str, nn.Module] | None:
     _, w, b = _args(node, ("input", "weight", "bias"), (None, None, None))
-    path = _holder(gm, w, {"weight", "bias"})
-    if path is None or (b is not None and b.op != "get_attr"):
+    found = _weights(gm, w, b)
+    if found is None:
         return None
-    weight = _tensor(gm, w)
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, device="meta")
-    lin.weight, lin.bias = weight, _tensor(gm, b)
+    path, weight, bias = found
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight, lin.bias = weight, bias
     return path, lin
 
 
 def _batch_norm(gm, node) -> tuple[str, nn.Module] | None:
-    x, w, b, mean, var, _training, momentum, eps = node.args[:8]
+    _, w, b, mean, _var, _training, momentum, eps = node.args[:8]
     if w is None or mean is None:
         return None
     path = _holder(gm, w, {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
     if path is None:
         return None
-    owner = gm.get_submodule(path)
-    bn = _BatchNorm(_tensor(gm, w).shape[0], eps, momentum, device="meta")
-    bn.weight, bn.bias = _tensor(gm, w), _tensor(gm, b)
+    owner, weight = gm.get_submodule(path), _tensor(gm, w)
+    bn = _BatchNorm(weight.shape[0], eps, momentum, device="meta")
+    bn.weight, bn.bias = weight, _tensor(gm, b)
     bn.running_mean, bn.running_var = owner.running_mean, owner.running_var
     if hasattr(owner, "num_batches_tracked"):
         bn.num_batches_tracked = owner.num_batches_tracked
@@ -126,19 +133,13 @@ def lift(program) -> fx.GraphModule:
     return gm
 
 
-def input_shape(program) -> tuple[int, ...]:
-    """The shape of the program's first input as exported (a free batch dimension read as 1)."""
+def input_shape(program) -> tuple[tuple[int, ...], int | None]:
+    """The shape of the program's first input as exported (a free batch dimension read as 1), and its batch
+    size when that is fixed (training then cannot batch)."""
     first = program.graph_signature.user_inputs[0]
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
-    return tuple(d if isinstance(d, int) else 1 for d in node.meta["val"].shape)
-
-
-def fixed_batch(program) -> int | None:
-    """The batch size a program was exported with when it is not free (training then cannot batch)."""
-    first = program.graph_signature.user_inputs[0]
-    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
-    d = node.meta["val"].shape[0]
-    return d if isinstance(d, int) else None
+    shape = node.meta["val"].shape
+    return tuple(d if isinstance(d, int) else 1 for d in shape), shape[0] if isinstance(shape[0], int) else None
 
 
 def load(path: Path) -> tuple[fx.GraphModule, dict[str, Any] | None, tuple[int, ...], int | None]:
@@ -150,7 +151,7 @@ def load(path: Path) -> tuple[fx.GraphModule, dict[str, Any] | None, tuple[int, 
     except Exception as e:  # noqa: BLE001 - the deserializer raises many types
         raise InputError(f"{path}: not a loadable torch.export program ({str(e).splitlines()[0][:160]})") from e
     spec = json.loads(extra[SPEC_FILE]) if extra[SPEC_FILE] else None
-    return lift(program), spec, input_shape(program), fixed_batch(program)
+    return (lift(program), spec, *input_shape(program))
 
 
 def save(model: nn.Module, example: torch.Tensor, path: Path, spec: dict[str, Any]) -> None:

@@ -144,7 +144,7 @@ def _from_program(path: Path, name: str, in_channels: int | None) -> LoadedModel
     program, whose input shape is the one it was exported at."""
     model, saved, shape, fixed = exported.load(path)
     if saved is not None:
-        if saved.get("layers"):
+        if "layers" in saved:  # compressed.pt2 (dense.pt2 records its arch only), as compressed.pt is read
             exported.regroup_(model, saved["layers"])
             return LoadedModel(model, saved["arch"], name, lowrank=saved)
         return LoadedModel(model, saved["arch"], name)
