@@ -8,12 +8,14 @@ setup:
 	@bash tools/setup.sh
 
 # The main job on an embedded default: TRP (spatial, e=0.02, Nu) on Fashion-MNIST ResNet-20 for
-# one epoch on the CPU, then decomposition, ONNX export and the report in trp-edge-out/resnet20;
-# then ONNX Runtime and TFLite builds for this machine, run here, with latency reports in reports/host/.
+# one epoch on the CPU with ranks chosen for ONNX Runtime and TFLite, fp32 and INT8, on this machine
+# (latency tables measured first when calibration/host/ has none for this CPU), then decomposition,
+# ONNX export and the report in trp-edge-out/resnet20; then fp32 and INT8 builds for both runtimes,
+# timed here, with latency and accuracy per stage in reports/host/.
 demo: setup
 	$(VENV)/trp-edge compress resnet20 --data fashion-mnist --scheme spatial --energy 0.02 \
-	  --nuclear 3e-4 --epochs 1 --lr 0.05 --force
-	$(VENV)/trp-edge deploy --target host --local --runtime ort,tflite
+	  --nuclear 3e-4 --epochs 1 --lr 0.05 --force --runtime ort,tflite --precision fp32,int8
+	$(VENV)/trp-edge deploy --target host --local --runtime ort,tflite --precision fp32,int8
 
 test: setup
 	$(VENV)/ruff check trp_edge tests tools

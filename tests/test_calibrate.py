@@ -30,7 +30,7 @@ def test_calibrate_writes_a_table_and_refuses_a_mismatch(tmp_path):
     assert "layer1.0.conv1" in layers and {"dense", "channel", "spatial"} <= {r["scheme"] for r in rows}
     for r in rows:
         assert float(r["p10_ms"]) <= float(r["median_ms"]) <= float(r["p90_ms"]) and int(r["runs"]) >= 9
-        assert (r["scheme"] == "dense") == (r["rank"] == "0")
+        assert (r["scheme"] in ("dense", "call")) == (r["rank"] == "0")
     t = load_table(table, target="host", runtime="ort")
     assert t.latency("layer1.0.conv1", "dense", 0) > 0 and t.header["input_shape"] == [1, 3, 16, 16]
     with pytest.raises(InputError, match="measured on target host, not rpi4"):
@@ -213,3 +213,75 @@ def test_latency_rank_rounds_up_only_to_a_pair_faster_than_dense():
     assert latency_rank(t, "c", "spatial", 17, 48) == (None, 1.0)  # the guard: dense
     assert latency_rank(t, "c", "spatial", 17, 48, guard=False) == (17, None)  # training: keep the energy rank
     assert latency_rank(t, "c", "spatial", 30, 48) == (30, None)  # nothing measured at or above 30
+
+
+def test_a_table_for_another_precision_or_thread_count_is_refused(table, tmp_path):
+    t = load_table(table, precision="fp32", threads=1)
+    assert t.header["precision"] == "fp32" and t.header["net_ms"] > 0
+    with pytest.raises(InputError, match="measured at fp32, not int8"):
+        load_table(table, precision="int8")
+    with pytest.raises(InputError, match=r"measured at 1 thread\(s\), not 2"):
+        load_table(table, threads=2)
+    for flags, msg in ((["--threads", "2"], "not 2: calibrate with --threads 2"),
+                       (["--precision", "int8"], "not int8: calibrate with --precision int8")):
+        res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--latency-table",
+                                        str(table), *flags, "--out", str(tmp_path / "x"), "--no-latency"])
+        assert res.exit_code == 1 and msg in res.output, res.output
+        assert not (tmp_path / "x" / "report.json").exists()
+
+
+def test_every_layer_of_a_shape_is_measured_once_with_its_call_overhead(table):
+    t = load_table(table)
+    same = [n for n, s in t.header["layers"].items() if s == t.header["layers"]["layer1.0.conv1"]]
+    assert len(same) > 1  # resnet20's stage 1: six 16->16 convs of one shape
+    rows = {n: {(r["scheme"], r["rank"]): r["median_ms"] for r in t.rows if r["layer"] == n} for n in same}
+    assert all(rows[n] == rows[same[0]] for n in same)
+    call, dense = t.latency(same[0], "call", 0), t.dense(same[0])
+    assert 0 < call < dense  # a near-empty model on the layer's input costs less than the conv
+
+
+def test_default_compress_picks_up_the_deployment_table(table, tmp_path, monkeypatch):
+    cal = tmp_path / "cal"
+    dst = cal / "host" / "ort" / "resnet20.csv"
+    dst.parent.mkdir(parents=True)
+    for suffix in (".csv", ".json"):
+        dst.with_suffix(suffix).write_bytes(table.with_suffix(suffix).read_bytes())
+    before = dst.stat().st_mtime_ns
+    monkeypatch.setenv("TRP_EDGE_CALIBRATION", str(cal))
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--energy", "0.3",
+                                    "--scheme", "spatial", "--out", str(tmp_path / "c"), "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert f"ranks from latency table {dst}" in res.output and "predicted for host/ort fp32" in res.output
+    assert dst.stat().st_mtime_ns == before  # found and fresh: not measured again
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert rep["config"]["decompose"]["latency_table"] == str(dst)
+    assert rep["config"]["target"] == "host" and rep["config"]["threads"] == 1
+    (pred,) = rep["predictions"]
+    assert pred["runtime"] == "ort" and pred["precision"] == "fp32" and pred["compressed_ms"] < pred["dense_ms"]
+    # every decomposed layer's pair is faster than its dense conv in the table (the guard, by default)
+    tab = load_table(dst)
+    for la in rep["layers"]:
+        if la["rank"] is not None:
+            assert tab.latency(la["name"], la["scheme"], la["rank"]) < tab.dense(la["name"])
+
+
+def test_compress_measures_a_missing_table_first_unless_told_not_to(tiny, tmp_path, monkeypatch):
+    import torch
+
+    cal = tmp_path / "cal"
+    monkeypatch.setenv("TRP_EDGE_CALIBRATION", str(cal))
+    model = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(tiny.eval(), (torch.zeros(2, 3, 16, 16),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), model)
+    args = ["compress", str(model), "--steps", "0", "--energy", "0.3", "--out", str(tmp_path / "c"), "--no-latency",
+            "--force"]
+    res = CliRunner().invoke(main, [*args, "--no-calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "ranks are MAC-based" in res.output and not cal.exists()
+    res = CliRunner().invoke(main, [*args, "--runtime", "ort", "--precision", "fp32,int8"])
+    assert res.exit_code == 0, res.output
+    made = sorted(p.name for p in (cal / "host" / "ort").glob("*.csv"))
+    assert made == ["tiny-int8.csv", "tiny.csv"]
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert {p["precision"] for p in rep["predictions"]} == {"fp32", "int8"}
+    assert load_table(cal / "host" / "ort" / "tiny-int8.csv").header["precision"] == "int8"

@@ -29,7 +29,9 @@ REPORT_KEYS = {"scheme", "energy", "nuclear", "period", "dense", "compressed", "
 
 def test_compress_a_torchvision_resnet18_state_dict(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
-    res = run(["compress", "resnet18.pt", "--scheme", "spatial", "-q"], tmp_path)
+    # MAC-based here (the default measures ResNet-18's latency table first: about 100 s; tests/test_calibrate.py
+    # covers that path on a small model)
+    res = run(["compress", "resnet18.pt", "--scheme", "spatial", "--no-calibrate", "-q"], tmp_path)
     assert res.exit_code == 0, res.output
     out = tmp_path / "trp-edge-out" / "resnet18"
     for name in ("compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png"):
@@ -60,7 +62,8 @@ def test_compress_a_torchvision_resnet18_state_dict(tmp_path):
 
 def test_train_decompose_and_report_on_synthetic_data(tmp_path):
     res = run(["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "24", "--period", "4", "--batch", "32",
-               "--nuclear", "3e-4", "--scheme", "channel", "--lr", "0.05", "--out", "o", "-q", "--no-latency"],
+               "--nuclear", "3e-4", "--scheme", "channel", "--lr", "0.05", "--out", "o", "-q", "--no-latency",
+               "--no-calibrate"],
               tmp_path)
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "o" / "report.json").read_text())
@@ -79,7 +82,7 @@ def test_train_decompose_and_report_on_synthetic_data(tmp_path):
 
 def test_target_speedup_is_met(tmp_path):
     res = run(["compress", "resnet20", "--steps", "0", "--target-speedup", "2.5", "--scheme", "channel",
-               "--out", "o", "-q", "--no-latency"], tmp_path)
+               "--out", "o", "-q", "--no-latency", "--no-calibrate"], tmp_path)
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["mac_speedup"] >= 2.5 and r["target_speedup"] == 2.5
@@ -97,7 +100,7 @@ def test_target_speedup_is_met(tmp_path):
     (["compress", "resnet20", "--energy", "0"], "energy must be in (0, 1)"),
     (["compress", "resnet20", "--data", "fashion-mnist:/nonexistent", "--steps", "2"], "no such data directory"),
     (["compress", "resnet20", "--epochs", "1"], "TRP training needs data"),
-    (["compress", "resnet20", "--steps", "0", "--target-speedup", "1000"], "out of reach"),
+    (["compress", "resnet20", "--steps", "0", "--target-speedup", "1000", "--no-calibrate"], "out of reach"),
     (["compress", "resnet20", "--steps", "0", "--ranks", "nope=3"], "layers the model does not have"),
 ])
 def test_bad_input_is_one_clear_line_and_keeps_what_was_written(tmp_path, args, message):

@@ -134,9 +134,9 @@ def test_a_program_goes_through_compress_build_and_deploy(tmp_path, monkeypatch)
     r = run(main, ["build", "out", "--target", "host", "--runtime", "ort", "--calib-images", "8",
                    "--eval-images", "16"])
     assert r.exit_code == 0, r.output
-    r = run(main, ["deploy", "--target", "host", "--local", "--runtime", "ort", "-m", "out"])
+    r = run(main, ["deploy", "--target", "host", "--local", "--runtime", "ort", "--precision", "fp32", "-m", "out"])
     assert r.exit_code == 0, r.output
-    assert "host/ort (1 thread): dense" in r.output
+    assert "host/ort fp32 (1 thread): dense" in r.output
     rep = json.loads(next((tmp_path / "reports" / "host").glob("out-ort-*.json")).read_text())
     decomposed = [la for la in rep["layers"] if la["rank"] is not None]
     assert decomposed and all(la["dense_ms"] and la["compressed_ms"] for la in decomposed)  # kernels mapped back

@@ -48,7 +48,8 @@ def main() -> None:
             d = out / f"{scheme}-{kind}"
             compress(CompressConfig(model=args.model, out=str(d), force=True, latency=None, trp=TRPConfig(steps=0),
                                     decompose=DecomposeConfig(scheme=scheme, target_speedup=args.speedup,
-                                                              latency_table=table)), progress=False)
+                                                              latency_table=table),
+                                    calibrate=table is not None, threads=args.threads), progress=False)
             models.append(str(d))
     protocol = ProfileConfig(warmup=5, block=5, min_runs=args.min_runs, min_seconds=args.min_seconds,
                              max_seconds=600)
@@ -59,9 +60,9 @@ def main() -> None:
     for r in reps:
         pr = r.get("prediction")
         if pr:
-            lines.append(f"- {r['name']}: predicted conv {pr['compressed_conv_ms']:.3f} ms (dense "
-                         f"{pr['dense_conv_ms']:.3f}), measured whole net {pr['measured_compressed_ms']:.3f} ms (dense "
-                         f"{pr['measured_dense_ms']:.3f}): {100 * pr['error']:+.1f}%")
+            lines.append(f"- {r['name']}: predicted {pr['compressed_ms']:.3f} ms (dense {pr['dense_ms']:.3f}), "
+                         f"measured whole net {pr['measured_compressed_ms']:.3f} ms "
+                         f"(dense {pr['measured_dense_ms']:.3f}): {100 * pr['error']:+.1f}%")
     table = "\n".join(lines)
     print(table)
     (out / "bench_calibrated.json").write_text(json.dumps(

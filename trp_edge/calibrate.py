@@ -1,16 +1,22 @@
 """`trp-edge calibrate`: measured latency of every eligible conv of a model, dense and as low-rank pairs over
-a grid of ranks and schemes, at the layer's real input shape, with the runtime and threads the deployment
-will use. Latency is stepwise in the rank (vector widths, channel blocks: ONNX Runtime's NCHWc layout pads
-a rank-2 conv to 16 output channels), which the energy rule cannot see.
+a grid of ranks and schemes, at the layer's real input shape, with the runtime, precision and threads the
+deployment will use. Latency is stepwise in the rank (vector widths, channel blocks: ONNX Runtime's NCHWc
+layout pads a rank-2 conv to 16 output channels), which the energy rule cannot see.
 
-Writes calibration/<target>/<runtime>/<model>.csv and its .json header (trp_edge.latency_table: the table's
-format, and `load_table`, which refuses a table made for another target, runtime or shape).
+Writes calibration/<target>/<runtime>/<stem>.csv and its .json header (trp_edge.latency_table: the table's
+format, its key, and `load_table`, which refuses a table made for another deployment or shape).
 
-Measured with ONNX Runtime, on this machine (`--local`) or on the device over the same transport as deploy
-(`trp-edge serve` runs trp_edge.device.bench.calibrate there: numpy and onnxruntime, no torch).
+Measured on this machine (`--local`) or on the device over the same transport as deploy (`trp-edge serve`
+runs trp_edge.device.bench.calibrate there: numpy and the runtime, no torch):
+- ort: each variant a small ONNX model; INT8 is static QDQ (as build quantizes), on random activations;
+- tflite: each layer's whole grid is one .tflite with a signature per variant, converted for all layers in
+  one call of the converter (litert-torch starts slowly); INT8 is full-integer (ai-edge-quantizer).
+Layers of the same shape are measured once. Each layer also times a near-empty model on its input (the
+per-call overhead, scheme "call"), and the whole dense net is timed (header "net_ms"), so a whole-net
+latency can be predicted from the table: net_ms - sum(dense convs) + sum(chosen pairs).
 
-Stages: load the model and its input -> per layer, write the dense conv and every pair of the grid as small
-ONNX models and time them on the device in one job -> write the table."""
+Stages: load the model and its input -> per layer shape, lower the dense conv and every pair of the grid ->
+time them on the device, one call per shape -> write the table."""
 
 from __future__ import annotations
 
@@ -23,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CalibrateConfig, DecomposeConfig
-from .errors import ConfigError, DeviceError
-from .latency_table import DENSE, LatencyTable, layer_shape
+from .config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
+from .errors import ConfigError, DeviceError, InputError
+from .latency_table import CALL, DENSE, LatencyTable, layer_shape, load_table, stale, table_path
 from .targets import Target, load_target
 from .transport import Session, open_session, resolve
 
 log = logging.getLogger(__name__)
+
+NET = "__net__"  # the group timing the whole dense net
 
 
 def rank_grid(full: int, break_even: int) -> list[int]:
@@ -49,32 +57,37 @@ class CalibrationResult:
     seconds: float
 
 
-def calibrate(cfg: CalibrateConfig) -> CalibrationResult:
-    """Measure every eligible conv of cfg.model on the target, one layer per device call (its dense conv and
-    every pair, as small ONNX models timed in alternating blocks), here with `local`, else over RPC on the
-    target's `trp-edge serve`. Writes the table and its header; returns where."""
+def calibrate(cfg: CalibrateConfig, *, progress: bool = False) -> CalibrationResult:
+    """Measure every eligible conv of cfg.model on the target (here with `local`, else over RPC on the target's
+    `trp-edge serve`) and write the table and its header; returns where."""
+    name, net, example = calibration_model(cfg)
+    return calibrate_model(cfg, name, net, example, progress=progress)
+
+
+def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: bool = False) -> CalibrationResult:
+    """`calibrate` for a model already loaded (`net` in eval mode, `example` its batch-1 input), as compress
+    calls it; cfg.model is not read."""
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
                           f"{target.name} over RPC (--host/--tracker, as for deploy)")
     conn = None if cfg.local else resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key)
     threads = cfg.threads or target.run_threads
-    name, net, example = calibration_model(cfg)
     t0 = time.perf_counter()
     try:
         with open_session(target, local=cfg.local, conn=conn, timeout=cfg.timeout) as session:
-            rows, shapes, device = measure_layers(net, example, cfg, session, target, threads)
+            rows, shapes, device, net_ms = measure_layers(net, example, cfg, session, target, threads, progress)
     except DeviceError as e:
         if target.native and conn is not None:
             raise type(e)(f"{e}; or measure this machine with --local") from e
         raise
-    header = {"target": target.name, "runtime": cfg.runtime, "threads": threads, "model": name,
-              "input_shape": list(example.shape), "layers": shapes, "schemes": list(cfg.schemes), "device": device,
-              "transport": session.transport, "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "protocol": cfg.protocol.to_dict()}
-    d = Path(cfg.out) / target.name / cfg.runtime
-    d.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = LatencyTable(header, rows).write(d / name)
+    header = {"target": target.name, "runtime": cfg.runtime, "precision": cfg.precision, "threads": threads,
+              "model": name, "input_shape": list(example.shape), "layers": shapes, "schemes": list(cfg.schemes),
+              "net_ms": net_ms, "device": device, "transport": session.transport,
+              "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.protocol.to_dict()}
+    path = table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = LatencyTable(header, rows).write(path.with_suffix(""))
     return CalibrationResult(csv_path, json_path, len(rows), time.perf_counter() - t0)
 
 
@@ -95,65 +108,174 @@ def calibration_model(cfg: CalibrateConfig):
     return loaded.name, loaded.model.eval(), example
 
 
-def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target: Target,
-                   threads: int) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
-    """Every conv's rows (one per measured variant), every conv's shape key, and the device's identity."""
-    from .lowrank import conv_layers
+def _call_module():
+    """A near-empty model on a layer's input: what one call of the runtime costs with that input."""
+    from torch import nn
 
-    rows: list[dict[str, Any]] = []
+    class Call(nn.Module):
+        def forward(self, x):
+            return x[:, :1, :1, :1] * 1.0
+
+    return Call()
+
+
+def layer_grids(net, example, cfg: CalibrateConfig) -> tuple[dict[str, dict[str, Any]], dict[str, str],
+                                                              dict[str, list[str]]]:
+    """The modules to time, grouped per layer shape: {shape: {"input_shape", "variants": {variant: module}}}
+    (variant "dense", "<scheme>:<rank>", "call"), plus the group NET (the whole dense net); every conv's shape
+    key; and the layers of each shape."""
+    import torch
+
+    from .lowrank import conv_layers, get_scheme, make_pair
+
+    groups: dict[str, dict[str, Any]] = {}
     shapes: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    for layer in conv_layers(net, example, DecomposeConfig(scheme=cfg.schemes[0])):
+        key = shapes[layer.name] = layer_shape(layer)
+        m = layer.module
+        ok = [s for s in cfg.schemes if get_scheme(s).ineligible(m) is None]
+        if not ok:
+            continue
+        members.setdefault(key, []).append(layer.name)
+        if key in groups:
+            continue
+        variants: dict[str, Any] = {DENSE: m, CALL: _call_module()}
+        for scheme in ok:
+            sch = get_scheme(scheme)
+            full = min(sch.to_matrix(m.weight.detach()).shape)
+            cheaper = [k for k in range(1, full + 1)
+                       if sch.pair_macs(m, layer.in_hw, layer.out_hw, k) < layer.macs_dense]
+            for k in rank_grid(full, max(cheaper)) if cheaper else []:
+                variants[f"{scheme}:{k}"] = make_pair(m, scheme, k, init=False)
+        groups[key] = {"input_shape": [1, m.in_channels, *layer.in_hw], "variants": variants}
+    groups[NET] = {"input_shape": list(example.shape), "variants": {DENSE: net}}
+    for g in groups.values():
+        torch.manual_seed(0)
+        for v in g["variants"].values():
+            v.eval()
+    return groups, shapes, members
+
+
+def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target: Target, threads: int,
+                   progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any], float | None]:
+    """Every conv's rows (one per measured variant), every conv's shape key, the device's identity and the
+    whole dense net's latency."""
+    from tqdm.auto import tqdm
+
+    groups, shapes, members = layer_grids(net, example, cfg)
+    rows: list[dict[str, Any]] = []
     device: dict[str, Any] = {}
+    net_ms = None
     with tempfile.TemporaryDirectory(prefix="trp-edge-cal-") as tmp:
-        for layer in conv_layers(net, example, DecomposeConfig(scheme=cfg.schemes[0])):
-            shapes[layer.name] = layer_shape(layer)
-            job, files = layer_job(layer, cfg, threads, Path(tmp))
-            if job is None:
-                continue
+        lowered = LOWER[cfg.runtime](groups, cfg, Path(tmp))
+        bar = tqdm(lowered.items(), desc=f"calibrate {cfg.runtime} {cfg.precision}", unit="shape",
+                   disable=not progress)
+        for key, (arts, files) in bar:
+            job = {"runtime": cfg.runtime, "threads": threads, "protocol": cfg.protocol.to_dict(),
+                   "input_shape": groups[key]["input_shape"], "artifacts": arts}
             res = session.call("calibrate", job, files)
-            for f in files.values():
-                f.unlink()
             if res.get("error"):
                 raise DeviceError(f"{target.name}/{cfg.runtime}: {res['error']}")
             device = res["device"]
-            rows += layer_rows(layer.name, shapes[layer.name], res)
-    return rows, shapes, device
+            if key == NET:
+                net_ms = res["timing"].get(DENSE, {}).get("median_ms")
+                continue
+            for name in members[key]:
+                rows += layer_rows(name, key, res)
+    return rows, shapes, device, net_ms
 
 
-def _write_onnx(module, example, path: Path) -> None:
+def _write_onnx(module, shape, path: Path) -> None:
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), str(path), input_names=["input"], dynamo=False)
+        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), input_names=["input"], dynamo=False)
 
 
-def layer_job(layer, cfg: CalibrateConfig, threads: int, tmp: Path):
-    """The device job timing one conv: its dense conv and, per scheme that can take it, a pair at every rank
-    of the grid (past the break-even rank a pair is never chosen). (None, {}) when no scheme takes it."""
+def _random_calib(shape, n: int = 8):
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
+
+
+def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
+    """Each variant one small ONNX model (INT8: quantized to QDQ as build does, on random activations: the
+    latency of integer kernels does not depend on the values). {group: (artifacts, files)}."""
+    from .backends.ort import quantize_int8
+
+    out = {}
+    for gi, (key, g) in enumerate(groups.items()):
+        arts, files = [], {}
+        for vi, (variant, module) in enumerate(g["variants"].items()):
+            name = f"{gi}-{vi}.onnx"
+            _write_onnx(module, g["input_shape"], tmp / name)
+            if cfg.precision == "int8" and variant != CALL:
+                q = f"{gi}-{vi}.int8.onnx"
+                quantize_int8(tmp / name, tmp / q, _random_calib(g["input_shape"]), tmp)
+                (tmp / name).unlink()
+                name = q
+            files[name] = tmp / name
+            arts.append({"variant": variant, "file": name})
+        out[key] = (arts, files)
+    return out
+
+
+def _convs(module) -> list[dict[str, Any]]:
+    """A dense conv or a low-rank pair as the conv chain grid_model writes ([] for the per-call model)."""
+    from torch import nn
+
+    chain = [module] if isinstance(module, nn.Conv2d) else [module.first, module.second] \
+        if hasattr(module, "first") else []
+    return [{"out": m.out_channels, "k": m.kernel_size, "s": m.stride, "p": m.padding, "d": m.dilation}
+            for m in chain]
+
+
+def lower_tflite(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
+    """Each layer's grid one .tflite with a signature per variant, written directly (backends.tflite_grid:
+    no conversion per grid point; INT8 full-integer). {group: (artifacts, files)}."""
+    from .backends.tflite_grid import grid_model
+
+    out = {}
+    for gi, (key, g) in enumerate(groups.items()):
+        file = tmp / f"grid{gi}.tflite"
+        if key == NET:  # the whole net goes through the converter, as build does
+            arts = _tflite_net(g, cfg, tmp)
+            if arts:
+                out[key] = arts
+            continue
+        sigs = {f"v{vi}": _convs(m) for vi, m in enumerate(g["variants"].values())}
+        file.write_bytes(grid_model(tuple(g["input_shape"]), sigs, int8=cfg.precision == "int8"))
+        arts = [{"variant": variant, "file": file.name, "signature": f"v{vi}"}
+                for vi, variant in enumerate(g["variants"])]
+        out[key] = (arts, {file.name: file})
+    return out
+
+
+def _tflite_net(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
+    """The whole dense net converted with litert-torch (INT8: quantized as build does, on random images), or
+    None with a warning when it does not convert: the table then predicts the convs only."""
     import torch
 
-    from .lowrank import get_scheme, make_pair
+    from .backends.tflite import convert
+    from .errors import TrpEdgeError
 
-    m = layer.module
-    ok = [s for s in cfg.schemes if get_scheme(s).ineligible(m) is None]
-    if not ok:
-        return None, {}
-    x = torch.randn(1, m.in_channels, *layer.in_hw)
-    files = {"dense.onnx": tmp / "dense.onnx"}
-    _write_onnx(m, x, files["dense.onnx"])
-    arts = [{"variant": DENSE, "file": "dense.onnx"}]
-    for scheme in ok:
-        sch = get_scheme(scheme)
-        full = min(sch.to_matrix(m.weight.detach()).shape)
-        cheaper = [k for k in range(1, full + 1) if sch.pair_macs(m, layer.in_hw, layer.out_hw, k) < layer.macs_dense]
-        for k in rank_grid(full, max(cheaper)) if cheaper else []:
-            name = f"{scheme}-{k}.onnx"
-            files[name] = tmp / name
-            _write_onnx(make_pair(m, scheme, k, init=False), x, files[name])
-            arts.append({"variant": f"{scheme}:{k}", "file": name})
-    job = {"runtime": cfg.runtime, "threads": threads, "protocol": cfg.protocol.to_dict(),
-           "input_shape": list(x.shape), "artifacts": arts}
-    return job, files
+    pt, file = tmp / "net.pt2", tmp / "net.tflite"
+    calib = _random_calib(g["input_shape"]) if cfg.precision == "int8" else None
+    try:
+        torch.export.save(torch.export.export(g["variants"][DENSE], (torch.zeros(g["input_shape"]),)), str(pt))
+        convert(pt, file, tuple(g["input_shape"]), calib, tmp)
+    except (TrpEdgeError, RuntimeError) as e:
+        log.warning("calibrate: the whole net did not convert to TFLite (%s): the table predicts the convs only",
+                    str(e).splitlines()[0][:200])
+        return None
+    if calib is not None:
+        file = file.with_suffix(".int8.tflite")
+    return [{"variant": DENSE, "file": file.name}], {file.name: file}
+
+
+LOWER = {"ort": lower_ort, "tflite": lower_tflite}
 
 
 def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,6 +289,88 @@ def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any
                      "median_ms": round(t["median_ms"], 5), "p10_ms": round(t["p10_ms"], 5),
                      "p90_ms": round(t["p90_ms"], 5), "runs": t["runs"]})
     dense = res["timing"].get(DENSE)
-    log.info("calibrate: %s: dense %s ms, %d pairs", name, f"{dense['median_ms']:.3f}" if dense else "n/a",
-             len(res["timing"]) - (dense is not None))
+    log.debug("calibrate: %s: dense %s ms, %d pairs", name, f"{dense['median_ms']:.3f}" if dense else "n/a",
+             len(res["timing"]) - (dense is not None) - (CALL in res["timing"]))
     return rows
+
+
+# ------------------------------------------------------------------------------- tables for a deployment
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where a model will run: the key of its latency table."""
+
+    target: str
+    runtime: str
+    precision: str
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.target}/{self.runtime} {self.precision}, {self.threads} thread(s)"
+
+
+def deployments(cfg: CompressConfig) -> list[Deployment]:
+    """Every deployment compress chooses ranks for: target x runtimes x precisions, at the given threads or the
+    target's."""
+    target = load_target(cfg.target or "host")
+    threads = cfg.threads or target.run_threads
+    return [Deployment(target.name, rt, prec, threads) for rt in (cfg.runtime or "ort").split(",") if rt
+            for prec in (cfg.precision or "fp32").split(",") if prec]
+
+
+def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress: bool = False) -> tuple[str, ...]:
+    """The latency tables compress plans with, one per deployment: the one in cfg.calibration when it fits the
+    model's layers and (on this machine) was measured on this CPU with this runtime version; else, with
+    cfg.calibrate and a reachable target (host; a board over RPC), one measured now. A deployment with neither
+    is left out with a warning: its ranks are MAC-based. An explicit --latency-table is checked against the
+    deployment flags that were given and used as it is."""
+    from torch import nn
+
+    from .device.bench import device_identity
+    from .lowrank import conv_layers
+
+    shapes = {la.name: layer_shape(la) for la in conv_layers(net, example, cfg.decompose)
+              if isinstance(la.module, nn.Conv2d)}
+    explicit = cfg.decompose.latency_table
+    if explicit:
+        paths = (explicit,) if isinstance(explicit, str) else tuple(explicit)
+        for p in paths:
+            load_table(p, target=cfg.target, runtime=cfg.runtime if cfg.runtime and "," not in cfg.runtime else None,
+                       precision=cfg.precision if cfg.precision and "," not in cfg.precision else None,
+                       threads=cfg.threads, layers=shapes)
+        return paths
+    here = None
+    found = []
+    for dep in deployments(cfg):
+        target = load_target(dep.target)
+        path = table_path(calibration_root(cfg.calibration), dep.target, dep.runtime, dep.precision, dep.threads, name)
+        try:
+            table = load_table(path, target=dep.target, runtime=dep.runtime, precision=dep.precision,
+                               threads=dep.threads, layers=shapes)
+            if target.native:
+                here = here or device_identity()
+                why = stale(table.header, here)
+            else:  # a board's identity is known only once connected: its table is trusted as calibrated
+                why = None
+            if why is None and set(table.header.get("schemes", [])) < set(SCHEME_NAMES):
+                why = f"measured {', '.join(table.header.get('schemes', []))} only"
+        except InputError as e:
+            why = "no table yet" if not path.is_file() else str(e).split(": ", 1)[-1]
+        if why is None:
+            log.debug("%s: latency table %s", dep, path)
+            found.append(str(path))
+            continue
+        if not cfg.calibrate:
+            log.debug("%s: %s (%s) and --no-calibrate: ranks for it are MAC-based", dep, path, why)
+            continue
+        log.warning("%s: %s (%s): calibrating it first", dep, path, why)
+        ccfg = CalibrateConfig(model=name, target=dep.target, runtime=dep.runtime, precision=dep.precision,
+                               threads=dep.threads, local=target.native, out=calibration_root(cfg.calibration))
+        try:
+            found.append(str(calibrate_model(ccfg, name, net, example, progress=progress).csv))
+        except DeviceError as e:
+            if target.native:
+                raise
+            log.warning("%s: cannot reach the device (%s): ranks for it are MAC-based", dep, e)
+    return tuple(found)

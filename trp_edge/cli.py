@@ -23,6 +23,7 @@ from .config import (
     TRPConfig,
 )
 from .errors import TrpEdgeError
+from .latency_table import CALIBRATED_RUNTIMES, PRECISIONS
 
 log = logging.getLogger("trp_edge.cli")
 
@@ -139,18 +140,29 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @opt(C, "out", "--out", "-o", help="output directory (default trp-edge-out/<model-name>)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--resume", is_flag=True, help="go on from --out/checkpoint.pt")
-@opt(D, "latency_table", "--latency-table", help="a trp-edge calibrate table (calibration/<target>/<runtime>/"
-     "<model>.csv): round ranks up to the fastest measured ones, keep layers dense where the pair is slower")
+@opt(C, "target", "--target", "-t", help="the deployment the ranks are chosen for: a name from `trp-edge "
+     "targets` [default: host]")
+@opt(C, "runtime", "--runtime", "-r", help="its runtime: ort, tflite, or both comma-separated (a pair must then be "
+     "faster than dense in each) [default: ort]")
+@opt(C, "precision", "--precision", help="fp32, int8, or fp32,int8 [default: fp32]")
+@opt(C, "threads", "--threads", type=int, help="its threads, also for the latency check [default: the target's]")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="measure the deployment's latency table first when it is missing or stale and the target "
+              "can be reached (host, or a board over RPC); without a table ranks are MAC-based")
+@opt(C, "calibration", "--calibration", help="where latency tables are found and written [default: "
+     "$TRP_EDGE_CALIBRATION, else ./calibration]")
+@opt(D, "latency_table", "--latency-table", help="use this trp-edge calibrate table (calibration/<target>/<runtime>/"
+     "<model>.csv) instead of the deployment's: round ranks up to the fastest measured ones, keep layers dense "
+     "where the pair is slower")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="time dense.onnx vs model.onnx in onnxruntime on this machine for the report")
-@opt(P, "threads", "--threads", type=int, help="threads for the latency check [default: 1]")
 @click.option("--quiet", "-q", count=True, help="less output (no progress bars)")
 @click.option("--verbose", "-v", count=True)
 @library_errors
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
              device, svd_device, seed, workers, data, arch, weights, trust_pickle, in_channels, num_classes,
-             input_size, skip_stem, linear, ranks, target_speedup, out, force, resume, latency_table, latency, threads,
-             quiet, verbose):
+             input_size, skip_stem, linear, ranks, target_speedup, out, force, resume, target, runtime, precision,
+             threads, calibrate, calibration, latency_table, latency, quiet, verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
     MODEL is a built-in name (resnet18/34/50, resnet20/32/56), any torchvision classification model name
@@ -162,7 +174,8 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
     cfg = CompressConfig(
         model=model, arch=arch, weights=weights, trust_pickle=trust_pickle, in_channels=in_channels,
         num_classes=num_classes, input_size=input_size, data=data, out=out, force=force, resume=resume,
-        latency=ProfileConfig(threads=threads) if latency else None,
+        latency=ProfileConfig() if latency else None, target=target, runtime=runtime, precision=precision,
+        threads=threads, calibrate=calibrate, calibration=calibration,
         decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
                                   linear=linear, target_speedup=target_speedup, latency_table=latency_table),
         trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
@@ -188,6 +201,12 @@ def _echo_compress(result) -> None:
                f"{len(r.layers) - left}/{len(r.layers)} convs decomposed")
     click.echo(f"accuracy: dense {acc(r.dense['accuracy'])}, decomposed {acc(r.compressed['accuracy'])}; "
                f"ONNX max abs diff {r.onnx['max_abs_diff']:.2g}")
+    tables = r.latency_tables
+    click.echo(f"ranks from latency table{'s' if len(tables) > 1 else ''} {', '.join(tables)}" if tables else
+               "ranks are MAC-based (no latency table): a pair may be slower than its dense conv")
+    for pr in r.predictions or []:
+        click.echo(f"predicted for {pr['deployment']}: dense {pr['dense_ms']:.3f} ms, compressed "
+                   f"{pr['compressed_ms']:.3f} ms ({pr['latency_speedup']:.2f}x)")
     if r.latency:
         lat = r.latency
         click.echo(f"latency here (onnxruntime, {lat['threads']} thread{'s' if lat['threads'] > 1 else ''}, batch 1): "
@@ -267,10 +286,17 @@ def _echo_report(path: Path) -> None:
     r = json.loads(path.read_text())
     em = " [EMULATED: not device latency]" if r["emulated"] else ""
     slower = sum(1 for la in r["layers"] if la.get("slower"))
-    click.echo(f"{r['target']}/{r['runtime']} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}): dense "
-               f"{r['dense']['median_ms']:.3f} ms, compressed {r['compressed']['median_ms']:.3f} ms: "
+    prec = r.get("precision", "fp32")
+    click.echo(f"{r['target']}/{r['runtime']} {prec} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}): "
+               f"dense {r['dense']['median_ms']:.3f} ms, compressed {r['compressed']['median_ms']:.3f} ms: "
                f"{r['latency_speedup']:.2f}x for {r['mac_speedup']:.2f}x fewer MACs (efficiency {r['efficiency']:.2f})"
-               + (f"; {slower} layer(s) slower than dense" if slower else "") + em)
+               + (f"; {slower} layer(s) slower than dense" if slower else "")
+               + (f"; {r['fp32_dense']['speedup']:.2f}x against fp32 dense" if r.get("fp32_dense") else "") + em)
+    acc = r.get("accuracy")
+    if acc:
+        q = [f"{k.split('_')[1]} {k.split('_')[-1]} {v:.2f}%" for k, v in acc.items() if k.count("_") == 2]
+        click.echo(f"  top-1: trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
+                   + "".join(f", {x}" for x in q))
     click.echo(f"  report: {path} (+ .md, .png)")
 
 
@@ -313,6 +339,8 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("--target", "-t", required=True, help="a name from `trp-edge targets` or a .toml file")
 @opt(Dp, "model", "--model", "-m", help="a trp-edge compress output [default: the latest in trp-edge-out/]")
 @opt(Dp, "runtimes", "--runtime", "-r", "runtimes")
+@opt(Dp, "precision", "--precision", help="fp32, int8 or both comma-separated (INT8 for ORT and TFLite; INT8 "
+     "dense against INT8 compressed, with the fp32 dense model as the reference line)")
 @_connection_options
 @click.option("--local", is_flag=True, help="run on this machine (target host)")
 @click.option("--emulate", is_flag=True, help="run aarch64 artifacts under qemu here (correctness only)")
@@ -328,17 +356,18 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
-def deploy(target, model, runtimes, host, port, tracker, key, local, emulate, tune_trials, tuning_db, timeout, reports,
-           layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
+def deploy(target, model, runtimes, precision, host, port, tracker, key, local, emulate, tune_trials, tuning_db,
+           timeout, reports, layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
-    reports/<target>/<model>-<runtime>-<time>.{json,md,png}. With --compare, every model is timed in the same
+    reports/<target>/<model>-<runtime>[-int8]-<time>.{json,md,png}. With --compare, every model is timed in the same
     alternating run and each report carries the side-by-side table."""
     from .deploy import deploy as run
     from .report import comparison_markdown
 
-    paths = run(DeployConfig(target=target, model=model, runtimes=runtimes, host=host, port=port, tracker=tracker,
-                             key=key, local=local, emulate=emulate, threads=threads, tune_trials=tune_trials,
-                             tuning_db=tuning_db, reports=reports, timeout=timeout, layers=layers, compare=compare,
+    paths = run(DeployConfig(target=target, model=model, runtimes=runtimes, precision=precision, host=host, port=port,
+                             tracker=tracker, key=key, local=local, emulate=emulate, threads=threads,
+                             tune_trials=tune_trials, tuning_db=tuning_db, reports=reports, timeout=timeout,
+                             layers=layers, compare=compare,
                              protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)))
     shown = set()
     for p in paths:
@@ -383,7 +412,9 @@ def report(reports) -> None:
 @opt(Ca, "target", "--target", "-t")
 @click.option("--model", "-m", required=True, help="a model name, a .pt or .pt2 file (as for compress)")
 @click.option("--schemes", default=",".join(default(Ca, "schemes")), show_default=True)
-@opt(Ca, "runtime", "--runtime", "-r", help="the runtime to measure with (ort)")
+@opt(Ca, "runtime", "--runtime", "-r", type=click.Choice(CALIBRATED_RUNTIMES), help="the runtime to measure with")
+@opt(Ca, "precision", "--precision", type=click.Choice(PRECISIONS),
+     help="int8: quantized layers (ORT: static QDQ; TFLite: full-integer)")
 @click.option("--local", is_flag=True, help="measure on this machine (target host)")
 @_connection_options
 @opt(Ca, "timeout", "--timeout", type=float, help="seconds for the device session")
@@ -395,16 +426,18 @@ def report(reports) -> None:
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
-def calibrate(target, model, schemes, runtime, local, host, port, tracker, key, timeout, threads, input_size, data,
-              trust_pickle, out, quiet, verbose) -> None:
+def calibrate(target, model, schemes, runtime, precision, local, host, port, tracker, key, timeout, threads,
+              input_size, data, trust_pickle, out, quiet, verbose) -> None:
     """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, on the
     device (over RPC, as deploy) or here (--local), and write calibration/<target>/<runtime>/<model>.csv with a
-    JSON header."""
+    JSON header (<model>-int8, <model>-<N>t for INT8 and N threads)."""
     from .calibrate import calibrate as run
 
     r = run(CalibrateConfig(model=model, target=target, schemes=tuple(s for s in schemes.split(",") if s),
-                            runtime=runtime, threads=threads, local=local, out=out, input_size=input_size, data=data,
-                            trust_pickle=trust_pickle, host=host, port=port, tracker=tracker, key=key, timeout=timeout))
+                            runtime=runtime, precision=precision, threads=threads, local=local, out=out,
+                            input_size=input_size, data=data, trust_pickle=trust_pickle, host=host, port=port,
+                            tracker=tracker, key=key, timeout=timeout),
+            progress=quiet == 0 and sys.stderr.isatty())
     click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool =
     elif options:
         raise InputError(f"compress(config) takes no options ({', '.join(options)}): set them in the config")
     run = load_stage(cfg, module=module)
+    tables_stage(run, progress=progress)
     train_stage(run, progress=progress, on_step=on_step)
     dense_model, plans = decompose_stage(run)
     result = export_stage(run, dense_model, plans)
@@ -129,8 +130,29 @@ def load_stage(cfg: CompressConfig, module: torch.nn.Module | None = None) -> _R
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, data, loaded.name, spec, loaded.model, example, out, dcfg=cfg.decompose)
     run.dense_macs = count_macs(run.model, example)
-    run.other_macs = run.dense_macs.total - sum(la.macs_dense for la in conv_layers(run.model, example, cfg.decompose))
+    layers = conv_layers(run.model, example, cfg.decompose)
+    run.other_macs = run.dense_macs.total - sum(la.macs_dense for la in layers)
+    unknown = sorted(set(cfg.decompose.ranks or {}) - {la.name for la in layers})
+    if unknown:  # before any calibration or training is spent on the run
+        raise InputError(f"explicit ranks name layers the model does not have: {unknown}")
     return run
+
+
+def tables_stage(run: _Run, *, progress: bool = True) -> None:
+    """The latency tables of the deployments compress chooses ranks for (found, or measured now: calibrate);
+    the run's config records them and the resolved deployment."""
+    from .calibrate import deployment_tables, deployments
+
+    cfg = run.cfg
+    tables = deployment_tables(cfg, run.name, run.model.eval(), run.example, progress=progress)
+    dep = deployments(cfg)[0]
+    run.cfg = replace(cfg, target=dep.target, threads=dep.threads, runtime=cfg.runtime or dep.runtime,
+                      precision=cfg.precision or dep.precision,
+                      decompose=replace(cfg.decompose, latency_table=tables or None))
+    run.dcfg = run.cfg.decompose
+    if not tables and cfg.calibrate:  # with --no-calibrate the user asked for it (and the summary says so)
+        log.warning("no latency table for %s: ranks are MAC-based, and a pair may be slower than its dense conv "
+                    "(calibrate, or drop --no-calibrate)", ", ".join(map(str, deployments(cfg))))
 
 
 def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
@@ -147,7 +169,7 @@ def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
                          "--steps 0 to decompose without training")
     device = resolve_device(tcfg.device)
     run.initial_acc = evaluate(run.model.to(device), run.data.test, device)
-    trainer = TRPTrainer(run.model, run.data, tcfg, run.cfg.decompose, checkpoint=run.out / "checkpoint.pt",
+    trainer = TRPTrainer(run.model, run.data, tcfg, run.dcfg, checkpoint=run.out / "checkpoint.pt",
                          other_macs=run.other_macs, progress=progress, on_step=on_step)
     run.train = trainer.train(resume=run.cfg.resume)
     log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", run.train.steps, run.train.train_seconds,
@@ -184,7 +206,8 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
         if cfg.latency is not None:  # what the MACs became in milliseconds, here, from day one
             from .profile import time_onnx_pair
 
-            latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape), cfg.latency)
+            latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape),
+                                     replace(cfg.latency, threads=cfg.latency.threads or cfg.threads))
             latency["efficiency"] = latency["latency_speedup"] / (run.dense_macs.total / comp_macs.total)
         report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency)
         ranks = {p.name: p.rank for p in plans if p.rank is not None}
@@ -240,7 +263,20 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
             # accuracy of the last SGD iterate, before TRP's final TSVD (dense.accuracy is after it)
             "last_iterate_accuracy": run.last_iterate_acc},
         # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
-        latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict())
+        latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict(),
+        predictions=_predictions(dcfg, plans))
+
+
+def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan]) -> list[dict[str, Any]] | None:
+    """What each latency table predicts for the whole net, dense and compressed."""
+    from .latency_table import load_table, predict
+
+    t = dcfg.latency_table
+    if not t:
+        return None
+    chosen = [(p.name, p.scheme, p.rank) for p in plans]
+    preds = [predict(load_table(path), chosen) for path in ([t] if isinstance(t, str) else t)]
+    return [p for p in preds if p is not None]
 
 
 class _CallableModule(types.ModuleType):

@@ -4,11 +4,13 @@ records how it was made."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .latency_table import CALIBRATED_RUNTIMES, PRECISIONS
 
 SCHEME_NAMES = ("channel", "spatial")  # the matrix forms; "auto" picks one of them (or dense) per layer
 
@@ -39,6 +41,8 @@ class DecomposeConfig(_JSONMixin):
     target_speedup: choose e by bisection so the decomposed model has this many times fewer MACs.
     scheme "auto": per layer the faster of channel, spatial and dense at the kept energy (measured latency
     with latency_table, else fewer MACs); layer_schemes fixes the scheme of named layers.
+    latency_table: a calibration table, or several (one per deployment: a pair must be faster than dense in
+    every one of them).
     linear: also factorize nn.Linear layers into two Linears (the channel scheme's form; same energy rule and
     TRP projection); the spatial scheme leaves them dense.
     """
@@ -48,7 +52,7 @@ class DecomposeConfig(_JSONMixin):
     ranks: Mapping[str, int] | None = None
     skip_stem: bool = False
     target_speedup: float | None = None
-    latency_table: str | None = None
+    latency_table: str | tuple[str, ...] | None = None
     layer_schemes: Mapping[str, str] | None = None
     linear: bool = False
 
@@ -62,6 +66,9 @@ class DecomposeConfig(_JSONMixin):
                    f"per-layer schemes other than {self.scheme!r} need scheme 'auto'")
             object.__setattr__(self, "layer_schemes", dict(self.layer_schemes))
         _check(0.0 < self.energy < 1.0, f"energy must be in (0, 1), got {self.energy}")
+        if isinstance(self.latency_table, list | tuple):  # one table stays a plain path (report.json's contract)
+            tables = tuple(str(t) for t in self.latency_table)
+            object.__setattr__(self, "latency_table", tables[0] if len(tables) == 1 else tables or None)
         if self.ranks is not None:
             bad = {k: v for k, v in self.ranks.items() if not (isinstance(v, int) and v >= 1)}
             _check(not bad, f"explicit ranks must be integers >= 1, got {bad}")
@@ -150,6 +157,13 @@ class CompressConfig(_JSONMixin):
     force: bool = False
     resume: bool = False
     latency: ProfileConfig | None = ProfileConfig()  # host ONNX Runtime timing in the report; None: skip
+    # the deployment the ranks are chosen for: its latency table is used, or measured first (calibrate)
+    target: str | None = None  # default host
+    runtime: str | None = None  # ort, tflite, or several comma-separated (default ort)
+    precision: str | None = None  # fp32, int8, or both comma-separated (default fp32)
+    threads: int | None = None  # default the target's
+    calibrate: bool = True  # measure a missing or stale table when the target can be reached
+    calibration: str | None = None  # where tables are found and written (default: calibration_root())
 
     def __post_init__(self):
         _check(isinstance(self.decompose, DecomposeConfig), "decompose must be a DecomposeConfig")
@@ -158,6 +172,11 @@ class CompressConfig(_JSONMixin):
         _check(self.num_classes is None or self.num_classes >= 2, f"num-classes must be >= 2, got {self.num_classes}")
         _check(self.input_size is None or self.input_size >= 8, f"input size must be >= 8, got {self.input_size}")
         _check(not (self.force and self.resume), "--force starts again and --resume goes on: pass one of them")
+        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        for opt, value, names in (("--runtime", self.runtime, CALIBRATED_RUNTIMES),
+                                  ("--precision", self.precision, PRECISIONS)):
+            bad = [v for v in (value or "").split(",") if v and v not in names]
+            _check(not bad, f"{opt}: unknown {bad[0] if bad else ''!r}: use {', '.join(names)} (comma-separated)")
         _check(not (self.trp.trains and self.data is None),
                "TRP training needs data: pass --data (fashion-mnist, cifar10:DIR, imagefolder:DIR, synthetic) "
                "or --steps 0 to decompose directly")
@@ -221,6 +240,11 @@ class BuildConfig(_JSONMixin):
         _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
 
 
+def calibration_root(folder: str | None = None) -> str:
+    """Where latency tables are found and written: `folder`, else $TRP_EDGE_CALIBRATION, else ./calibration."""
+    return folder or os.environ.get("TRP_EDGE_CALIBRATION") or "calibration"
+
+
 def _check_device_options(cfg) -> None:
     """What DeployConfig and CalibrateConfig share: threads, timeout, tracker address, and the timing protocol
     (a mapping from JSON becomes a ProfileConfig)."""
@@ -253,9 +277,12 @@ class DeployConfig(_JSONMixin):
     layers: bool = True
     protocol: ProfileConfig = ProfileConfig()
     compare: tuple[str, ...] = ()  # other compress outputs timed in the same run, side by side
+    precision: str = "fp32,int8"  # INT8 where the runtime builds it (ORT, TFLite)
 
     def __post_init__(self):
         object.__setattr__(self, "compare", tuple(self.compare))
+        bad = [p for p in self.precision.split(",") if p not in PRECISIONS]
+        _check(not bad, f"--precision: unknown {bad[0] if bad else ''!r}: use fp32, int8 or fp32,int8")
         _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
         _check(not ((self.local or self.emulate) and (self.host or self.tracker)),
                "--local/--emulate run here; drop --host/--tracker")
@@ -269,19 +296,22 @@ CALIBRATION_PROTOCOL = ProfileConfig(warmup=2, block=3, min_runs=9, min_seconds=
 @dataclass(frozen=True)
 class CalibrateConfig(_JSONMixin):
     """`trp-edge calibrate`: measure every eligible conv of `model`, dense and as low-rank pairs over a grid of
-    ranks in each of `schemes`, with `runtime` at `threads` (default: the target's), here with `local` or on
-    the device (connection as for deploy: host/port, tracker/key, else the target's [rpc]).
+    ranks in each of `schemes`, with `runtime` (ort, tflite) at `precision` (fp32, int8) and `threads`
+    (default: the target's), here with `local` or on the device (connection as for deploy: host/port,
+    tracker/key, else the target's [rpc]).
 
     input_size / data: the input the layers see (default: the model's own size; data takes size and channels
-    from a data set). out: the table goes to OUT/<target>/<runtime>/<model>.{csv,json}."""
+    from a data set). out: the table goes to OUT/<target>/<runtime>/<stem>.{csv,json}
+    (trp_edge.latency_table.table_path)."""
 
     model: str
     target: str = "host"
     schemes: tuple[str, ...] = SCHEME_NAMES
     runtime: str = "ort"
+    precision: str = "fp32"
     threads: int | None = None
     local: bool = False
-    out: str = "calibration"
+    out: str | None = None  # default calibration_root()
     input_size: int | None = None
     data: str | None = None
     trust_pickle: bool = False
@@ -294,7 +324,9 @@ class CalibrateConfig(_JSONMixin):
 
     def __post_init__(self):
         object.__setattr__(self, "schemes", tuple(self.schemes))
-        _check(self.runtime == "ort", f"calibration runtime {self.runtime!r} is not supported yet: use ort")
+        _check(self.runtime in CALIBRATED_RUNTIMES, f"calibration runtime {self.runtime!r} is not supported: use "
+               f"{' or '.join(CALIBRATED_RUNTIMES)} (TVM tables: issue 12)")
+        _check(self.precision in PRECISIONS, f"unknown precision {self.precision!r}: use {' or '.join(PRECISIONS)}")
         _check(bool(self.schemes), f"--schemes: name at least one of {', '.join(SCHEME_NAMES)}")
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         _check(not bad, f"unknown scheme {bad[0] if bad else ''!r}: use one of {', '.join(SCHEME_NAMES)}")

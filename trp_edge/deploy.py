@@ -31,23 +31,32 @@ def latest_model(root: Path = Path("trp-edge-out")) -> Path:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig) -> Path:
+def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, int8: bool = False) -> Path:
     """The runtime folder of MODEL/build/<target>/, reused when it was built from the same ONNX files with
-    the same tuning budget, else built now."""
+    the same tuning budget (and INT8 artifacts when `int8`), else built now."""
     folder = model / "build" / target.name / runtime
     try:
         m = load_manifest(folder)
         same = (m["source_sha256"] == {"dense": sha256(model / "dense.onnx"),
                                        "compressed": sha256(model / "model.onnx")}
-                and m["config"]["tune_trials"] == cfg.tune_trials)
+                and m["config"]["tune_trials"] == cfg.tune_trials and (m["config"]["int8"] or not int8))
         if same and all((folder / a["file"]).is_file() for a in m["artifacts"]):
             log.info("%s/%s: reusing the build in %s", target.name, runtime, folder)
             return folder
     except (InputError, KeyError, json.JSONDecodeError):
         pass
+    # INT8 accuracy on the whole test set the model was compressed with (capped by its size)
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
-                      tuning_db=cfg.tuning_db, int8=False, emulate=cfg.emulate or target.native))
+                      tuning_db=cfg.tuning_db, int8=int8, eval_images=10000, emulate=cfg.emulate or target.native))
     return folder
+
+
+def precisions(cfg: DeployConfig, runtime: str) -> tuple[str, ...]:
+    """The precisions deploy times with `runtime`: INT8 only where the runtime builds it (ORT, TFLite)."""
+    return tuple(p for p in cfg.precision.split(",") if p and (p == "fp32" or runtime in INT8_RUNTIMES))
+
+
+INT8_RUNTIMES = ("ort", "tflite")
 
 
 @dataclass
@@ -57,14 +66,15 @@ class Part:
     model: Path
     folder: Path
     label: str  # "" for the deployed model, a name for each --compare model
-    variants: dict[str, str]  # "dense" / "compressed" -> the job variant that times it
+    variants: dict[str, dict[str, str]]  # precision -> "dense" / "compressed" -> the job variant that times it
 
 
-def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig) -> tuple[dict[str, Any], dict[str, Path],
-                                                                                       list[Part]]:
-    """One job timing the fp32 CPU artifacts of every (model, build folder) in alternating blocks, so the models
-    are compared side by side in one run. An artifact file shared by two models (the dense model both were
-    compressed from) is timed once. Returns the job, the files it names (name -> local path) and the parts."""
+def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
+             precs: tuple[str, ...] = ("fp32",)) -> tuple[dict[str, Any], dict[str, Path], list[Part]]:
+    """One job timing the CPU artifacts of every (model, build folder) at each precision in alternating blocks,
+    so models and precisions are compared side by side in one run. An artifact file shared by two models (the
+    dense model both were compressed from) is timed once. Returns the job, the files it names (name -> local
+    path) and the parts."""
     files: dict[str, Path] = {}
     arts: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
@@ -74,9 +84,6 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig) -
     for i, (model, folder) in enumerate(builds):
         m = load_manifest(folder)
         runtime = runtime or m["runtime"]
-        fp32 = [a for a in m["artifacts"] if a["precision"] == "fp32" and a["device"] == "cpu"]
-        if {a["variant"] for a in fp32} != {"dense", "compressed"}:
-            raise InputError(f"{folder}: needs fp32 CPU artifacts of both the dense and the compressed model")
         label = ""
         if i:
             label = model.resolve().name
@@ -85,18 +92,24 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig) -
         labels.add(label)
         ref = f"{i}-reference.npz" if i else "reference.npz"
         files[ref] = folder.parent / "reference.npz"
-        variants = {}
-        for a in fp32:
-            # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ), so
-            # sameness is the source file's hash and the build settings
-            same = (m["source_sha256"][a["variant"]], m["target"], m["runtime"], m["config"].get("tune_trials"))
-            if same not in seen:
-                name, fname = (f"{label}:{a['variant']}", f"{i}-{a['file']}") if i else (a["variant"], a["file"])
-                files[fname] = folder / a["file"]
-                arts.append({"variant": name, "file": fname, "device": a["device"], "reference": ref,
-                             "key": a["variant"]})
-                seen[same] = name
-            variants[a["variant"]] = seen[same]
+        variants: dict[str, dict[str, str]] = {}
+        for prec in precs:
+            chosen = [a for a in m["artifacts"] if a["precision"] == prec and a["device"] == "cpu"]
+            if {a["variant"] for a in chosen} != {"dense", "compressed"}:
+                raise InputError(f"{folder}: needs {prec} CPU artifacts of both the dense and the compressed model")
+            for a in chosen:
+                # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ), so
+                # sameness is the source file's hash, the precision and the build settings
+                same = (m["source_sha256"][a["variant"]], prec, m["target"], m["runtime"],
+                        m["config"].get("tune_trials"))
+                if same not in seen:
+                    base = a["variant"] if prec == "fp32" else f"{prec}:{a['variant']}"
+                    name, fname = (f"{label}:{base}", f"{i}-{a['file']}") if i else (base, a["file"])
+                    files[fname] = folder / a["file"]
+                    arts.append({"variant": name, "file": fname, "device": a["device"], "reference": ref,
+                                 "key": a["variant"], "precision": prec})
+                    seen[same] = name
+                variants.setdefault(prec, {})[a["variant"]] = seen[same]
         parts.append(Part(model, folder, label, variants))
     job = {"runtime": runtime, "threads": threads, "protocol": {**cfg.protocol.to_dict(), "threads": threads},
            "layers": cfg.layers, "artifacts": arts}
@@ -127,16 +140,20 @@ def deploy(cfg: DeployConfig) -> list[Path]:
     threads = cfg.threads or target.run_threads
     written = []
     for rt in runtimes:
-        job, files, parts = plan_job([(m, ensure_built(m, target, rt, cfg)) for m in models], threads, cfg)
+        precs = precisions(cfg, rt)
+        job, files, parts = plan_job([(m, ensure_built(m, target, rt, cfg, "int8" in precs)) for m in models],
+                                     threads, cfg, precs)
         # one session per runtime: --timeout bounds each runtime's run
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:
             result = s.call("bench", job, files)
-        reps = [make_report(p, target, result, transport=s.transport, emulated=s.emulated) for p in parts]
-        if len(reps) > 1:
-            comparison = [summary_row(r) for r in reps]
-            for r in reps:
-                r["comparison"] = comparison
-        written += [write_report(r, Path(cfg.reports)) for r in reps]
+        for prec in precs:
+            reps = [make_report(p, target, result, transport=s.transport, emulated=s.emulated, precision=prec)
+                    for p in parts]
+            if len(reps) > 1:
+                comparison = [summary_row(r) for r in reps]
+                for r in reps:
+                    r["comparison"] = comparison
+            written += [write_report(r, Path(cfg.reports)) for r in reps]
     return written
 
 
@@ -168,20 +185,23 @@ def _checked(result: dict[str, Any], target: Target) -> None:
         raise DeviceError(f"{target.name}/{result['runtime']}: " + "; ".join(f"{v}: {e}" for v, e in failed.items()))
 
 
-def make_report(part: Part, target: Target, result: dict[str, Any], *, transport: str,
-                emulated: bool) -> dict[str, Any]:
-    """The deploy report of one compress output from the device's answer to the job."""
+def make_report(part: Part, target: Target, result: dict[str, Any], *, transport: str, emulated: bool,
+                precision: str = "fp32") -> dict[str, Any]:
+    """The deploy report of one compress output at one precision from the device's answer to the job (an INT8
+    report also gives the fp32 dense model timed in the same run, the reference line)."""
     _checked(result, target)
     model, folder = part.model, part.folder
-    result = {**result, "artifacts": {k: result["artifacts"][v] for k, v in part.variants.items()},
-              "timing": {k: result["timing"][v] for k, v in part.variants.items()}}
+    variants = part.variants[precision]
+    fp32_dense = result["timing"].get(part.variants.get("fp32", {}).get("dense", ""))
+    result = {**result, "artifacts": {k: result["artifacts"][v] for k, v in variants.items()},
+              "timing": {k: result["timing"][v] for k, v in variants.items()}}
     src = CompressReport.read(model / "report.json")
     manifest = load_manifest(folder)
     d, c = result["timing"]["dense"], result["timing"]["compressed"]
     speedup = d["median_ms"] / c["median_ms"]
     rep: dict[str, Any] = {
-        "target": target.name, "runtime": result["runtime"], "model": src.model, "name": model.resolve().name,
-        "model_dir": str(model), "scheme": src.scheme,
+        "target": target.name, "runtime": result["runtime"], "precision": precision, "model": src.model,
+        "name": model.resolve().name, "model_dir": str(model), "scheme": src.scheme,
         "created": dt.datetime.now().isoformat(timespec="seconds"), "device": result["device"],
         "emulated": emulated, "transport": transport, "threads": result["threads"],
         "mac_speedup": src.mac_speedup,
@@ -191,14 +211,34 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
         "latency_speedup": speedup, "efficiency": speedup / src.mac_speedup,
         "layers": [], "protocol": result.get("protocol"), "build": str(folder),
         "artifacts": {a["variant"]: {"file": a["file"], "sha256": a["sha256"]} for a in manifest["artifacts"]
-                      if a["precision"] == "fp32" and a["device"] == "cpu"},
+                      if a["precision"] == precision and a["device"] == "cpu"},
+        "accuracy": _accuracy(src, manifest, precision),
     }
+    if precision != "fp32" and fp32_dense is not None:
+        rep["fp32_dense"] = {"median_ms": fp32_dense["median_ms"],
+                             "speedup": fp32_dense["median_ms"] / c["median_ms"]}
     if emulated:
         rep["note"] = ("EMULATED: timings come from qemu-user on this x86 machine and say nothing about device "
                        "latency; this run checks correctness on the target's CPU architecture")
-    _add_layers(rep, model, src, result)
+    if precision == "fp32":
+        _add_layers(rep, model, src, result)
+    else:
+        rep["layers_note"] = "per-layer breakdown for fp32 only (the quantized graphs fuse and requantize ops)"
     _add_prediction(rep, src, d, c)
     return rep
+
+
+def _accuracy(src: CompressReport, manifest: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """Top-1 per stage, when the model's data is known: trained (the dense model), decomposed, and per artifact
+    of this precision as built for this runtime (on the build's evaluation images from the test set)."""
+    out: dict[str, Any] = {"data": src.data, "trained": src.dense.get("accuracy"),
+                           "decomposed": src.compressed.get("accuracy")}
+    for a in manifest["artifacts"]:
+        acc = a.get("accuracy") or {}
+        if a["precision"] == precision != "fp32" and acc.get("quantized_top1") is not None:
+            out[f"{manifest['runtime']}_{precision}_{a['variant']}"] = acc["quantized_top1"]
+            out["images"] = acc["images"]
+    return out if out["trained"] is not None else None
 
 
 def _add_layers(rep: dict[str, Any], model: Path, src: CompressReport, result: dict[str, Any]) -> None:
@@ -215,18 +255,17 @@ def _add_layers(rep: dict[str, Any], model: Path, src: CompressReport, result: d
 
 
 def _add_prediction(rep: dict[str, Any], src: CompressReport, d: dict[str, Any], c: dict[str, Any]) -> None:
-    """What the latency table predicted for the convs, against the measured whole net."""
+    """What the latency table of this deployment (target, runtime, precision, threads) predicted for the whole
+    net, against what was measured."""
     rep["latency_table"] = src.latency_table
     # layers the calibration guard kept dense (their fastest pair was not faster than the dense conv)
     rep["kept_dense_by_guard"] = [la["name"] for la in src.layers if (la.get("reason") or "").startswith("calibrated")]
-    pred = [la.get("predicted_ms") for la in src.layers]
-    if rep["latency_table"] and pred and all(p is not None for p in pred):
-        dense_pred = sum(la.get("dense_ms") or 0.0 for la in src.layers)
-        rep["prediction"] = {"compressed_conv_ms": sum(pred), "dense_conv_ms": dense_pred,
-                             "latency_speedup": dense_pred / sum(pred),
-                             # the table times each conv alone; the net adds pooling, the classifier and adds
-                             "measured_compressed_ms": c["median_ms"], "measured_dense_ms": d["median_ms"],
-                             "error": c["median_ms"] / sum(pred) - 1.0}
+    key = (rep["target"], rep["runtime"], rep["precision"], rep["threads"])
+    for pr in src.predictions or []:
+        if (pr["target"], pr["runtime"], pr["precision"], pr["threads"]) == key:
+            rep["prediction"] = {**pr, "measured_compressed_ms": c["median_ms"], "measured_dense_ms": d["median_ms"],
+                                 "error": c["median_ms"] / pr["compressed_ms"] - 1.0,
+                                 "dense_error": d["median_ms"] / pr["dense_ms"] - 1.0}
 
 
 def summary_row(rep: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +276,6 @@ def summary_row(rep: dict[str, Any]) -> dict[str, Any]:
             "latency_speedup": rep["latency_speedup"], "efficiency": rep["efficiency"],
             "slower_layers": sum(1 for la in rep["layers"] if la.get("slower")) if rep["layers"] else None,
             "kept_dense_by_guard": len(rep.get("kept_dense_by_guard") or []),
-            "predicted_ms": (rep.get("prediction") or {}).get("compressed_conv_ms")}
+            "predicted_ms": (rep.get("prediction") or {}).get("compressed_ms")}
 
 

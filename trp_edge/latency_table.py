@@ -1,9 +1,12 @@
 """The latency table's data model: what `trp-edge calibrate` measures and what rank planning reads.
 
-A table is two files side by side: <model>.csv (layer, scheme, rank, shape, median_ms, p10_ms, p90_ms, runs;
-scheme "dense" with rank 0 is the dense conv) and <model>.json (format, version, target, runtime, threads,
-input shape, each layer's shape key, device identity, date, protocol). `load_table` refuses a table made for
-another target or runtime, or for layers whose shapes differ from the model's.
+A table is two files side by side: <stem>.csv (layer, scheme, rank, shape, median_ms, p10_ms, p90_ms, runs;
+scheme "dense" with rank 0 is the dense conv) and <stem>.json (format, version, target, runtime, precision,
+threads, input shape, each layer's shape key, device identity, per-call overhead, date, protocol). A table is
+keyed by target, runtime, precision and threads: it lives at calibration/<target>/<runtime>/<stem>, the stem
+being the model's name with -int8 and -<N>t added when not fp32 or 1 thread (`table_path`). `load_table`
+refuses a table made for another deployment or for layers whose shapes differ from the model's; `stale` says
+why a table no longer describes this device (another CPU or runtime version).
 
 A leaf module: no torch, nothing of trp_edge but errors and report's atomic writer, so lowrank and trp import
 it and `calibrate` (which measures) sits on top."""
@@ -24,6 +27,17 @@ FORMAT = "trp-edge/calibration"
 VERSION = 1
 COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", "runs"]
 DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
+CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a near-empty model on its input
+PRECISIONS = ("fp32", "int8")
+CALIBRATED_RUNTIMES = ("ort", "tflite")
+# the runtime's version in a device identity (trp_edge.device.runner.runtime_versions)
+RUNTIME_VERSION_KEY = {"ort": "onnxruntime", "tflite": "ai_edge_litert", "tvm": "tvm"}
+
+
+def table_path(root: str | Path, target: str, runtime: str, precision: str, threads: int, model: str) -> Path:
+    """Where the table of one deployment lives (the .csv; its .json header beside it)."""
+    stem = model + ("" if precision == "fp32" else f"-{precision}") + ("" if threads == 1 else f"-{threads}t")
+    return Path(root) / target / runtime / f"{stem}.csv"
 
 
 def layer_shape(layer, in_c: int | None = None) -> str:
@@ -58,6 +72,12 @@ class LatencyTable:
     def dense(self, layer: str) -> float | None:
         return self.latency(layer, DENSE, 0)
 
+    @property
+    def deployment(self) -> str:
+        """target/runtime precision, N threads: the configuration the table was measured in."""
+        h = self.header
+        return f"{h['target']}/{h['runtime']} {h.get('precision', 'fp32')}, {h['threads']} thread(s)"
+
     def write(self, stem: Path) -> tuple[Path, Path]:
         """<stem>.csv and <stem>.json, each written atomically."""
         buf = io.StringIO()
@@ -70,9 +90,11 @@ class LatencyTable:
 
 
 def load_table(path: str | Path, *, target: str | None = None, runtime: str | None = None,
+               precision: str | None = None, threads: int | None = None,
                layers: dict[str, str] | None = None) -> LatencyTable:
     """Read a calibration table (the .csv or its .json header) and refuse one that does not fit: another
-    target or runtime, or layers whose shapes differ from the model's (`layers`: name -> layer_shape)."""
+    target, runtime, precision or thread count, or layers whose shapes differ from the model's (`layers`:
+    name -> layer_shape). A header from before precision was recorded is fp32."""
     p = Path(path)
     csv_path, json_path = p.with_suffix(".csv"), p.with_suffix(".json")
     if not csv_path.is_file() or not json_path.is_file():
@@ -85,6 +107,13 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
         raise InputError(f"{p}: measured on target {header['target']}, not {target}: calibrate on {target}")
     if runtime and header["runtime"] != runtime:
         raise InputError(f"{p}: measured with {header['runtime']}, not {runtime}: calibrate with that runtime")
+    header.setdefault("precision", "fp32")
+    if precision and header["precision"] != precision:
+        raise InputError(f"{p}: measured at {header['precision']}, not {precision}: calibrate with --precision "
+                         f"{precision}")
+    if threads and header["threads"] != threads:
+        raise InputError(f"{p}: measured at {header['threads']} thread(s), not {threads}: calibrate with --threads "
+                         f"{threads}")
     if layers is not None:
         bad = [n for n, s in layers.items() if header["layers"].get(n) != s]
         if bad:
@@ -94,3 +123,63 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
         rows = [{**r, "rank": int(r["rank"]), "median_ms": float(r["median_ms"]), "runs": int(r["runs"])}
                 for r in csv.DictReader(f)]
     return LatencyTable(header, rows)
+
+
+def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
+    """Why a table no longer describes `device` (an identity as trp_edge.device.bench reports it): another CPU,
+    core count or runtime version. None when it still does."""
+    was = header.get("device") or {}
+    for key in ("cpu", "machine", "cores"):
+        if was.get(key) != device.get(key):
+            return f"measured on {key} {was.get(key)!r}, this device has {device.get(key)!r}"
+    rkey = RUNTIME_VERSION_KEY.get(header["runtime"])
+    old, new = (was.get("runtimes") or {}).get(rkey), (device.get("runtimes") or {}).get(rkey)
+    if rkey and old != new:
+        return f"measured with {rkey} {old}, this device has {new}"
+    return None
+
+
+def combine(tables: list[LatencyTable]) -> LatencyTable:
+    """One table for a model deployed in several configurations (runtimes, precisions): each pair's latency is
+    the first table's dense conv times the worst ratio pair/dense over the tables, so a pair counts as faster
+    than dense only when it is faster in every configuration, and ranks are rounded to the best worst case.
+    Only (layer, scheme, rank) measured in every table are kept."""
+    if len(tables) == 1:
+        return tables[0]
+    first, rows = tables[0], []
+    for r in first.rows:
+        if r["scheme"] in (DENSE, CALL):
+            rows.append(r)
+            continue
+        ratios = []
+        for t in tables:
+            ms, dense = t.latency(r["layer"], r["scheme"], r["rank"]), t.dense(r["layer"])
+            if ms is None or not dense:
+                break
+            ratios.append(ms / dense)
+        else:
+            rows.append({**r, "median_ms": first.dense(r["layer"]) * max(ratios)})
+    header = {**first.header, "combined": [t.deployment for t in tables]}
+    return LatencyTable(header, rows)
+
+
+def predict(table: LatencyTable, chosen: list[tuple[str, str, int | None]]) -> dict[str, Any] | None:
+    """Whole-net latency the table predicts for a model whose convs are `chosen` (name, scheme, rank; rank None:
+    dense): the dense net as calibrated (net_ms), less each decomposed conv's dense time, plus its pair's. The
+    per-call overhead cancels (both times are one call on the same input). Without net_ms (a table from before
+    it was measured) only the convs are summed ("convs_only"). None when a chosen pair was not measured."""
+    dense_sum = pair_sum = 0.0
+    for name, scheme, rank in chosen:
+        dense = table.dense(name)
+        if dense is None:
+            continue
+        ms = dense if rank is None else table.latency(name, scheme, rank)
+        if ms is None:
+            return None
+        dense_sum, pair_sum = dense_sum + dense, pair_sum + ms
+    net = table.header.get("net_ms")
+    dense_ms, comp_ms = (net, net - dense_sum + pair_sum) if net else (dense_sum, pair_sum)
+    h = table.header
+    return {"deployment": table.deployment, "target": h["target"], "runtime": h["runtime"],
+            "precision": h.get("precision", "fp32"), "threads": h["threads"], "dense_ms": dense_ms,
+            "compressed_ms": comp_ms, "latency_speedup": dense_ms / comp_ms, "convs_only": not net}

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import SCHEME_NAMES, DecomposeConfig
 from .errors import ConfigError
-from .latency_table import LatencyTable, layer_shape, load_table
+from .latency_table import LatencyTable, combine, layer_shape, load_table
 
 log = logging.getLogger(__name__)
 
@@ -374,9 +374,11 @@ def planned_macs(plans: list[LayerPlan]) -> tuple[int, int]:
 
 
 def energy_for_speedup(planner: Callable[[float], list[LayerPlan]], other_macs: int, target: float,
-                       scheme: str, iters: int = 60) -> float:
+                       scheme: str, iters: int = 60, guarded: bool = False) -> float:
     """Smallest energy e whose plan (`planner(e)`) gives `target` times fewer MACs for the whole model
-    (bisection; the speedup is non-decreasing in e). `other_macs` are the model's MACs outside the convs."""
+    (bisection; the speedup is non-decreasing in e). `other_macs` are the model's MACs outside the convs.
+    `guarded`: the planner keeps layers dense where their pairs are slower (a latency table), so a target out
+    of reach takes the most the guard allows, with a warning, instead of failing."""
 
     def speedup(e: float) -> float:
         dense, low = planned_macs(planner(e))
@@ -384,6 +386,10 @@ def energy_for_speedup(planner: Callable[[float], list[LayerPlan]], other_macs: 
 
     lo, hi = 1e-9, 1.0 - 1e-9
     best = speedup(hi)
+    if best < target and guarded:
+        log.warning("a %gx MAC speedup is out of reach where pairs are faster than dense: %.2fx at most (the "
+                    "latency table's guard keeps the others dense)", target, best)
+        return hi
     if best < target:
         raise ConfigError(f"a {target:g}x MAC speedup is out of reach with the {scheme} scheme: at most "
                           f"{best:.2f}x (rank 1 everywhere; layers left dense and non-conv layers limit it)")
@@ -421,18 +427,23 @@ def latency_rank(table: LatencyTable, name: str, scheme: str, k: int, full: int,
 
 
 def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> LatencyTable | None:
-    """The calibration table named in the config, checked against these layers' shapes and the config's
-    schemes (None without one)."""
+    """The calibration table(s) named in the config, checked against these layers' shapes and the config's
+    schemes (None without one); several tables are combined (latency_table.combine: a pair counts as faster
+    only where it is faster in every deployment)."""
     if not config.latency_table:
         return None
-    table = load_table(config.latency_table,
-                       layers={la.name: layer_shape(la) for la in layers if isinstance(la.module, nn.Conv2d)})
-    missing = [s for s in scheme_names(config) if s not in table.header.get("schemes", [])]
-    if missing:
-        raise ConfigError(f"{config.latency_table}: measured {', '.join(table.header.get('schemes', []))} only, "
-                          f"not {', '.join(missing)} (scheme {config.scheme}): calibrate with --schemes "
-                          f"{','.join(scheme_names(config))}")
-    return table
+    paths = [config.latency_table] if isinstance(config.latency_table, str) else list(config.latency_table)
+    shapes = {la.name: layer_shape(la) for la in layers if isinstance(la.module, nn.Conv2d)}
+    tables = []
+    for path in paths:
+        table = load_table(path, layers=shapes)
+        missing = [s for s in scheme_names(config) if s not in table.header.get("schemes", [])]
+        if missing:
+            raise ConfigError(f"{path}: measured {', '.join(table.header.get('schemes', []))} only, not "
+                              f"{', '.join(missing)} (scheme {config.scheme}): calibrate with --schemes "
+                              f"{','.join(scheme_names(config))}")
+        tables.append(table)
+    return combine(tables)
 
 
 def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],
@@ -534,17 +545,18 @@ def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
     """Replace every eligible conv of `model` by its low-rank pair, in place.
 
     The rank of each layer comes from config.energy (or config.ranks); with config.target_speedup the
-    energy is found by bisection (on the plans before latency calibration), which needs `other_macs` (the
-    MACs outside the convs). With scheme 'auto' each layer takes its fastest scheme, or stays dense.
+    energy is found by bisection (on the plans as the latency table rounds and guards them), which needs
+    `other_macs` (the MACs outside the convs). With scheme 'auto' each layer takes its fastest scheme, or stays dense.
     Returns the per-layer plans and the energy used."""
     views = scheme_views(model, example, config)
     layers = next(iter(views.values())).layers
     energy = config.energy
+    table = load_latency_table(config, layers)
     if config.target_speedup is not None:
         if other_macs is None:
             raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
-        energy = energy_for_speedup(lambda e: plan_model(views, config, e), other_macs, config.target_speedup,
-                                    config.scheme)
-    plans = plan_model(views, config, energy, load_latency_table(config, layers))
+        energy = energy_for_speedup(lambda e: plan_model(views, config, e, table), other_macs, config.target_speedup,
+                                    config.scheme, guarded=table is not None)
+    plans = plan_model(views, config, energy, table)
     apply_plan_(model, layers, plans)
     return plans, energy

@@ -57,12 +57,21 @@ class CompressReport:
     onnx: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None  # host ONNX Runtime timing (trp_edge.profile.time_onnx_pair)
+    # per latency table: the whole-net latency it predicts, dense and compressed (trp_edge.latency_table.predict)
+    predictions: list[dict[str, Any]] | None = None
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] | None = None  # the CompressConfig it was made with
 
     @property
     def latency_table(self) -> str | None:
-        return ((self.config or {}).get("decompose") or {}).get("latency_table")
+        """The (first) latency table the ranks were chosen with."""
+        t = self.latency_tables
+        return t[0] if t else None
+
+    @property
+    def latency_tables(self) -> list[str]:
+        t = ((self.config or {}).get("decompose") or {}).get("latency_table")
+        return [] if not t else [t] if isinstance(t, str) else list(t)
 
     def __getitem__(self, key: str) -> Any:
         """report["key"] as in the JSON, for code written against the plain dict of earlier releases."""
@@ -170,7 +179,7 @@ def plot_latency(reports: list[dict[str, Any]], path: Path, per_layer: bool = Tr
                 colors = ["tab:red" if la["slower"] else "tab:blue" for la in lay]
                 ax.scatter(xs, ys, c=colors, s=22, alpha=0.8, label="layers (red: slower than dense)")
                 pts += list(zip(xs, ys))
-        label = f"{r['target']}/{r['runtime']}" + (" (emulated)" if r.get("emulated") else "")
+        label = f"{r['target']}/{_runtime(r)}" + (" (emulated)" if r.get("emulated") else "")
         ax.scatter([r["mac_speedup"]], [r["latency_speedup"]], marker="*", s=180, zorder=3,
                    label=f"whole net {label}" if per_layer else label)
         pts.append((r["mac_speedup"], r["latency_speedup"]))
@@ -198,11 +207,12 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
     d = root / rep["target"]
     d.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = d / f"{rep['name']}-{rep['runtime']}-{stamp}"
+    kind = rep["runtime"] + ("" if rep.get("precision", "fp32") == "fp32" else f"-{rep['precision']}")
+    stem = d / f"{rep['name']}-{kind}-{stamp}"
     n = 1
     while stem.with_suffix(".json").exists():
         n += 1
-        stem = d / f"{rep['name']}-{rep['runtime']}-{stamp}-{n}"
+        stem = d / f"{rep['name']}-{kind}-{stamp}-{n}"
     rep["files"] = {"json": stem.name + ".json", "markdown": stem.name + ".md", "plot": stem.name + ".png"}
     write_json(stem.with_suffix(".json"), rep)
     write_text(stem.with_suffix(".md"), markdown(rep))
@@ -213,7 +223,7 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
 def markdown(rep: dict[str, Any]) -> str:
     d, c = rep["dense"], rep["compressed"]
     em = " — **EMULATED, not device latency**" if rep["emulated"] else ""
-    lines = [f"# {rep['name']} on {rep['target']} ({rep['runtime']}, {rep['threads']} thread"
+    lines = [f"# {rep['name']} on {rep['target']} ({_runtime(rep)}, {rep['threads']} thread"
              f"{'s' if rep['threads'] > 1 else ''}){em}", "",
              f"**{rep['latency_speedup']:.2f}x faster for {rep['mac_speedup']:.2f}x fewer MACs: realization "
              f"efficiency {rep['efficiency']:.2f}.**", "",
@@ -225,13 +235,25 @@ def markdown(rep: dict[str, Any]) -> str:
              f"Device: {rep['device'].get('cpu')} ({rep['device'].get('cores')} cores, governor "
              f"{rep['device'].get('governor')}); transport {rep['transport']}; outputs match the reference to "
              f"{max(d['max_abs_diff'] or 0, c['max_abs_diff'] or 0):.2g}."]
+    if rep.get("fp32_dense"):
+        fd = rep["fp32_dense"]
+        lines += ["", f"Against the fp32 dense model timed in the same run ({fd['median_ms']:.3f} ms): "
+                  f"{fd['speedup']:.2f}x."]
+    acc = rep.get("accuracy")
+    if acc:
+        stages = [f"trained {_pct(acc['trained'])}", f"decomposed {_pct(acc['decomposed'])}"]
+        stages += [f"{k.replace('_', ' ')} {_pct(v)}" for k, v in acc.items()
+                   if k not in ("data", "trained", "decomposed", "images")]
+        lines += ["", f"Top-1 on {acc['data']}: " + ", ".join(stages)
+                  + (f" (quantized: on {acc['images']} test images)" if acc.get("images") else "") + "."]
     if rep.get("note"):
         lines += ["", rep["note"]]
     pr = rep.get("prediction")
     if pr:
-        lines += ["", f"Latency table {rep['latency_table']}: predicted {pr['compressed_conv_ms']:.3f} ms for the "
-                  f"convs (dense {pr['dense_conv_ms']:.3f} ms, {pr['latency_speedup']:.2f}x); measured whole net "
-                  f"{c['median_ms']:.3f} ms ({100 * pr['error']:+.1f}% against the prediction)."]
+        what = "the convs" if pr.get("convs_only") else "the whole net"
+        lines += ["", f"Latency table for {pr['deployment']}: predicted {pr['compressed_ms']:.3f} ms for {what} "
+                  f"(dense {pr['dense_ms']:.3f} ms, {pr['latency_speedup']:.2f}x); measured {c['median_ms']:.3f} ms "
+                  f"({100 * pr['error']:+.1f}% against the prediction; dense {100 * pr['dense_error']:+.1f}%)."]
     if rep.get("comparison"):
         lines += ["", "Timed side by side in the same run (alternating blocks):", ""]
         lines += comparison_markdown(rep["comparison"])
@@ -251,6 +273,16 @@ def markdown(rep: dict[str, Any]) -> str:
     if rep.get("layers_note"):
         lines += ["", f"Per-layer: {rep['layers_note']}."]
     return "\n".join(lines) + "\n"
+
+
+def _runtime(rep: dict[str, Any]) -> str:
+    """ort, ort int8, ...: the runtime and, when not fp32, the precision."""
+    prec = rep.get("precision", "fp32")
+    return rep["runtime"] + ("" if prec == "fp32" else f" {prec}")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}%"
 
 
 def _ms(v: float | None) -> str:
@@ -279,16 +311,19 @@ def aggregate(root: Path) -> tuple[str, Path | None, list[dict[str, Any]]]:
             continue
         if not {"target", "runtime", "dense", "compressed", "latency_speedup"} <= r.keys():
             continue
-        key = (r["target"], r["runtime"], r.get("model_dir", r["model"]), r["threads"], r["emulated"])
+        key = (r["target"], r["runtime"], r.get("precision", "fp32"), r.get("model_dir", r["model"]), r["threads"],
+               r["emulated"])
         latest[key] = r
-    rows = sorted(latest.values(), key=lambda r: (r["target"], r.get("name", r["model"]), r["runtime"], r["threads"]))
+    rows = sorted(latest.values(), key=lambda r: (r["target"], r.get("name", r["model"]), r["runtime"],
+                                                  r.get("precision", "fp32"), r["threads"]))
     if not rows:
         raise InputError(f"{root}: no trp-edge deploy reports found")
-    lines = ["| device | model | scheme | runtime | threads | dense ms | compressed ms | latency speedup | "
-             "MAC speedup | efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | model | scheme | runtime | precision | threads | dense ms | compressed ms | latency speedup | "
+             "MAC speedup | efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dev = r["target"] + (" (emulated)" if r["emulated"] else "")
-        lines.append(f"| {dev} | {r.get('name', r['model'])} | {r.get('scheme')} | {r['runtime']} | {r['threads']} | "
+        lines.append(f"| {dev} | {r.get('name', r['model'])} | {r.get('scheme')} | {r['runtime']} | "
+                     f"{r.get('precision', 'fp32')} | {r['threads']} | "
                      f"{r['dense']['median_ms']:.3f} | "
                      f"{r['compressed']['median_ms']:.3f} | {r['latency_speedup']:.2f}x | {r['mac_speedup']:.2f}x | "
                      f"{r['efficiency']:.2f} |")

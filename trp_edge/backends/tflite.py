@@ -28,12 +28,39 @@ OPS_NOTE = ("no per-layer breakdown: the Python TFLite interpreters (ai-edge-lit
             "expose no op profiler")
 
 
-def load(path: str, threads: int = 1, device: str = "cpu") -> Run:
+def _interpreter(path: str, threads: int):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # the older runtime a board may have instead
         from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
-    it = Interpreter(model_path=str(path), num_threads=threads)
+    return Interpreter(model_path=str(path), num_threads=threads)
+
+
+def load_signature(path: str, signature: str, threads: int = 1) -> Run:
+    """One signature of a multi-signature .tflite (a calibration grid: tflite_grid), run on its one input; a float
+    input is quantized first when the signature takes int8."""
+    runner = _interpreter(path, threads).get_signature_runner(signature)
+    det = runner.get_input_details()["args_0"]
+
+    fed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the input as fed (NHWC, quantized), per array given
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if id(x) not in fed:  # converted once: timing repeats one input, and the conversion is not the model's
+            y = x
+            if y.ndim == 4 and y.shape[1:] != tuple(det["shape"][1:]):  # NCHW -> the grid's NHWC
+                y = np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+            if det["dtype"] == np.int8:
+                scale, zero = det["quantization"]
+                y = np.clip(np.round(y / scale) + zero, -128, 127).astype(np.int8)
+            fed.clear()
+            fed[id(x)] = (x, y)
+        return next(iter(runner(args_0=fed[id(x)][1]).values()))
+
+    return run
+
+
+def load(path: str, threads: int = 1, device: str = "cpu") -> Run:
+    it = _interpreter(path, threads)
     it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
 
@@ -69,21 +96,25 @@ def check_available(target: Target, src: Source) -> None:
         raise MissingTool("ai-edge-litert is not installed: pip install 'trp-edge[tflite]'") from None
 
 
+def _run_converter(args: list[str], what: str) -> None:
+    cmd = [str(converter_python()), "-m", "trp_edge.backends.litert_convert", *args]
+    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode != 0:
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()] or ["no output"]
+        raise ConversionError(f"TFLite conversion of {what} failed: {err[-1][:300]}")
+
+
 def convert(model_pt: Path, out: Path, shape: tuple[int, ...], calib: np.ndarray | None, folder: Path) -> None:
-    cmd = [str(converter_python()), "-m", "trp_edge.backends.litert_convert", str(model_pt.resolve()),
-           str(out.resolve()), "--shape", ",".join(map(str, shape))]
+    args = [str(model_pt.resolve()), str(out.resolve()), "--shape", ",".join(map(str, shape))]
     calib_file = folder / f".{out.stem}.calib.npy"
     if calib is not None:
         np.save(calib_file, calib)
-        cmd += ["--int8", str(calib_file.resolve()), str(out.with_suffix(".int8.tflite").resolve())]
-    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        args += ["--int8", str(calib_file.resolve()), str(out.with_suffix(".int8.tflite").resolve())]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        _run_converter(args, model_pt.name)
     finally:
         calib_file.unlink(missing_ok=True)
-    if r.returncode != 0:
-        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()] or ["no output"]
-        raise ConversionError(f"TFLite conversion of {model_pt.name} failed: {err[-1][:300]}")
 
 
 def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,

@@ -75,7 +75,7 @@ def _profile_ops(job, base: Path, rt: str, threads: int, inputs: dict[str, np.nd
                  runners: dict) -> None:
     """Each timed artifact's per-op profile (the backend's profile_ops), after the timing."""
     for a in job["artifacts"]:
-        if a["variant"] not in runners:
+        if a["variant"] not in runners or a.get("precision", "fp32") != "fp32":
             continue
         r = out["artifacts"][a["variant"]]
         try:
@@ -97,7 +97,10 @@ def calibrate(job: dict[str, Any], base: Path) -> dict[str, Any]:
     runners = {}
     for a in job["artifacts"]:
         try:
-            fn = load(str(base / a["file"]), rt, threads, a.get("device", "cpu"))
+            if a.get("signature"):  # one variant of a multi-signature grid (TFLite)
+                fn = get(rt).load_signature(str(base / a["file"]), a["signature"], threads)
+            else:
+                fn = load(str(base / a["file"]), rt, threads, a.get("device", "cpu"))
             fn(x)
             runners[a["variant"]] = (lambda fn=fn: fn(x))
         except ImportError as e:
