@@ -29,16 +29,15 @@ def main() -> int:
     lines, faster, int8_ok = [], True, True
     for rep in reps:
         acc = rep.get("accuracy") or {}
-        q = {k: v for k, v in acc.items() if k.count("_") == 2}
+        q = acc.get("quantized", {})
         # INT8 dense against the trained (fp32 dense) model, INT8 compressed against the decomposed one
-        drop = max((acc["trained" if k.endswith("_dense") else "decomposed"] - v for k, v in q.items()),
-                   default=None)
+        drop = max((acc["trained" if k == "dense" else "decomposed"] - v for k, v in q.items()), default=None)
         faster &= rep["latency_speedup"] > 1.0
         int8_ok &= drop is None or drop <= 0.5
         lines.append(f"{rep['runtime']} {rep['precision']}: {rep['latency_speedup']:.2f}x for "
                      f"{rep['mac_speedup']:.2f}x fewer MACs (efficiency {rep['efficiency']:.2f}); top-1 trained "
                      f"{acc.get('trained')}, decomposed {acc.get('decomposed')}"
-                     + "".join(f", {k} {v:.2f}" for k, v in q.items()))
+                     + "".join(f", {rep['precision']} {k} {v:.2f}" for k, v in q.items()))
     checks = {"reports": len(reps) == 4, "within 10 minutes": wall <= 600,
               "every report compressed faster than dense": faster, "INT8 within 0.5 pt of fp32": int8_ok}
     print("\n".join(lines))

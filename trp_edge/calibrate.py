@@ -9,8 +9,9 @@ format, its key, and `load_table`, which refuses a table made for another deploy
 Measured on this machine (`--local`) or on the device over the same transport as deploy (`trp-edge serve`
 runs trp_edge.device.bench.calibrate there: numpy and the runtime, no torch):
 - ort: each variant a small ONNX model; INT8 is static QDQ (as build quantizes), on random activations;
-- tflite: each layer's whole grid is one .tflite with a signature per variant, converted for all layers in
-  one call of the converter (litert-torch starts slowly); INT8 is full-integer (ai-edge-quantizer).
+- tflite: each layer's whole grid is one .tflite with a signature per variant, written directly
+  (backends.tflite_grid: no conversion per grid point); INT8 is full-integer. The whole net is converted
+  with litert-torch, as build converts it.
 Layers of the same shape are measured once. Each layer also times a near-empty model on its input (the
 per-call overhead, scheme "call"), and the whole dense net is timed (header "net_ms"), so a whole-net
 latency can be predicted from the table: net_ms - sum(dense convs) + sum(chosen pairs).
@@ -124,8 +125,6 @@ def layer_grids(net, example, cfg: CalibrateConfig) -> tuple[dict[str, dict[str,
     """The modules to time, grouped per layer shape: {shape: {"input_shape", "variants": {variant: module}}}
     (variant "dense", "<scheme>:<rank>", "call"), plus the group NET (the whole dense net); every conv's shape
     key; and the layers of each shape."""
-    import torch
-
     from .lowrank import conv_layers, get_scheme, make_pair
 
     groups: dict[str, dict[str, Any]] = {}
@@ -150,10 +149,6 @@ def layer_grids(net, example, cfg: CalibrateConfig) -> tuple[dict[str, dict[str,
                 variants[f"{scheme}:{k}"] = make_pair(m, scheme, k, init=False)
         groups[key] = {"input_shape": [1, m.in_channels, *layer.in_hw], "variants": variants}
     groups[NET] = {"input_shape": list(example.shape), "variants": {DENSE: net}}
-    for g in groups.values():
-        torch.manual_seed(0)
-        for v in g["variants"].values():
-            v.eval()
     return groups, shapes, members
 
 

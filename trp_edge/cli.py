@@ -294,9 +294,8 @@ def _echo_report(path: Path) -> None:
                + (f"; {r['fp32_dense']['speedup']:.2f}x against fp32 dense" if r.get("fp32_dense") else "") + em)
     acc = r.get("accuracy")
     if acc:
-        q = [f"{k.split('_')[1]} {k.split('_')[-1]} {v:.2f}%" for k, v in acc.items() if k.count("_") == 2]
         click.echo(f"  top-1: trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
-                   + "".join(f", {x}" for x in q))
+                   + "".join(f", {prec} {k} {v:.2f}%" for k, v in acc.get("quantized", {}).items()))
     click.echo(f"  report: {path} (+ .md, .png)")
 
 

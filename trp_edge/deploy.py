@@ -229,14 +229,15 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
 
 
 def _accuracy(src: CompressReport, manifest: dict[str, Any], precision: str) -> dict[str, Any] | None:
-    """Top-1 per stage, when the model's data is known: trained (the dense model), decomposed, and per artifact
-    of this precision as built for this runtime (on the build's evaluation images from the test set)."""
+    """Top-1 per stage, when the model's data is known: trained (the dense model), decomposed, and "quantized":
+    per variant (dense, compressed), the artifact of this precision as built for this runtime (on the build's
+    evaluation images from the test set)."""
     out: dict[str, Any] = {"data": src.data, "trained": src.dense.get("accuracy"),
-                           "decomposed": src.compressed.get("accuracy")}
+                           "decomposed": src.compressed.get("accuracy"), "quantized": {}}
     for a in manifest["artifacts"]:
         acc = a.get("accuracy") or {}
         if a["precision"] == precision != "fp32" and acc.get("quantized_top1") is not None:
-            out[f"{manifest['runtime']}_{precision}_{a['variant']}"] = acc["quantized_top1"]
+            out["quantized"][a["variant"]] = acc["quantized_top1"]
             out["images"] = acc["images"]
     return out if out["trained"] is not None else None
 

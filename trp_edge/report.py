@@ -242,8 +242,7 @@ def markdown(rep: dict[str, Any]) -> str:
     acc = rep.get("accuracy")
     if acc:
         stages = [f"trained {_pct(acc['trained'])}", f"decomposed {_pct(acc['decomposed'])}"]
-        stages += [f"{k.replace('_', ' ')} {_pct(v)}" for k, v in acc.items()
-                   if k not in ("data", "trained", "decomposed", "images")]
+        stages += [f"{_runtime(rep)} {k} {_pct(v)}" for k, v in acc.get("quantized", {}).items()]
         lines += ["", f"Top-1 on {acc['data']}: " + ", ".join(stages)
                   + (f" (quantized: on {acc['images']} test images)" if acc.get("images") else "") + "."]
     if rep.get("note"):
