@@ -121,9 +121,14 @@ def test_emulated_deploy_is_labelled(compressed, tmp_path):
     res = CliRunner().invoke(main, ["deploy", "--target", "rpi4", "--emulate", "--model", str(compressed), "--runtime",
                                     "ort", "--reports", str(tmp_path), *FAST])
     assert res.exit_code == 0, res.output
-    r = json.loads(next((tmp_path / "rpi4").glob("*.json")).read_text())
-    assert r["emulated"] and "EMULATED" in r["note"] and r["compressed"]["max_abs_diff"] <= 1e-4
-    assert "EMULATED" in (tmp_path / "rpi4" / r["files"]["markdown"]).read_text()
+    reports = {r["precision"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "rpi4").glob("*.json"))}
+    assert sorted(reports) == ["fp32", "int8"]
+    for r in reports.values():
+        assert r["emulated"] and "EMULATED" in r["note"]
+        assert "EMULATED" in (tmp_path / "rpi4" / r["files"]["markdown"]).read_text()
+    # fp32 under qemu matches the host's torch output; INT8 is compared with the fp32 model, so only loosely
+    assert reports["fp32"]["compressed"]["max_abs_diff"] <= 1e-4
+    assert 0 < reports["int8"]["compressed"]["max_abs_diff"] < 1.0
     assert "[EMULATED" in res.output
 
 
