@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import onnx
@@ -139,6 +140,61 @@ def test_tuning_database_is_reused(tmp_path, tiny):
     m2 = json.loads((tmp_path / "b" / "host" / "tvm" / "manifest.json").read_text())
     t2 = m2["tuning"]["per_model"]["tiny"]
     assert t2["tuned"] == 0 and t2["reused_from_database"] == t1["tasks"] and t2["trials"] == 0
+
+
+@pytest.mark.slow
+def test_tuning_over_rpc_survives_a_lost_device(tmp_path, tiny):
+    """Tuning timed on a `trp-edge serve`: killing the server mid-tuning is one line, and the next run (a new
+    server) resumes from the records written before the loss."""
+    import threading
+
+    from .conftest import EXE, free_port, start, stop
+
+    torch.onnx.export(tiny.eval(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "tiny.onnx"), input_names=["input"],
+                      dynamo=False)
+
+    def tune(port):
+        return CliRunner().invoke(main, ["build", str(tmp_path / "tiny.onnx"), "--runtime", "tvm", "--tune-trials",
+                                         "12", "--host", "127.0.0.1", "--port", str(port), "--out",
+                                         str(tmp_path / "b"), "-q"])
+
+    port = free_port()
+    server = start([EXE, "serve", "--port", str(port)], "listening on", tmp_path / "serve1.log")
+    records = []
+
+    def kill_on_first_record():
+        for _ in range(3000):
+            records[:] = list((tmp_path / "b" / "host" / "tuning").glob("*/database_tuning_record.json"))
+            if records and records[0].stat().st_size > 0:
+                break
+            time.sleep(0.05)
+        stop(server)
+
+    watcher = threading.Thread(target=kill_on_first_record)
+    watcher.start()
+    try:
+        lost = tune(port)
+    finally:
+        watcher.join()
+        stop(server)
+    assert lost.exit_code == 1, lost.output
+    (line,) = [ln for ln in lost.output.splitlines() if ln.strip()]
+    assert "went away during TVM tuning" in line and "run the same command again to resume" in line
+    kept = len(records[0].read_text().splitlines())
+    assert kept >= 1
+
+    port = free_port()
+    server = start([EXE, "serve", "--port", str(port)], "listening on", tmp_path / "serve2.log")
+    try:
+        again = tune(port)
+    finally:
+        stop(server)
+    assert again.exit_code == 0, again.output
+    m = json.loads((tmp_path / "b" / "host" / "tvm" / "manifest.json").read_text())
+    t = m["tuning"]["per_model"]["tiny"]
+    assert t["reused_from_database"] >= 1 and t["reused_from_database"] + t["tuned"] == t["tasks"]
+    assert m["tuning"]["runner"] == f"rpc (127.0.0.1:{port})" and m["artifacts"][0]["tuned"]
+    assert len(records[0].read_text().splitlines()) > kept
 
 
 @pytest.mark.slow

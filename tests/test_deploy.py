@@ -132,6 +132,31 @@ def test_emulated_deploy_is_labelled(compressed, tmp_path):
     assert "[EMULATED" in res.output
 
 
+@pytest.mark.slow
+def test_tvm_tuned_over_rpc_on_an_emulated_board(compressed, tmp_path):
+    """MetaSchedule cross-compiles here and times each candidate on an aarch64 `trp-edge serve` under qemu."""
+    db = tmp_path / "db"
+    res = CliRunner().invoke(main, ["deploy", "--target", "rpi4", "--emulate", "--model", str(compressed), "--runtime",
+                                    "tvm", "--tune-trials", "2", "--tuning-db", str(db), "--precision", "fp32",
+                                    "--reports", str(tmp_path / "r"), *FAST])
+    assert res.exit_code == 0, res.output
+    m = json.loads((compressed / "build" / "rpi4" / "tvm" / "manifest.json").read_text())
+    t = m["tuning"]
+    assert t["runner"].startswith("emulated rpc (qemu-user aarch64, 127.0.0.1:") and t["emulated"]
+    assert t["device"] and t["threads"] == 1 and t["database"].startswith(str(db))
+    for name in ("dense", "compressed"):
+        assert t["per_model"][name]["trials"] + t["per_model"][name]["reused_from_database"] >= 1
+    assert t["per_model"]["dense"]["trials"] >= 1
+    assert any(f.stat().st_size > 0 for f in Path(t["database"]).glob("database_tuning_record.json"))
+    for a in m["artifacts"]:
+        if a["device"] == "cpu":
+            assert a["tuned"] and a["validation"]["status"] == "passed", a
+            assert a["validation"]["where"].startswith("emulated (aarch64") and a["validation"]["max_abs_diff"] <= 1e-4
+    (r,) = [json.loads(p.read_text()) for p in (tmp_path / "r" / "rpi4").glob("*.json")]
+    assert r["emulated"] and "EMULATED" in r["note"] and r["compressed"]["max_abs_diff"] <= 1e-4
+    assert "[EMULATED" in res.output
+
+
 def test_unreachable_device(compressed, tmp_path):
     res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(free_port()), "--runtime", "ort"],
                  tmp_path)

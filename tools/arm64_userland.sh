@@ -19,10 +19,11 @@ SUITE=bookworm
 QEMU=${QEMU:-$(command -v qemu-aarch64-static || true)}
 # Debian packages: python3 + libstdc++6 (needed by the onnxruntime/tvm/litert/numpy wheels).
 DEBS="python3 libstdc++6"
-# Fully pinned wheel set (closure resolved 2026-11; matches /work/main/.venv versions).
+# Fully pinned wheel set (closure resolved 2026-11; matches /work/main/.venv versions). cloudpickle: TVM's RPC
+# server (the emulated `trp-edge serve`). The wheelhouse and SITE are rebuilt when this list changes.
 WHEELS="numpy==2.4.6 onnxruntime==1.32.0 ai-edge-litert==2.3.0 apache-tvm==0.27.0.post1
 apache-tvm-ffi==0.1.14.post1 flatbuffers==25.12.19 ml-dtypes==0.6.0 protobuf==7.36.2
-packaging==26.3 typing-extensions==4.16.0 backports-strenum==1.2.8 tqdm==4.70.1"
+packaging==26.3 typing-extensions==4.16.0 backports-strenum==1.2.8 tqdm==4.70.1 cloudpickle==3.1.3"
 
 ROOT=$CACHE/rootfs SITE=$CACHE/site WHL=$CACHE/wheels A=$CACHE/apt
 [ -x "$QEMU" ] || { echo "qemu-aarch64-static missing: apt-get install qemu-user-static" >&2; exit 1; }
@@ -87,7 +88,7 @@ for ((i = 0; i < n; i++)); do
 done > "$ROOT/proc/cpuinfo"
 
 # ---- 3. download aarch64 wheels on the host (no emulation) ----
-if [ ! -e "$WHL/.done" ]; then
+if [ "$(cat "$WHL/.done" 2>/dev/null)" != "$WHEELS" ]; then
   t0=$(ts)
   plat=(); for v in $(seq 36 -1 17); do plat+=(--platform "manylinux_2_${v}_aarch64"); done
   plat+=(--platform manylinux2014_aarch64)      # bookworm glibc = 2.36; pip matches tags exactly
@@ -98,12 +99,12 @@ if [ ! -e "$WHL/.done" ]; then
   for w in $WHEELS; do n=$(echo "${w%%==*}" | tr A-Z- a-z_)   # fail loudly if a pin has no aarch64 wheel
     ls "$WHL" | tr A-Z a-z | grep -q "^${n}-" || { say "no wheel for $w"; exit 1; }; done
   (cd "$WHL" && sha256sum *.whl > SHA256SUMS)
-  touch "$WHL/.done"
+  echo "$WHEELS" > "$WHL/.done"
   say "wheels downloaded in $(el $t0) s"
 fi
 
 # ---- 4. install them (offline, from the wheelhouse) into SITE ----
-if [ ! -e "$SITE/.done" ]; then
+if [ "$(cat "$SITE/.done" 2>/dev/null)" != "$WHEELS" ]; then
   t0=$(ts)
   rm -rf "$SITE" "$SITE.tmp"
   plat=(); for v in $(seq 36 -1 17); do plat+=(--platform "manylinux_2_${v}_aarch64"); done
@@ -112,7 +113,7 @@ if [ ! -e "$SITE/.done" ]; then
     "${plat[@]}" --python-version 3.11 --implementation cp --only-binary=:all: $WHEELS >"$CACHE/pip.log" 2>&1 \
     || { cat "$CACHE/pip.log" >&2; exit 1; }
   rm -rf "$SITE.tmp/bin"        # console scripts with host shebangs
-  mv "$SITE.tmp" "$SITE"; touch "$SITE/.done"
+  mv "$SITE.tmp" "$SITE"; echo "$WHEELS" > "$SITE/.done"
   say "wheels installed in $(el $t0) s"
 fi
 

@@ -216,6 +216,14 @@ def _echo_compress(result) -> None:
     click.echo(f"artifacts in {result.out}/ ({', '.join(result.artifacts)})")
 
 
+def _connection_options(f):
+    f = click.option("--host", default=None, help="the device's trp-edge serve address")(f)
+    f = click.option("--port", type=int, default=None)(f)
+    f = click.option("--tracker", default=None, help="a TVM RPC tracker HOST:PORT")(f)
+    f = click.option("--key", default=None, help="the device key at the tracker [default: the target's]")(f)
+    return f
+
+
 @main.command()
 @click.argument("model")
 @opt(B, "target", "--target", "-t", help="a name from `trp-edge targets` or a .toml file")
@@ -233,19 +241,22 @@ def _echo_compress(result) -> None:
 @opt(B, "eval_images", "--eval-images", type=int)
 @opt(B, "gpu", "--gpu/--no-gpu", help="also build for the target's GPU (TVM)")
 @opt(B, "emulate", "--emulate/--no-emulate", help="validate foreign-CPU artifacts under qemu-user (correctness only)")
+@_connection_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def build(model, target, runtimes, tune_trials, tuning_db, out, int8, calib, calib_images, eval_images, gpu, emulate,
-          quiet, verbose) -> None:
+          host, port, tracker, key, quiet, verbose) -> None:
     """Build MODEL (a `trp-edge compress` output folder, or an .onnx file) for a device target: the compressed
     and the dense model, per runtime, each artifact validated against torch. Writes OUT/<target>/<runtime>/
-    with a manifest.json."""
+    with a manifest.json. --tune-trials tunes TVM on the device named by --host/--port or --tracker/--key (else
+    the target's [rpc]; a native target without one tunes here)."""
     from .build import build as run
 
     result = run(BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials,
                              tuning_db=tuning_db, int8=int8, calib=calib, calib_images=calib_images,
-                             eval_images=eval_images, gpu=gpu, emulate=emulate))
+                             eval_images=eval_images, gpu=gpu, emulate=emulate, host=host, port=port,
+                             tracker=tracker, key=key))
     for rt, m in result.manifests.items():
         click.echo(f"{m['target']}/{rt}: {result.out / rt}/ ({m['build_seconds']:.1f} s)")
         for a in m["artifacts"]:
@@ -271,14 +282,6 @@ def _protocol_options(f):
     f = opt(P, "min_runs", "--min-runs", type=int, help="timed runs per model, at least")(f)
     f = opt(P, "min_seconds", "--min-seconds", type=float, help="timed seconds per model, at least")(f)
     f = opt(Dp, "threads", "--threads", type=int, help="runtime threads [default: the target's]")(f)
-    return f
-
-
-def _connection_options(f):
-    f = click.option("--host", default=None, help="the device's trp-edge serve address")(f)
-    f = click.option("--port", type=int, default=None)(f)
-    f = click.option("--tracker", default=None, help="a TVM RPC tracker HOST:PORT")(f)
-    f = click.option("--key", default=None, help="the device key at the tracker [default: the target's]")(f)
     return f
 
 
@@ -311,27 +314,19 @@ def _echo_report(path: Path) -> None:
 def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
     """Device side: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models. Needs numpy, the TVM
     runtime and the runtimes to offer; not torch."""
-    from .device.runner import runtime_versions
+    from .device.runner import runtime_versions, tvm_device_apis
     from .device.serve import serve as start
+    from .device.serve import wait
 
     if tracker and not key:
         raise click.ClickException("--tracker needs --key (the name clients request the device by)")
     have = runtime_versions()
     click.echo("runtimes here: " + ", ".join(f"{k} {v}" if v else f"{k} (missing)" for k, v in have.items()))
+    click.echo("TVM device APIs here: " + (", ".join(tvm_device_apis()) or "none (no TVM runtime)"))
     server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None)
     click.echo(f"trp-edge serve: listening on {host}:{server.port}" + (f", tracker {tracker} key {key}" if tracker
                                                                           else "") + " (Ctrl-C stops)")
-    import signal
-
-    def stop(*_):  # TVM runs the server in a worker process: take it down with us
-        server.terminate()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        server.proc.join()
-    except KeyboardInterrupt:
-        server.terminate()
+    wait(server)
 
 
 @main.command()

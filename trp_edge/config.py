@@ -217,6 +217,9 @@ class BuildConfig(_JSONMixin):
     runtimes: "all" (the target's) or comma-separated tvm, ort, tflite.
     tune_trials: MetaSchedule trials for TVM (0: untuned; the tuning database is reused across builds).
     tuning_db: where the tuning database lives (default OUT/<target>/tuning); share one between models.
+    host/port, tracker/key: the device MetaSchedule measures on (a `trp-edge serve`; default: the target's
+    [rpc], else this machine for a native target); tune_emulated: an aarch64 `trp-edge serve` under qemu
+    (checks the flow only: the tuning is qemu's).
     int8: also build INT8 artifacts (ORT QDQ, TFLite), calibrated on `calib` (default: the data the
     model was compressed with) and evaluated against fp32 on `eval_images` test images.
     """
@@ -233,9 +236,15 @@ class BuildConfig(_JSONMixin):
     gpu: bool = True
     emulate: bool = True
     tuning_db: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tracker: str | None = None
+    key: str | None = None
+    tune_emulated: bool = False
 
     def __post_init__(self):
         _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")
+        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
         _check(self.calib_images >= 1, f"calibration images must be >= 1, got {self.calib_images}")
         _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
 

@@ -47,7 +47,8 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
         pass
     # INT8 accuracy on the whole test set the model was compressed with (capped by its size)
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
-                      tuning_db=cfg.tuning_db, int8=int8, eval_images=10000, emulate=cfg.emulate or target.native))
+                      tuning_db=cfg.tuning_db, int8=int8, eval_images=10000, emulate=cfg.emulate or target.native,
+                      host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key, tune_emulated=cfg.emulate))
     return folder
 
 

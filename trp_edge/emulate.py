@@ -7,16 +7,19 @@ aarch64 wheels installed from the host) and caches it in $TRP_EDGE_ARM64 (defaul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError, DeviceError, DeviceTimeout, MissingTool
-from .targets import EMULATORS, Target
+from .targets import EMULATORS, Connection, Target
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,20 @@ def can_emulate(target: Target) -> str | None:
     return None
 
 
+def _wheels() -> str:
+    """The wheel list the userland script pins (its SITE/.done holds the list it installed)."""
+    import re
+
+    m = re.search(r'^WHEELS="([^"]*)"', SCRIPT.read_text(), re.M) if SCRIPT.is_file() else None
+    return m.group(1).strip() if m else ""
+
+
 def ensure_userland() -> Path:
     """The wrapper that runs aarch64 python3 under qemu; builds the userland the first time."""
     d = userland_dir()
     py = d / "py"
-    if py.is_file() and (d / "site" / ".done").is_file():
+    stamp = d / "site" / ".done"
+    if py.is_file() and stamp.is_file() and stamp.read_text().strip() == _wheels():
         return py
     if not SCRIPT.is_file():
         raise MissingTool(f"the arm64 userland is missing in {d} and {SCRIPT} is not here to build it")
@@ -87,3 +99,47 @@ def run_check(job: dict, folder: Path, target: Target, timeout: float = 900) -> 
     out = run_module("trp_edge.device.runner", job, folder, target, timeout, args=("check",))
     log.debug("emulated runtimes: %s", out.get("runtimes"))
     return out["results"]
+
+
+@contextmanager
+def emulated_server(target: Target, startup: float = 300.0) -> Iterator[Connection]:
+    """An aarch64 `trp-edge serve` (python -m trp_edge.device.serve) under qemu on a free loopback port, for
+    the jobs that need a live RPC server of the target's architecture (MetaSchedule's runner); stopped on
+    leaving. Its timings are qemu's."""
+    import socket
+    import time
+
+    why = can_emulate(target)
+    if why:
+        raise ConfigError(f"--emulate: cannot run {target.name} artifacts here ({why})")
+    py = ensure_userland()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(_REPO), "TRP_EDGE_PYTHON": str(py)}
+    proc = subprocess.Popen([str(py), "-m", "trp_edge.device.serve", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        line = ""
+        while not line.startswith("{"):  # the server prints {"serving": PORT} once it listens
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                err = (proc.stderr.read().strip().splitlines() or ["no output"])[-1]
+                raise DeviceError(f"the emulated {target.cpu.arch} trp-edge serve failed to start: {err}")
+            if time.monotonic() - t0 > startup:
+                raise DeviceTimeout(f"the emulated {target.cpu.arch} trp-edge serve did not start in {startup:.0f} s")
+        port = json.loads(line)["serving"]
+        log.info("emulated %s trp-edge serve on 127.0.0.1:%d (qemu: timings are not the device's)",
+                 target.cpu.arch, port)
+        yield Connection(host="127.0.0.1", port=port)
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)

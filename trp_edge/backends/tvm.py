@@ -5,23 +5,32 @@ Untuned Relax code is not usable on a CPU (measured: ResNet-18 2.36 s untuned vs
 `--tune-trials N` tunes every fused kernel with MetaSchedule. The tuning database lives in
 OUT/<target>/tuning/<cpu-hash>/ and is keyed by each kernel's structure (shapes included): a second
 build of the same model and target tunes nothing, and the dense and compressed models share the
-kernels they have in common. Tuning runs on this machine, so it is only done for a native target;
-tuning an ARM target on x86 measures the wrong machine."""
+kernels they have in common. Candidates are built here (cross-compiled for a foreign target) and timed where
+the model will run: on this machine for a native target, else on the device's `trp-edge serve` over RPC
+(host:port or tracker/key), at the target's threads. The database is kept per target and per CPU the
+measuring machine reports; a device lost mid-tuning ends the build with one line, and the records already
+written are reused by the next run."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConversionError, MissingTool
-from ..targets import require_tool
+from ..errors import ConfigError, ConversionError, DeviceError, MissingTool
+from ..targets import Connection, require_tool
 from .base import PROFILE_RUNS, Artifact, Run, Samples, Source
 
 if TYPE_CHECKING:
@@ -183,6 +192,67 @@ def prepare(mod, target):
                                          relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
 
 
+def _lanes(target) -> int:
+    """fp32 SIMD lanes of the target's CPU: AVX-512 16, AVX2 8, NEON / SSE 4."""
+    attrs = " ".join(str(a) for a in target.attrs.get("mattr", [])) + " " + str(target.attrs.get("mcpu", ""))
+    if "avx512" in attrs or "skylake-avx512" in attrs or "znver4" in attrs:
+        return 16
+    return 8 if target.kind.name == "llvm" and "aarch64" not in str(target) and "arm" not in str(target) else 4
+
+
+def _schedule_block(sch, info, lanes: int) -> None:
+    """Leading spatial loops fused and parallel; the innermost spatial loop vectorized, moved inside the
+    reduction loops (a convolution's output row) with the init split off, where the block reduces."""
+    kinds = info.dom_kind()
+    ns = len(kinds) - len(kinds.lstrip("S"))
+    loops = info.get_loops()
+    if ns == 0:
+        return
+    inner = loops[ns - 1]
+    if ns > 1:
+        sch.parallel(sch.fuse(*loops[:ns - 1]))
+    elif info.is_reduction():  # a single spatial axis: parallel over it, nothing to vectorize
+        sch.parallel(inner)
+        return
+    if info.is_reduction():
+        rest = loops[ns:]
+        sch.reorder(*rest, inner)
+        sch.decompose_reduction(info.block_rv, rest[0])
+        inner = sch.get_loops(info.block_rv)[-1]
+    elif ns == 1:
+        sch.parallel(inner)
+        return
+    extent = sch.get(inner).extent
+    if hasattr(extent, "value") and extent.value % lanes == 0:
+        sch.vectorize(sch.split(inner, factors=[None, lanes])[-1])
+
+
+def default_schedule(mod, target):
+    """The schedule untuned kernels get: every PrimFunc MetaSchedule did not schedule, with its loop nests
+    parallel over the target's threads and vectorized (DLight's CPU rules cover only GEMV and reductions;
+    raw Relax lowering is serial and scalar). A kernel the rule cannot schedule stays as lowered."""
+    from tvm import s_tir
+    from tvm.s_tir import dlight
+
+    lanes = _lanes(target)
+
+    class ParallelVectorize(dlight.ScheduleRule):
+        def apply(self, func, _target, _tunable):
+            sch = s_tir.Schedule(func)
+            infos = dlight.normalize_prim_func(sch)
+            if not infos:
+                return None
+            try:
+                for info in infos:
+                    _schedule_block(sch, info, lanes)
+            except Exception:  # noqa: BLE001 - tvm.s_tir.ScheduleError: leave this kernel as lowered
+                return None
+            return sch
+
+    with target:
+        return dlight.ApplyDefaultSchedule(ParallelVectorize())(mod)
+
+
 def cpu_build(mod, target, _params):
     """MetaSchedule builder: the default one minus `import tvm.s_tir.tensor_intrin` (see above)."""
     import tvm
@@ -192,38 +262,189 @@ def cpu_build(mod, target, _params):
     return tvm.tirx.build(mod, target=target)
 
 
-def tuning_dir(root: Path, target: Target, tvm_target) -> Path:
-    key = hashlib.sha256(json.dumps(str(tvm_target), sort_keys=True).encode()).hexdigest()[:10]
+@dataclass
+class Measurer:
+    """Where MetaSchedule times its candidates: this machine (conn None) or a `trp-edge serve` over RPC."""
+
+    runner: str  # for the manifest: "local", "rpc (HOST:PORT)", "emulated rpc (...)"
+    device: dict[str, Any] = field(default_factory=dict)  # the identity the measuring machine reports
+    conn: Connection | None = None
+    threads: int = 1
+    emulated: bool = False
+
+
+def _device_info(conn: Connection) -> dict[str, Any]:
+    from ..transport import connect
+
+    sess = connect(conn, 120)
+    try:
+        info = json.loads(sess.get_function("trp_edge.info")())
+    except Exception:  # noqa: BLE001 - tvm.exec.rpc_server has no trp_edge.info
+        raise DeviceError(f"{conn.describe()} is a TVM RPC server without trp-edge's trp_edge.info; run "
+                          "`trp-edge serve` there to tune on it") from None
+    if "cpu" not in info.get("tvm_devices", ["cpu"]):
+        raise DeviceError(f"{conn.describe()} has no TVM runtime to time kernels with (pip install apache-tvm "
+                          "there, or build the TVM runtime: README)")
+    return info
+
+
+@contextmanager
+def measurer(target: Target, cfg: BuildConfig) -> Iterator[Measurer | None]:
+    """The machine tuning measures on: the device given by cfg's host/port or tracker/key, else an emulated
+    aarch64 server (cfg.tune_emulated), else this machine for a native target, else the target's [rpc] or
+    $TRP_EDGE_TRACKER / $TRP_EDGE_RPC; None when there is none (the build is left untuned, with a warning)."""
+    from ..profile import host_identity
+    from ..transport import resolve
+
+    if cfg.tune_trials <= 0:
+        yield None
+        return
+    given = bool(cfg.host or cfg.tracker)
+    if cfg.tune_emulated and not given and not target.native:
+        from ..emulate import emulated_server
+
+        with emulated_server(target) as conn:
+            yield Measurer(f"emulated rpc (qemu-user {target.cpu.arch}, {conn.describe()})", _device_info(conn),
+                           conn, 1, emulated=True)  # one thread: qemu on this machine's cores
+        return
+    if target.native and not given:
+        yield Measurer("local", host_identity(), threads=target.threads)
+        return
+    try:
+        conn = resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key)
+    except ConfigError:
+        yield None
+        return
+    yield Measurer(f"rpc ({conn.describe()})", _device_info(conn), conn, target.threads)
+
+
+def tuning_dir(root: Path, target: Target, tvm_target, device: dict[str, Any]) -> Path:
+    """root/<hash of the TVM target and the measuring CPU>/: one database per target and CPU."""
+    ident = {"tvm_target": str(tvm_target), "cpu": device.get("cpu"), "machine": device.get("machine")}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     d = root / key
     d.mkdir(parents=True, exist_ok=True)
-    (d / "target.json").write_text(json.dumps({"target": target.name, "tvm_target": str(tvm_target)}, indent=2))
+    (d / "target.json").write_text(json.dumps({"target": target.name, **ident}, indent=2))
     return d
 
 
-def tune(mod, target, work_dir: Path, trials: int) -> dict[str, Any]:
-    """Tune the kernels of `mod` that have no record in work_dir yet; returns what was done."""
+def export_so(compiler: str | None, mod) -> str:
+    """MetaSchedule export: a shared library (cross-linked with `compiler`) the device's runtime loads."""
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(compiler) if compiler else None)
+    return path
+
+
+def rpc_session(conn: dict[str, Any], timeout: float, _rpc_config):
+    """MetaSchedule runner: a session on the device's trp-edge serve, direct or through a tracker."""
+    from ..transport import connect
+
+    return connect(Connection(**conn), timeout, handshake=30.0)
+
+
+def rpc_evaluate(threads: int, session, rt_mod, device, evaluator_config, repeated_args):
+    """MetaSchedule runner: the device's thread pool set to the target's threads, then the default timing."""
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    try:
+        session.get_function("runtime.config_threadpool")(1, threads)
+    except Exception:  # noqa: BLE001 - a runtime without it keeps its default pool
+        pass
+    return run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
+
+
+def _runner(m: Measurer):
+    from tvm.s_tir import meta_schedule as ms
+
+    ev = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    if m.emulated:  # qemu's timings rank nothing: one run per candidate checks the flow
+        ev = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    if m.conn is None:
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ev)
+    timeout = 600 if m.emulated else 120
+    fields = {"key": m.conn.key, "tracker": m.conn.tracker, "host": m.conn.host, "port": m.conn.port}
+    host, _, port = (m.conn.tracker or f"{m.conn.host}:{m.conn.port}").rpartition(":")
+    return ms.runner.RPCRunner(  # the tracker fields only pass the config check: the session is ours
+        ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=m.conn.key or "-",
+                            session_timeout_sec=timeout),
+        ev, f_create_session=functools.partial(rpc_session, fields, timeout),
+        f_run_evaluator=functools.partial(rpc_evaluate, m.threads))
+
+
+def _alive(conn: Connection) -> str | None:
+    """None when the device still accepts a session, else why not."""
+    from ..transport import connect
+
+    try:
+        connect(conn, 30, handshake=15.0)
+    except DeviceError as e:
+        return str(e).split(" (", 1)[-1].split(")", 1)[0]
+    return None
+
+
+def open_database(work_dir: Path):
+    """The JSONDatabase in work_dir. TVM 0.27 writes some records it cannot read back (seen: a mean reduction
+    rfactor-ed for aarch64), and one such record fails the whole load: those are moved to
+    database_tuning_record.rejected.json, with a warning, and the rest kept."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir))
+    except Exception:  # noqa: BLE001 - tvm_ffi's RuntimeError from the parallel record parser
+        pass
+    records = work_dir / "database_tuning_record.json"
+    lines = [ln for ln in records.read_text().splitlines() if ln.strip()]
+    good, bad = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(work_dir / "database_workload.json", tmp)
+        for ln in lines:
+            Path(tmp, "database_tuning_record.json").write_text(ln + "\n")
+            try:
+                ms.database.JSONDatabase(work_dir=tmp)
+                good.append(ln)
+            except Exception:  # noqa: BLE001 - this record is the unreadable one
+                bad.append(ln)
+    with open(work_dir / "database_tuning_record.rejected.json", "a") as f:
+        f.writelines(ln + "\n" for ln in bad)
+    tmp_records = records.with_suffix(".json.tmp")
+    tmp_records.write_text("".join(ln + "\n" for ln in good))
+    os.replace(tmp_records, records)
+    log.warning("tvm: %d tuning record(s) in %s could not be read back by TVM; moved to %s", len(bad), work_dir,
+                "database_tuning_record.rejected.json")
+    return ms.database.JSONDatabase(work_dir=str(work_dir))
+
+
+def _has_record(db, task) -> bool:
+    mod = task.dispatched[0]
+    return bool(db.has_workload(mod) and db.get_top_k(db.commit_workload(mod), 1))
+
+
+def tune(mod, target, work_dir: Path, trials: int, m: Measurer, compiler: str | None = None) -> dict[str, Any]:
+    """Tune the kernels of `mod` that have no record in work_dir yet, timed where `m` says; returns what was
+    done. Records are written after each batch, so a run that stops keeps what it measured."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    db = open_database(work_dir)
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    done = [t for t in tasks if db.has_workload(t.dispatched[0])
-            and db.get_top_k(db.commit_workload(t.dispatched[0]), 1)]
+    done = [t for t in tasks if _has_record(db, t)]
     todo = [t for t in tasks if t not in done]
     info: dict[str, Any] = {"tasks": len(tasks), "reused_from_database": len(done), "tuned": len(todo),
-                            "trials": 0, "seconds": 0.0}
+                            "trials": 0, "seconds": 0.0, "runner": m.runner}
     log.info("tvm: %d kernels, %d already tuned in %s, tuning %d", len(tasks), len(done), work_dir, len(todo))
     if not todo:
         return info
-    per_task = max(1, trials // len(todo))
+    per_task = max(1, trials // len(todo))  # `trials` in all: with fewer than kernels, the first ones get one each
     t0 = time.perf_counter()
 
     @derived_object
     class Progress(PyMeasureCallback):
         def __init__(self):
-            self.n, self.best = 0, {}
+            self.n, self.best, self.lost = 0, {}, None
 
         def apply(self, scheduler, task_id, candidates, builds, runs):
             name = scheduler.tasks_[task_id].ctx.task_name
@@ -232,7 +453,15 @@ def tune(mod, target, work_dir: Path, trials: int) -> dict[str, Any]:
                 if b.error_msg is None and r.error_msg is None:
                     us = 1e6 * sorted(float(s) for s in r.run_secs)[len(r.run_secs) // 2]
                     self.best[name] = min(self.best.get(name, float("inf")), us)
-            log.info("tvm tuning: %d/%d trials, %.0f s; %s best %.1f us", self.n, per_task * len(todo),
+            failed = [r.error_msg for r in runs if r.error_msg and "RPCRunner" in r.error_msg]
+            if m.conn is not None and failed and len(failed) == len(runs):
+                why = _alive(m.conn)
+                if why:  # stop here: every further trial would fail the same way
+                    self.lost = DeviceError(
+                        f"{m.conn.describe()} went away during TVM tuning after {self.n} trials ({why}); the "
+                        f"records measured so far are kept in {work_dir}: run the same command again to resume")
+                    raise self.lost
+            log.info("tvm tuning: %d/%d trials, %.0f s; %s best %.1f us", self.n, trials,
                      time.perf_counter() - t0, name, self.best.get(name, float("nan")))
 
     ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -241,23 +470,31 @@ def tune(mod, target, work_dir: Path, trials: int) -> dict[str, Any]:
                                                        genetic_num_iters=2),
         num_threads=1, seed=0)
     progress = Progress()
-    ms.tune_tasks(
-        tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=per_task * len(todo),
-        max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
-        builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=cpu_build),
-        runner=ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
-            number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)),
-        database=db, cost_model="xgb", measure_callbacks=ms.MeasureCallback.create("default") + [progress],
-        task_scheduler="round-robin")  # round-robin writes records after each batch: a killed run resumes
-    info.update(trials=progress.n, seconds=round(time.perf_counter() - t0, 1))
+    try:
+        ms.tune_tasks(
+            tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
+            max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=cpu_build,
+                                            f_export=functools.partial(export_so, compiler)),
+            runner=_runner(m), database=db, cost_model="xgb",
+            measure_callbacks=ms.MeasureCallback.create("default") + [progress],
+            task_scheduler="round-robin")  # round-robin writes records after each batch: a killed run resumes
+    except Exception:
+        if progress.lost is not None:  # raised in the callback; TVM re-raises it wrapped
+            raise progress.lost from None
+        raise
+    tuned = sum(1 for t in todo if _has_record(db, t))
+    info.update(tuned=tuned, trials=progress.n, seconds=round(time.perf_counter() - t0, 1))
+    if tuned < len(todo):
+        log.warning("tvm: %d of %d kernels got no trial within --tune-trials %d (they use the default schedule)",
+                    len(todo) - tuned, len(todo), trials)
     return info
 
 
 def apply_database(mod, target, work_dir: Path):
     from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
 
-    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    db = open_database(work_dir)
     with target, db:
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
@@ -283,27 +520,38 @@ def export(ex, path: Path, target: Target) -> dict[str, Any]:
 
 def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
           samples: Samples | None) -> tuple[list[Artifact], dict[str, Any]]:
-    import tvm
-
     lazy_tensor_intrin(("x86",) if target.cpu.arch == "x86_64" else ("arm_cpu",) if target.cpu.arch == "aarch64"
                        else ())
     cpu_t = cpu_target(target)
+    with measurer(target, cfg) as m:
+        return _build(src, target, folder, cfg, cpu_t, m)
+
+
+def _build(src: Source, target: Target, folder: Path, cfg: BuildConfig, cpu_t,
+           m: Measurer | None) -> tuple[list[Artifact], dict[str, Any]]:
+    import tvm
+
     tuning: dict[str, Any] = {"trials_requested": cfg.tune_trials, "per_model": {}}
-    tune_here = cfg.tune_trials > 0 and target.native
-    if cfg.tune_trials > 0 and not target.native:
-        tuning["skipped"] = (f"tuning {target.name} ({target.cpu.mcpu}) on this {target.cpu.arch} machine would "
-                             "measure the wrong CPU; tune on the device over RPC")
+    tune_here = m is not None
+    if cfg.tune_trials > 0 and m is None:
+        tuning["skipped"] = (f"no device to tune {target.name} ({target.cpu.mcpu}) on: timing it on this "
+                             f"{os.uname().machine} machine would measure the wrong CPU; pass --host/--port or "
+                             f"--tracker/--key of the device's `trp-edge serve` (or set [rpc] in its target file)")
         log.warning("tvm: %s", tuning["skipped"])
     root = Path(cfg.tuning_db) if cfg.tuning_db else folder.parent / "tuning"
-    db_dir = tuning_dir(root, target, cpu_t) if tune_here else None
+    db_dir = tuning_dir(root, target, cpu_t, m.device) if tune_here else None
+    compiler = None if target.native else target.cpu.cross_compiler
+    if tune_here:
+        tuning.update(runner=m.runner, device=m.device.get("cpu"), threads=m.threads, emulated=m.emulated)
     arts = []
     for v in src.variants:
         t0 = time.perf_counter()
         imported = import_onnx(v.onnx, src.input_shape)
         mod = prepare(imported, cpu_t)
         if tune_here:
-            tuning["per_model"][v.name] = tune(mod, cpu_t, db_dir, cfg.tune_trials)
+            tuning["per_model"][v.name] = tune(mod, cpu_t, db_dir, cfg.tune_trials, m, compiler)
             mod = apply_database(mod, cpu_t, db_dir)
+        mod = default_schedule(mod, cpu_t)
         ex = tvm.compile(mod, target=cpu_t)
         f = folder / f"{v.name}.so"
         extra = export(ex, f, target)

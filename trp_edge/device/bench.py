@@ -27,11 +27,11 @@ import numpy as np
 from ..backends.base import get
 from ..config import ProfileConfig
 from ..profile import host_identity, time_alternating
-from .runner import load, runtime_versions
+from .runner import load, runtime_versions, tvm_device_apis
 
 
 def device_identity() -> dict[str, Any]:
-    return {**host_identity(), "runtimes": runtime_versions()}
+    return {**host_identity(), "runtimes": runtime_versions(), "tvm_devices": tvm_device_apis()}
 
 
 def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -42,6 +42,23 @@ def runtime_versions() -> dict[str, str | None]:
     return out
 
 
+def tvm_device_apis() -> list[str]:
+    """The TVM device APIs this runtime can run kernels on (cpu, and opencl / vulkan / cuda where the TVM
+    runtime was built with them and a device answers); [] without TVM."""
+    try:
+        import tvm
+    except Exception:  # noqa: BLE001 - no TVM here
+        return []
+    found = []
+    for api in ("cpu", "opencl", "vulkan", "cuda"):
+        try:
+            if tvm.device(api, 0).exist:
+                found.append(api)
+        except Exception:  # noqa: BLE001 - a runtime built without that API
+            pass
+    return found
+
+
 def check(job: dict, base: Path) -> list[dict]:
     """Run every artifact of a job on the reference input; a failure is recorded, not raised."""
     ref = np.load(base / job["reference"])

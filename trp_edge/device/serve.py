@@ -5,7 +5,10 @@ It registers three functions in the server: `trp_edge.info()` (device identity a
 `trp_edge.bench(job_json)` (trp_edge.device.bench on the uploaded files) and `trp_edge.calibrate(job_json)`
 (one layer of `trp-edge calibrate`). It needs numpy, the TVM
 runtime and whichever of onnxruntime / ai-edge-litert / tflite-runtime the device has; no torch. A
-runtime that is missing is reported to the client, not crashed on."""
+runtime that is missing is reported to the client, not crashed on.
+
+    python -m trp_edge.device.serve --host 127.0.0.1 --port 9090   # without click (the emulated userland)
+"""
 
 from __future__ import annotations
 
@@ -66,3 +69,41 @@ def serve(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None,
     log.info("serving on %s:%d%s", host, server.port, f", registered with tracker {tracker} as {key!r}" if tracker
              else "")
     return server
+
+
+def wait(server) -> None:
+    """Block until the server ends; SIGTERM and Ctrl-C take its worker process down with it."""
+    import signal
+
+    def stop(*_):  # TVM runs the server in a worker process
+        server.terminate()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.proc.join()
+    except KeyboardInterrupt:
+        server.terminate()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trp_edge.device.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--key", default="")
+    a = p.parse_args(argv)
+    import os
+    import sys
+
+    # TVM starts the server in `sys.executable -m tvm.exec.popen_worker`: under qemu-user that must be the
+    # wrapper that runs the guest python, not the guest binary itself
+    sys.executable = os.environ.get("TRP_EDGE_PYTHON", sys.executable)
+    server = serve(a.host, a.port, key=a.key)
+    print(json.dumps({"serving": server.port}), flush=True)
+    wait(server)
+
+
+if __name__ == "__main__":
+    main()
