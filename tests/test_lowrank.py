@@ -133,7 +133,7 @@ def test_tsvd_projection_and_decomposition_agree(scheme, tiny):
 
     data = synthetic("3x16x16", n_train=64, n_test=32, classes=4)
     dcfg = DecomposeConfig(scheme=scheme, energy=0.4)
-    trainer = TRPTrainer(tiny, data, TRPConfig(steps=1, batch=16), dcfg, progress=False)
+    trainer = TRPTrainer(tiny, data, TRPConfig(steps=1, batch=16, device="cpu"), dcfg, progress=False)
     ranks = trainer.project_()
     x = torch.randn(2, 3, 16, 16)
     tiny.eval()

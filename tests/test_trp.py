@@ -44,6 +44,51 @@ def test_nuclear_term_is_lambda_u_vt(tiny):
     assert torch.allclose(tiny.conv3.weight.grad, expected, atol=1e-5)
 
 
+def test_newton_schulz_gives_the_svd_polar_factor_for_every_shape_in_one_batch():
+    """U V^T by matrix products, for matrices of several shapes (wide and tall) padded into one batch."""
+    from trp_edge.trp import polar_factors
+
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(3, 48, 96, generator=g), torch.randn(2, 96, 48, generator=g),
+            torch.randn(4, 20, 20, generator=g) + 3 * torch.eye(20)]
+    for m, got in zip(mats, polar_factors(mats)):
+        u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        assert got.shape == m.shape
+        assert torch.allclose(got.double(), u @ vh, atol=2e-5), (got.double() - u @ vh).abs().max()
+
+
+def test_newton_schulz_on_a_low_rank_matrix_is_a_nuclear_sub_gradient():
+    """Right after a projection the weights are rank-deficient: on the non-zero singular directions the result is
+    U_k V_k^T exactly, and no singular value of it exceeds 1 (a sub-gradient of the nuclear norm)."""
+    from trp_edge.trp import polar_factors
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(2, 40, 5, generator=g) @ torch.randn(2, 5, 72, generator=g)
+    (got,) = polar_factors([m])
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    uk, vk = u[..., :5], vh[..., :5, :].mT
+    assert torch.allclose(got.double() @ vk, uk, atol=2e-5)
+    assert torch.allclose(uk.mT @ got.double(), vk.mT, atol=2e-5)
+    assert torch.linalg.matrix_norm(got.double(), ord=2).max() <= 1 + 1e-4
+
+
+@pytest.mark.parametrize("solver", ["svd", "newton-schulz"])
+def test_the_nuclear_term_is_the_same_by_either_solver(solver):
+    model = build(builtin_spec("resnet20", in_channels=1, num_classes=4))
+    data = synthetic("1x16x16", n_train=64, classes=4)
+    tr = TRPTrainer(model, data, TRPConfig(steps=1, batch=16, nuclear=1.0, device="cpu", nuclear_solver=solver),
+                    DecomposeConfig(scheme="spatial"), progress=False)
+    assert tr.nuclear_solver == solver
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    tr.add_nuclear_grad_(cached=False)
+    for la in tr.layers:
+        m = get_scheme("spatial").to_matrix(la.module.weight.detach().double())
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        got = get_scheme("spatial").to_matrix(la.module.weight.grad.double())
+        assert torch.allclose(got, u @ vh, atol=5e-5), la.name
+
+
 def test_projection_keeps_the_energy_and_batches_by_shape():
     model = build(builtin_spec("resnet20", in_channels=1, num_classes=4))
     data = synthetic("1x16x16", n_train=64, classes=4)
@@ -87,7 +132,8 @@ def test_auto_truncates_each_layer_in_its_cheaper_form():
 def _cfg(out, **kw):
     return CompressConfig(model="resnet20", data="synthetic:1x16x16", out=str(out),
                           decompose=DecomposeConfig(scheme="channel", energy=0.05),
-                          trp=TRPConfig(epochs=2, batch=64, lr=0.05, period=3, nuclear=3e-4), latency=None, **kw)
+                          trp=TRPConfig(epochs=2, batch=64, lr=0.05, period=3, nuclear=3e-4, device="cpu"),
+                          latency=None, **kw)
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Step time of plain SGD, TRP and TRP+Nu side by side in one run, and where the SVDs run.
 
-The issue's target: a TRP+Nu step costs at most 1.15x a plain SGD step on the GPU. Each variant
+The issue's target: a TRP+Nu step costs at most 1.15x a plain SGD step on the GPU. The nuclear-norm term is
+timed with batched SVDs (on the training device and on the CPU) and with Newton-Schulz (matrix products). Each variant
 runs the same model, batch and data for --steps steps after --warmup; variants are interleaved in
 --rounds rounds so drift hits them all. Prints a table and saves OUT/bench_step.json.
 
@@ -26,10 +27,12 @@ from trp_edge.trp import TRPTrainer
 
 
 def variants(svd_devices):
-    yield "SGD", 0, 0.0, "same"
+    """(name, period, nuclear, svd device, nuclear solver)"""
+    yield "SGD", 0, 0.0, "same", "svd"
     for dev in svd_devices:
-        yield f"TRP (svd {dev})", 20, 0.0, dev
-        yield f"TRP+Nu (svd {dev})", 20, 3e-4, dev
+        yield f"TRP (svd {dev})", 20, 0.0, dev, "svd"
+        yield f"TRP+Nu (svd {dev})", 20, 3e-4, dev, "svd"
+    yield "TRP+Nu (newton-schulz)", 20, 3e-4, "same", "newton-schulz"
 
 
 def main() -> None:
@@ -52,11 +55,11 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, *_ in runs}
     svd: dict[str, list[float]] = {name: [] for name, *_ in runs}
     for _ in range(args.rounds):
-        for name, period, nuclear, svd_dev in runs:
+        for name, period, nuclear, svd_dev, solver in runs:
             torch.manual_seed(0)
             model = build(builtin_spec(args.model, in_channels=c, num_classes=10))
             cfg = TRPConfig(steps=args.warmup + args.steps, period=period, nuclear=nuclear, batch=args.batch,
-                            device=args.device, svd_device=svd_dev, schedule="constant")
+                            device=args.device, svd_device=svd_dev, schedule="constant", nuclear_solver=solver)
             tr = TRPTrainer(model, data, cfg, DecomposeConfig(scheme=args.scheme, energy=0.02), progress=False)
             marks = {}
 

@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--nuclear", type=float, default=None,
                     help="λ for the +Nu runs (default: the paper's 3e-4); scale it up for short schedules")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="latency-aware ranks for this machine's ORT (compress's default); off: MAC-based (the paper)")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     ap.add_argument("--out", default="bench-out/trp")
     args = ap.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
         if nuclear and args.nuclear is not None:
             nuclear = args.nuclear
         cfg = CompressConfig(
-            model=args.model, data=args.data, out=str(out / name), force=True,
+            model=args.model, data=args.data, out=str(out / name), force=True, calibrate=args.calibrate,
             decompose=DecomposeConfig(scheme=scheme, energy=args.energy),
             trp=TRPConfig(epochs=args.epochs, period=period, nuclear=nuclear, lr=args.lr, batch=args.batch,
                           device=args.device))
@@ -69,6 +71,7 @@ def main() -> None:
             other = "channel" if scheme == "spatial" else "spatial"
             rows.append((other, compress(CompressConfig(
                 model=str(out / name / "dense.pt"), data=args.data, out=str(out / f"{name}-{other}"), force=True,
+                calibrate=args.calibrate,
                 decompose=DecomposeConfig(scheme=other, energy=args.energy), trp=TRPConfig(steps=0)),
                 progress=False).report))
         for sch, rep in rows:

@@ -77,11 +77,17 @@ class DecomposeConfig(_JSONMixin):
             _check(self.target_speedup > 1.0, f"target speedup must be > 1, got {self.target_speedup}")
 
 
+NUCLEAR_SOLVERS = ("auto", "svd", "newton-schulz")
+
+
 @dataclass(frozen=True)
 class TRPConfig(_JSONMixin):
     """TRP training (Xu et al., IJCAI 2020, Alg. 1): every `period` steps project each eligible conv
     onto TSVD(W, e) and take the step there; `nuclear` > 0 adds lambda * U_tru V_tru^T each step.
-    period = 0 is plain SGD (the paper's baseline, decomposed directly afterwards)."""
+    period = 0 is plain SGD (the paper's baseline, decomposed directly afterwards). nuclear_solver: how
+    U_tru V_tru^T is found between projections: "svd" (batched SVD), "newton-schulz" (the polar factor by
+    matrix products, all shapes in one batch: for GPUs, where small SVDs are slow), "auto" (newton-schulz on
+    CUDA, svd elsewhere)."""
 
     period: int = 20
     nuclear: float = 0.0
@@ -96,6 +102,7 @@ class TRPConfig(_JSONMixin):
     seed: int = 0
     workers: int = 0
     svd_device: str = "auto"
+    nuclear_solver: str = "auto"
 
     def __post_init__(self):
         _check(self.period >= 0, f"period must be >= 0 (0: plain SGD, no TSVD), got {self.period}")
@@ -112,6 +119,8 @@ class TRPConfig(_JSONMixin):
                f"unknown device {self.device!r}: use auto, cpu or cuda")
         _check(self.svd_device in ("auto", "cpu", "same"),
                f"unknown svd device {self.svd_device!r}: use auto, cpu or same")
+        _check(self.nuclear_solver in NUCLEAR_SOLVERS,
+               f"unknown nuclear solver {self.nuclear_solver!r}: use {', '.join(NUCLEAR_SOLVERS)}")
         _check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
 
     @property
@@ -216,6 +225,7 @@ class BuildConfig(_JSONMixin):
 
     runtimes: "all" (the target's) or comma-separated tvm, ort, tflite.
     tune_trials: MetaSchedule trials for TVM (0: untuned; the tuning database is reused across builds).
+    tune_minutes: a time budget for TVM tuning, per model (0: none); alone, it tunes until the time is up.
     tuning_db: where the tuning database lives (default OUT/<target>/tuning); share one between models.
     host/port, tracker/key: the device MetaSchedule measures on (a `trp-edge serve`; default: the target's
     [rpc], else this machine for a native target); tune_emulated: an aarch64 `trp-edge serve` under qemu
@@ -229,6 +239,7 @@ class BuildConfig(_JSONMixin):
     runtimes: str = "all"
     out: str | None = None
     tune_trials: int = 0
+    tune_minutes: float = 0.0
     int8: bool = True
     calib: str | None = None
     calib_images: int = 64
@@ -244,6 +255,7 @@ class BuildConfig(_JSONMixin):
 
     def __post_init__(self):
         _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")
+        _check(self.tune_minutes >= 0, f"--tune-minutes must be >= 0, got {self.tune_minutes}")
         _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
         _check(self.calib_images >= 1, f"calibration images must be >= 1, got {self.calib_images}")
         _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
@@ -280,6 +292,7 @@ class DeployConfig(_JSONMixin):
     emulate: bool = False
     threads: int | None = None
     tune_trials: int = 0
+    tune_minutes: float = 0.0
     tuning_db: str | None = None
     reports: str = "reports"
     timeout: float = 900.0
@@ -295,6 +308,7 @@ class DeployConfig(_JSONMixin):
         _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
         _check(not ((self.local or self.emulate) and (self.host or self.tracker)),
                "--local/--emulate run here; drop --host/--tracker")
+        _check(self.tune_trials >= 0 and self.tune_minutes >= 0, "--tune-trials and --tune-minutes must be >= 0")
         _check_device_options(self)
 
 

@@ -65,6 +65,30 @@ def evaluate(model: nn.Module, split, device: torch.device, batch: int = 500) ->
     return 100.0 * correct / max(total, 1)
 
 
+NEWTON_SCHULZ_STEPS = 40
+
+
+def polar_factors(mats: list[torch.Tensor], steps: int = NEWTON_SCHULZ_STEPS) -> list[torch.Tensor]:
+    """U V^T of every matrix in `mats` (batches of (p, q) matrices, any shapes): the nuclear norm's sub-gradient,
+    by the cubic Newton-Schulz iteration X <- 1.5 X - 0.5 X X^T X from X = M / ||M||_F, with all matrices
+    zero-padded into one batch (zero rows and columns stay zero), so one call is a few dozen batched matrix
+    products however many shapes there are. Each singular value s maps to g(s) in [0, 1]: 1 to float precision
+    for s >= 1e-4 of the largest (40 steps), 0 for s = 0, and between for the near-zero ones that the SVD
+    route's rank tolerance cuts at about 2e-5; any value in [0, 1] there is still a sub-gradient."""
+    wide = [m if m.shape[-2] <= m.shape[-1] else m.mT for m in mats]
+    p, q = max(m.shape[-2] for m in wide), max(m.shape[-1] for m in wide)
+    x = torch.cat([nn.functional.pad(m, (0, q - m.shape[-1], 0, p - m.shape[-2])) for m in wide])
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    for _ in range(steps):
+        x = torch.baddbmm(x, x @ x.mT, x, beta=1.5, alpha=-0.5)
+    out, i = [], 0
+    for m, w in zip(mats, wide):
+        part = x[i:i + len(w), :w.shape[-2], :w.shape[-1]]
+        out.append(part if w is m else part.mT)
+        i += len(w)
+    return out
+
+
 @dataclass
 class _Group:
     """Eligible layers whose weights share one shape, in one matrix form: their SVDs run as one batched call."""
@@ -112,6 +136,8 @@ class TRPTrainer:
                                                                   is None) for la in self.layers}
         self.groups = self._active()
         self.svd_device = self.device if tcfg.svd_device in ("auto", "same") else torch.device("cpu")
+        self.nuclear_solver = tcfg.nuclear_solver if tcfg.nuclear_solver != "auto" else (
+            "newton-schulz" if self.device.type == "cuda" else "svd")
         self.checkpoint, self.other_macs = checkpoint, other_macs
         self.progress, self.on_step = progress, on_step
         self.steps_per_epoch = data.train.num_batches(tcfg.batch, drop_last=True)
@@ -213,21 +239,27 @@ class TRPTrainer:
 
     @torch.no_grad()
     def add_nuclear_grad_(self, cached: bool) -> None:
-        """grad += lambda * U_tru V_tru^T in each eligible layer's matrix form."""
+        """grad += lambda * U_tru V_tru^T in each eligible layer's matrix form: at a projection step from the
+        TSVD's own factors, otherwise from the current weights (by SVD, or as their polar factor by
+        Newton-Schulz, all shapes in one batch)."""
         t0 = time.perf_counter()
-        lam = self.tcfg.nuclear
-        for gi, g in enumerate(self.groups):
-            if cached:
-                u, keep, vh = self._cached[gi]
-            else:
+        if cached:
+            subs = [(u * keep[:, None, :]) @ vh for u, keep, vh in self._cached]
+        elif self.nuclear_solver == "newton-schulz":
+            subs = polar_factors([g.scheme.to_matrix(torch.stack([la.weight.detach() for la in g.layers]))
+                                  for g in self.groups])
+        else:
+            subs = []
+            for g in self.groups:
                 u, s, vh = self._svd(g)
                 tol = s[:, :1] * max(u.shape[-2], vh.shape[-1]) * torch.finfo(s.dtype).eps
-                keep = (s > tol).to(s.dtype)
-            sub = g.scheme.from_matrix((u * keep[:, None, :]) @ vh, g.shape).to(self.device)
+                subs.append((u * (s > tol).to(s.dtype)[:, None, :]) @ vh)
+        for g, m in zip(self.groups, subs):
+            sub = g.scheme.from_matrix(m, g.shape).to(self.device)
             for i, la in enumerate(g.layers):
                 grad = la.module.weight.grad
                 if grad is not None:
-                    grad.view(la.weight.shape).add_(sub[i], alpha=lam)
+                    grad.view(la.weight.shape).add_(sub[i], alpha=self.tcfg.nuclear)
         self._sync()
         self._svd_seconds += time.perf_counter() - t0
 
