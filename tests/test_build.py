@@ -140,6 +140,14 @@ def test_tuning_database_is_reused(tmp_path, tiny):
     m2 = json.loads((tmp_path / "b" / "host" / "tvm" / "manifest.json").read_text())
     t2 = m2["tuning"]["per_model"]["tiny"]
     assert t2["tuned"] == 0 and t2["reused_from_database"] == t1["tasks"] and t2["trials"] == 0
+    # a time budget alone: the search stops after the batch in which the time ran out, and keeps what it measured
+    timed = invoke(["build", str(tmp_path / "tiny.onnx"), "--runtime", "tvm", "--tune-minutes", "0.001", "--out",
+                    str(tmp_path / "c"), "-q"])
+    assert timed.exit_code == 0, timed.output
+    m3 = json.loads((tmp_path / "c" / "host" / "tvm" / "manifest.json").read_text())
+    t3 = m3["tuning"]["per_model"]["tiny"]
+    assert t3["stopped"] == "time budget of 0.001 min" and t3["trials"] >= 1 and t3["tuned"] < t3["tasks"]
+    assert m3["tuning"]["minutes_requested"] == 0.001 and m3["artifacts"][0]["validation"]["status"] == "passed"
 
 
 @pytest.mark.slow
@@ -178,6 +186,7 @@ def test_tuning_over_rpc_survives_a_lost_device(tmp_path, tiny):
         watcher.join()
         stop(server)
     assert lost.exit_code == 1, lost.output
+    assert isinstance(lost.exception, SystemExit), repr(lost.exception)  # a library error, not a crash
     (line,) = [ln for ln in lost.output.splitlines() if ln.strip()]
     assert "went away during TVM tuning" in line and "run the same command again to resume" in line
     kept = len(records[0].read_text().splitlines())

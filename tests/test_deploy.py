@@ -91,6 +91,38 @@ def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
         assert lay and all(la["dense_ms"] and la["compressed_ms"] for la in lay), rt
         assert reps[rt]["layers_unmatched_kernels"] == {"dense": 0, "compressed": 0}
     assert "no op profiler" in reps["tflite"]["layers_note"]
+    # the untuned TVM build is timed against ONNX Runtime's compressed model in the same run
+    t = reps["tvm"]["tvm"]
+    assert not t["tuned"] and "untuned" not in t and t["ort"]["max_abs_diff"] <= 1e-4
+    assert t["ort"]["ratio"] == pytest.approx(t["ort"]["median_ms"] / reps["tvm"]["compressed"]["median_ms"])
+    md = (tmp_path / "host" / reps["tvm"]["files"]["markdown"]).read_text()
+    assert "ONNX Runtime" in res.output and "ONNX Runtime" in md
+
+
+def test_a_gpu_artifact_is_skipped_on_a_device_without_that_api(tmp_path, tiny):
+    """A TVM build's OpenCL module on a device whose TVM runtime has no OpenCL is not run, and says why; the CPU
+    artifacts of the same job still are."""
+    import numpy as np
+    import torch
+
+    from trp_edge.device.bench import bench
+
+    torch.onnx.export(tiny.eval(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "tiny.onnx"),
+                      input_names=["input"], dynamo=False)
+    x = torch.randn(1, 3, 16, 16)
+    np.savez(tmp_path / "reference.npz", input=x.numpy(), compressed=tiny(x).detach().numpy())
+    (tmp_path / "tiny-opencl.so").write_bytes(b"not loaded")
+    job = {"runtime": "tvm", "threads": 1, "reference": "reference.npz", "layers": False,
+           "protocol": {"warmup": 1, "block": 1, "min_runs": 2, "min_seconds": 0.0},
+           "artifacts": [{"variant": "opencl:compressed", "file": "tiny-opencl.so", "device": "opencl",
+                          "key": "compressed"},
+                         {"variant": "ref:ort", "file": "tiny.onnx", "runtime": "ort", "key": "compressed",
+                          "timing_only": True}]}
+    out = bench(job, tmp_path)
+    assert "no opencl device" in out["artifacts"]["opencl:compressed"]["skipped"]
+    assert "opencl" not in out["device"]["tvm_devices"] and "cpu" in out["device"]["tvm_devices"]
+    assert out["artifacts"]["ref:ort"]["max_abs_diff"] <= 1e-4 and out["timing"]["ref:ort"]["runs"] >= 2
+    assert list(out["timing"]) == ["ref:ort"]
 
 
 def test_deploy_through_the_tracker(compressed, tracked, tracker, tmp_path):

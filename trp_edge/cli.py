@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .config import (
+    NUCLEAR_SOLVERS,
     SCHEME_NAMES,
     BuildConfig,
     CalibrateConfig,
@@ -32,7 +33,10 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO if verbose == 0 else logging.WARNING
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     ours = logging.getLogger("trp_edge")
+    for h in [h for h in ours.handlers if h.get_name() == "trp-edge.cli"]:  # an earlier command in this process
+        ours.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("trp-edge.cli")
     handler.setFormatter(logging.Formatter("trp-edge: %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(level)
@@ -120,6 +124,8 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @opt(T, "device", "--device", help="auto, cpu or cuda[:N]")
 @opt(T, "svd_device", "--svd-device", type=click.Choice(["auto", "cpu", "same"]),
      help="where the TRP SVDs run (auto: on the training device)")
+@opt(T, "nuclear_solver", "--nuclear-solver", type=click.Choice(NUCLEAR_SOLVERS),
+     help="how the nuclear-norm sub-gradient is found: svd, newton-schulz (matrix products; auto: on CUDA)")
 @opt(T, "seed", "--seed", type=int)
 @opt(T, "workers", "--workers", type=int, help="data loader workers (imagefolder; 0: in this process)")
 @opt(C, "data", "--data", help="fashion-mnist[:DIR], cifar10:DIR, imagefolder:DIR or synthetic[:CxHxW]")
@@ -160,9 +166,9 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @click.option("--verbose", "-v", count=True)
 @library_errors
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
-             device, svd_device, seed, workers, data, arch, weights, trust_pickle, in_channels, num_classes,
-             input_size, skip_stem, linear, ranks, target_speedup, out, force, resume, target, runtime, precision,
-             threads, calibrate, calibration, latency_table, latency, quiet, verbose):
+             device, svd_device, nuclear_solver, seed, workers, data, arch, weights, trust_pickle, in_channels,
+             num_classes, input_size, skip_stem, linear, ranks, target_speedup, out, force, resume, target, runtime,
+             precision, threads, calibrate, calibration, latency_table, latency, quiet, verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
     MODEL is a built-in name (resnet18/34/50, resnet20/32/56), any torchvision classification model name
@@ -180,7 +186,8 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
                                   linear=linear, target_speedup=target_speedup, latency_table=latency_table),
         trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
-                      seed=seed, workers=workers, svd_device=svd_device))
+                      seed=seed, workers=workers, svd_device=svd_device,
+                      nuclear_solver=nuclear_solver))
     result = run(cfg, progress=quiet == 0 and sys.stderr.isatty())
     _echo_compress(result)
 
@@ -231,6 +238,8 @@ def _connection_options(f):
      help="tvm, ort, tflite (comma-separated) or all (the target's runtimes)")
 @opt(B, "tune_trials", "--tune-trials", type=int,
      help="MetaSchedule trials for TVM (0: untuned); the tuning database is kept and reused")
+@opt(B, "tune_minutes", "--tune-minutes", type=float,
+     help="TVM tuning time budget per model (with --tune-trials: whichever ends first; alone: until time is up)")
 @opt(B, "tuning_db", "--tuning-db", help="TVM tuning database folder to use and extend, e.g. shared "
      "between models [default: OUT/<target>/tuning]")
 @opt(B, "out", "--out", "-o", help="output folder [default: MODEL/build]")
@@ -245,8 +254,8 @@ def _connection_options(f):
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
-def build(model, target, runtimes, tune_trials, tuning_db, out, int8, calib, calib_images, eval_images, gpu, emulate,
-          host, port, tracker, key, quiet, verbose) -> None:
+def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, int8, calib, calib_images, eval_images,
+          gpu, emulate, host, port, tracker, key, quiet, verbose) -> None:
     """Build MODEL (a `trp-edge compress` output folder, or an .onnx file) for a device target: the compressed
     and the dense model, per runtime, each artifact validated against torch. Writes OUT/<target>/<runtime>/
     with a manifest.json. --tune-trials tunes TVM on the device named by --host/--port or --tracker/--key (else
@@ -254,9 +263,9 @@ def build(model, target, runtimes, tune_trials, tuning_db, out, int8, calib, cal
     from .build import build as run
 
     result = run(BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials,
-                             tuning_db=tuning_db, int8=int8, calib=calib, calib_images=calib_images,
-                             eval_images=eval_images, gpu=gpu, emulate=emulate, host=host, port=port,
-                             tracker=tracker, key=key))
+                             tune_minutes=tune_minutes, tuning_db=tuning_db, int8=int8, calib=calib,
+                             calib_images=calib_images, eval_images=eval_images, gpu=gpu, emulate=emulate,
+                             host=host, port=port, tracker=tracker, key=key))
     for rt, m in result.manifests.items():
         click.echo(f"{m['target']}/{rt}: {result.out / rt}/ ({m['build_seconds']:.1f} s)")
         for a in m["artifacts"]:
@@ -286,11 +295,14 @@ def _protocol_options(f):
 
 
 def _echo_report(path: Path) -> None:
+    from .report import tvm_line
+
     r = json.loads(path.read_text())
     em = " [EMULATED: not device latency]" if r["emulated"] else ""
     slower = sum(1 for la in r["layers"] if la.get("slower"))
     prec = r.get("precision", "fp32")
-    click.echo(f"{r['target']}/{r['runtime']} {prec} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}): "
+    api = "" if r.get("device_api", "cpu") == "cpu" else f" {r['device_api']}"
+    click.echo(f"{r['target']}/{r['runtime']}{api} {prec} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}): "
                f"dense {r['dense']['median_ms']:.3f} ms, compressed {r['compressed']['median_ms']:.3f} ms: "
                f"{r['latency_speedup']:.2f}x for {r['mac_speedup']:.2f}x fewer MACs (efficiency {r['efficiency']:.2f})"
                + (f"; {slower} layer(s) slower than dense" if slower else "")
@@ -299,6 +311,8 @@ def _echo_report(path: Path) -> None:
     if acc:
         click.echo(f"  top-1: trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
                    + "".join(f", {prec} {k} {v:.2f}%" for k, v in acc.get("quantized", {}).items()))
+    if tvm_line(r):
+        click.echo(f"  {tvm_line(r)}")
     click.echo(f"  report: {path} (+ .md, .png)")
 
 
@@ -339,6 +353,7 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("--local", is_flag=True, help="run on this machine (target host)")
 @click.option("--emulate", is_flag=True, help="run aarch64 artifacts under qemu here (correctness only)")
 @opt(Dp, "tune_trials", "--tune-trials", type=int, help="MetaSchedule trials when TVM is built")
+@opt(Dp, "tune_minutes", "--tune-minutes", type=float, help="TVM tuning time budget per model when TVM is built")
 @opt(Dp, "tuning_db", "--tuning-db", help="TVM tuning database folder to use and extend")
 @opt(Dp, "timeout", "--timeout", type=float, help="seconds for one runtime's session")
 @opt(Dp, "reports", "--reports")
@@ -350,8 +365,8 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
-def deploy(target, model, runtimes, precision, host, port, tracker, key, local, emulate, tune_trials, tuning_db,
-           timeout, reports, layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
+def deploy(target, model, runtimes, precision, host, port, tracker, key, local, emulate, tune_trials, tune_minutes,
+           tuning_db, timeout, reports, layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
     reports/<target>/<model>-<runtime>[-int8]-<time>.{json,md,png}. With --compare, every model is timed in the same
     alternating run and each report carries the side-by-side table."""
@@ -360,8 +375,8 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
 
     paths = run(DeployConfig(target=target, model=model, runtimes=runtimes, precision=precision, host=host, port=port,
                              tracker=tracker, key=key, local=local, emulate=emulate, threads=threads,
-                             tune_trials=tune_trials, tuning_db=tuning_db, reports=reports, timeout=timeout,
-                             layers=layers, compare=compare,
+                             tune_trials=tune_trials, tune_minutes=tune_minutes, tuning_db=tuning_db, reports=reports,
+                             timeout=timeout, layers=layers, compare=compare,
                              protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)))
     shown = set()
     for p in paths:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
         m = load_manifest(folder)
         same = (m["source_sha256"] == {"dense": sha256(model / "dense.onnx"),
                                        "compressed": sha256(model / "model.onnx")}
-                and m["config"]["tune_trials"] == cfg.tune_trials and (m["config"]["int8"] or not int8))
+                and m["config"]["tune_trials"] == cfg.tune_trials
+                and m["config"].get("tune_minutes", 0.0) == cfg.tune_minutes and (m["config"]["int8"] or not int8))
         if same and all((folder / a["file"]).is_file() for a in m["artifacts"]):
             log.info("%s/%s: reusing the build in %s", target.name, runtime, folder)
             return folder
@@ -47,8 +48,9 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
         pass
     # INT8 accuracy on the whole test set the model was compressed with (capped by its size)
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
-                      tuning_db=cfg.tuning_db, int8=int8, eval_images=10000, emulate=cfg.emulate or target.native,
-                      host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key, tune_emulated=cfg.emulate))
+                      tune_minutes=cfg.tune_minutes, tuning_db=cfg.tuning_db, int8=int8, eval_images=10000,
+                      emulate=cfg.emulate or target.native, host=cfg.host, port=cfg.port, tracker=cfg.tracker,
+                      key=cfg.key, tune_emulated=cfg.emulate))
     return folder
 
 
@@ -60,6 +62,17 @@ def precisions(cfg: DeployConfig, runtime: str) -> tuple[str, ...]:
 INT8_RUNTIMES = ("ort", "tflite")
 
 
+def stage(precision: str, api: str = "cpu") -> str:
+    """The key of one report's artifacts in a deploy run: the precision, and the TVM device API when not cpu
+    ("fp32", "int8", "fp32@opencl")."""
+    return precision if api == "cpu" else f"{precision}@{api}"
+
+
+def split_stage(key: str) -> tuple[str, str]:
+    precision, _, api = key.partition("@")
+    return precision, api or "cpu"
+
+
 @dataclass
 class Part:
     """One compress output in a deploy run: where its build is and which job variants time it."""
@@ -67,15 +80,19 @@ class Part:
     model: Path
     folder: Path
     label: str  # "" for the deployed model, a name for each --compare model
-    variants: dict[str, dict[str, str]]  # precision -> "dense" / "compressed" -> the job variant that times it
+    variants: dict[str, dict[str, str]]  # stage -> "dense" / "compressed" -> the job variant that times it
+    references: dict[str, str] = field(default_factory=dict)  # "untuned" / "ort" -> the job variant timing it
 
 
 def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
-             precs: tuple[str, ...] = ("fp32",)) -> tuple[dict[str, Any], dict[str, Path], list[Part]]:
-    """One job timing the CPU artifacts of every (model, build folder) at each precision in alternating blocks,
-    so models and precisions are compared side by side in one run. An artifact file shared by two models (the
-    dense model both were compressed from) is timed once. Returns the job, the files it names (name -> local
-    path) and the parts."""
+             precs: tuple[str, ...] = ("fp32",), references: dict[str, tuple[Path, str]] | None = None,
+             ) -> tuple[dict[str, Any], dict[str, Path], list[Part]]:
+    """One job timing the artifacts of every (model, build folder) at each precision in alternating blocks,
+    so models and precisions are compared side by side in one run: the CPU ones, and the GPU ones of a TVM
+    build (which a device without that TVM device API skips). An artifact file shared by two models (the
+    dense model both were compressed from) is timed once. `references` (label -> (file, runtime)) are other
+    builds of the deployed model's compressed network timed in the same run (TVM: untuned, ORT). Returns the
+    job, the files it names (name -> local path) and the parts."""
     files: dict[str, Path] = {}
     arts: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
@@ -95,26 +112,57 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
         files[ref] = folder.parent / "reference.npz"
         variants: dict[str, dict[str, str]] = {}
         for prec in precs:
-            chosen = [a for a in m["artifacts"] if a["precision"] == prec and a["device"] == "cpu"]
-            if {a["variant"] for a in chosen} != {"dense", "compressed"}:
-                raise InputError(f"{folder}: needs {prec} CPU artifacts of both the dense and the compressed model")
-            for a in chosen:
-                # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ), so
-                # sameness is the source file's hash, the precision and the build settings
-                same = (m["source_sha256"][a["variant"]], prec, m["target"], m["runtime"],
-                        m["config"].get("tune_trials"))
-                if same not in seen:
-                    base = a["variant"] if prec == "fp32" else f"{prec}:{a['variant']}"
-                    name, fname = (f"{label}:{base}", f"{i}-{a['file']}") if i else (base, a["file"])
-                    files[fname] = folder / a["file"]
-                    arts.append({"variant": name, "file": fname, "device": a["device"], "reference": ref,
-                                 "key": a["variant"], "precision": prec})
-                    seen[same] = name
-                variants.setdefault(prec, {})[a["variant"]] = seen[same]
+            apis = sorted({a["device"] for a in m["artifacts"] if a["precision"] == prec}, key=lambda d: d != "cpu")
+            for api in apis or ["cpu"]:
+                chosen = [a for a in m["artifacts"] if a["precision"] == prec and a["device"] == api]
+                if {a["variant"] for a in chosen} != {"dense", "compressed"}:
+                    if api != "cpu":
+                        continue
+                    raise InputError(f"{folder}: needs {prec} CPU artifacts of both the dense and the compressed "
+                                     "model")
+                for a in chosen:
+                    # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ),
+                    # so sameness is the source file's hash, the precision, the device and the build settings
+                    same = (m["source_sha256"][a["variant"]], prec, api, m["target"], m["runtime"],
+                            m["config"].get("tune_trials"))
+                    if same not in seen:
+                        base = a["variant"] if prec == "fp32" else f"{prec}:{a['variant']}"
+                        base = base if api == "cpu" else f"{api}:{base}"
+                        name, fname = (f"{label}:{base}", f"{i}-{a['file']}") if i else (base, a["file"])
+                        files[fname] = folder / a["file"]
+                        arts.append({"variant": name, "file": fname, "device": api, "reference": ref,
+                                     "key": a["variant"], "precision": prec})
+                        seen[same] = name
+                    variants.setdefault(stage(prec, api), {})[a["variant"]] = seen[same]
         parts.append(Part(model, folder, label, variants))
+    for lab, (path, rt) in (references or {}).items():
+        fname = f"ref-{lab}-{path.name}"
+        files[fname] = path
+        arts.append({"variant": f"ref:{lab}", "file": fname, "device": "cpu", "reference": "reference.npz",
+                     "key": "compressed", "precision": "fp32", "runtime": rt, "timing_only": True})
+        parts[0].references[lab] = f"ref:{lab}"
     job = {"runtime": runtime, "threads": threads, "protocol": {**cfg.protocol.to_dict(), "threads": threads},
            "layers": cfg.layers, "artifacts": arts}
     return job, files, parts
+
+
+def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig) -> dict[str, tuple[Path, str]]:
+    """What a TVM deploy times its compressed model against, in the same run: the untuned module (kept by a tuned
+    build) and the ONNX Runtime build (made now where the target has ORT), for the report's untuned / tuned /
+    ORT line."""
+    refs: dict[str, tuple[Path, str]] = {}
+    untuned = (load_manifest(folder).get("tuning") or {}).get("untuned_reference")
+    if untuned and (folder / untuned["file"]).is_file():
+        refs["untuned"] = (folder / untuned["file"], "tvm")
+    if "ort" in target.runtimes:
+        try:
+            ort = ensure_built(model, target, "ort", cfg)
+            (a,) = [a for a in load_manifest(ort)["artifacts"]
+                    if (a["variant"], a["precision"], a["device"]) == ("compressed", "fp32", "cpu")]
+            refs["ort"] = (ort / a["file"], "ort")
+        except (ConfigError, InputError) as e:  # ORT not installed here: the line says so
+            log.warning("%s/tvm: no ONNX Runtime reference (%s)", target.name, e)
+    return {k: v for k, v in refs.items() if v[0].is_file()}
 
 
 # ----------------------------------------------------------------------------------------------- deploy
@@ -142,14 +190,20 @@ def deploy(cfg: DeployConfig) -> list[Path]:
     written = []
     for rt in runtimes:
         precs = precisions(cfg, rt)
-        job, files, parts = plan_job([(m, ensure_built(m, target, rt, cfg, "int8" in precs)) for m in models],
-                                     threads, cfg, precs)
+        folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs)) for m in models]
+        refs = tvm_references(folders[0][0], target, folders[0][1], cfg) if rt == "tvm" else None
+        job, files, parts = plan_job(folders, threads, cfg, precs, refs)
         # one session per runtime: --timeout bounds each runtime's run
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:
             result = s.call("bench", job, files)
-        for prec in precs:
-            reps = [make_report(p, target, result, transport=s.transport, emulated=s.emulated, precision=prec)
-                    for p in parts]
+        for key in parts[0].variants:
+            prec, api = split_stage(key)
+            skipped = {result.get("artifacts", {}).get(v, {}).get("skipped") for v in parts[0].variants[key].values()}
+            if skipped - {None}:
+                log.warning("%s/%s: the %s artifacts were not run: %s", target.name, rt, api, skipped.pop())
+                continue
+            reps = [make_report(p, target, result, transport=s.transport, emulated=s.emulated, precision=prec,
+                                api=api) for p in parts if key in p.variants]
             if len(reps) > 1:
                 comparison = [summary_row(r) for r in reps]
                 for r in reps:
@@ -178,22 +232,25 @@ def profile_build(folder: Path, target_name: str = "host", cfg: DeployConfig | N
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _checked(result: dict[str, Any], target: Target) -> None:
+def _checked(result: dict[str, Any], target: Target, variants: dict[str, str]) -> None:
+    """Raise on a failed job or on a failed artifact among `variants` (those of one report)."""
     if result.get("error"):
         raise DeviceError(f"{target.name}/{result.get('runtime')}: {result['error']}")
-    failed = {v: a["error"] for v, a in result["artifacts"].items() if "error" in a}
+    failed = {v: result["artifacts"][v]["error"] for v in variants.values() if "error" in result["artifacts"][v]}
     if failed:
         raise DeviceError(f"{target.name}/{result['runtime']}: " + "; ".join(f"{v}: {e}" for v, e in failed.items()))
 
 
 def make_report(part: Part, target: Target, result: dict[str, Any], *, transport: str, emulated: bool,
-                precision: str = "fp32") -> dict[str, Any]:
-    """The deploy report of one compress output at one precision from the device's answer to the job (an INT8
-    report also gives the fp32 dense model timed in the same run, the reference line)."""
-    _checked(result, target)
+                precision: str = "fp32", api: str = "cpu") -> dict[str, Any]:
+    """The deploy report of one compress output at one precision, on one TVM device API for a GPU build, from
+    the device's answer to the job (an INT8 report also gives the fp32 dense model timed in the same run, the
+    reference line; a TVM report the untuned module and ONNX Runtime timed alongside)."""
     model, folder = part.model, part.folder
-    variants = part.variants[precision]
+    variants = part.variants[stage(precision, api)]
+    _checked(result, target, variants)
     fp32_dense = result["timing"].get(part.variants.get("fp32", {}).get("dense", ""))
+    full = result
     result = {**result, "artifacts": {k: result["artifacts"][v] for k, v in variants.items()},
               "timing": {k: result["timing"][v] for k, v in variants.items()}}
     src = CompressReport.read(model / "report.json")
@@ -212,7 +269,8 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
         "latency_speedup": speedup, "efficiency": speedup / src.mac_speedup,
         "layers": [], "protocol": result.get("protocol"), "build": str(folder),
         "artifacts": {a["variant"]: {"file": a["file"], "sha256": a["sha256"]} for a in manifest["artifacts"]
-                      if a["precision"] == precision and a["device"] == "cpu"},
+                      if a["precision"] == precision and a["device"] == api},
+        "device_api": api,
         "accuracy": _accuracy(src, manifest, precision),
     }
     if precision != "fp32" and fp32_dense is not None:
@@ -225,8 +283,30 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
         _add_layers(rep, model, src, result)
     else:
         rep["layers_note"] = "per-layer breakdown for fp32 only (the quantized graphs fuse and requantize ops)"
-    _add_prediction(rep, src, d, c)
+    if api == "cpu":  # latency tables are measured on the CPU
+        _add_prediction(rep, src, d, c)
+    if result["runtime"] == "tvm":
+        rep["tvm"] = _tvm_line(part, full, manifest, c["median_ms"], api)
     return rep
+
+
+def _tvm_line(part: Part, result: dict[str, Any], manifest: dict[str, Any], ms: float, api: str) -> dict[str, Any]:
+    """The TVM build's compressed model against its untuned module and ONNX Runtime, timed in the same run:
+    median ms and each as a multiple of this build's."""
+    t = manifest.get("tuning") or {}
+    per = t.get("per_model") or {}
+    out: dict[str, Any] = {"tuned": bool(per) and api == "cpu", "device_api": api, "ms": ms,
+                           "trials": sum(v.get("trials", 0) for v in per.values()) if per else 0,
+                           "runner": t.get("runner")}
+    for label, variant in part.references.items():
+        r = result["artifacts"].get(variant, {})
+        timing = result["timing"].get(variant)
+        if timing:
+            out[label] = {"median_ms": timing["median_ms"], "ratio": timing["median_ms"] / ms,
+                          "max_abs_diff": r.get("max_abs_diff")}
+        elif r.get("error"):
+            out[label] = {"error": r["error"]}
+    return out
 
 
 def _accuracy(src: CompressReport, manifest: dict[str, Any], precision: str) -> dict[str, Any] | None:

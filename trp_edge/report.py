@@ -207,7 +207,8 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
     d = root / rep["target"]
     d.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    kind = rep["runtime"] + ("" if rep.get("precision", "fp32") == "fp32" else f"-{rep['precision']}")
+    kind = "-".join([rep["runtime"]] + [v for v in (rep.get("device_api", "cpu"), rep.get("precision", "fp32"))
+                                        if v not in ("cpu", "fp32")])
     stem = d / f"{rep['name']}-{kind}-{stamp}"
     n = 1
     while stem.with_suffix(".json").exists():
@@ -247,6 +248,8 @@ def markdown(rep: dict[str, Any]) -> str:
                   + (f" (quantized: on {acc['images']} test images)" if acc.get("images") else "") + "."]
     if rep.get("note"):
         lines += ["", rep["note"]]
+    if tvm_line(rep):
+        lines += ["", tvm_line(rep)]
     pr = rep.get("prediction")
     if pr:
         what = "the convs" if pr.get("convs_only") else "the whole net"
@@ -275,9 +278,26 @@ def markdown(rep: dict[str, Any]) -> str:
 
 
 def _runtime(rep: dict[str, Any]) -> str:
-    """ort, ort int8, ...: the runtime and, when not fp32, the precision."""
-    prec = rep.get("precision", "fp32")
-    return rep["runtime"] + ("" if prec == "fp32" else f" {prec}")
+    """ort, ort int8, tvm opencl, ...: the runtime, the TVM device API when not the CPU, and the precision when
+    not fp32."""
+    prec, api = rep.get("precision", "fp32"), rep.get("device_api", "cpu")
+    return rep["runtime"] + ("" if api == "cpu" else f" {api}") + ("" if prec == "fp32" else f" {prec}")
+
+
+def tvm_line(rep: dict[str, Any]) -> str | None:
+    """A TVM report's compressed model against its untuned module and ONNX Runtime, timed in the same run."""
+    t = rep.get("tvm")
+    if not t:
+        return None
+    what = f"tuned ({t['trials']} trials)" if t["tuned"] else "untuned (default schedule)"
+    parts = [f"TVM {what} {t['ms']:.3f} ms"]
+    for label, name in (("untuned", "TVM untuned"), ("ort", "ONNX Runtime")):
+        ref = t.get(label)
+        if ref and "median_ms" in ref:
+            parts.append(f"{name} {ref['median_ms']:.3f} ms ({ref['ratio']:.2f}x that)")
+        elif ref:
+            parts.append(f"{name}: {ref['error']}")
+    return "Compressed model in the same run: " + "; ".join(parts) + "."
 
 
 def _pct(v: float | None) -> str:

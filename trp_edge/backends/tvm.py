@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError, ConversionError, DeviceError, MissingTool
 from ..targets import Connection, require_tool
-from .base import PROFILE_RUNS, Artifact, Run, Samples, Source
+from .base import PROFILE_RUNS, Artifact, Run, Samples, Source, sha256
 
 if TYPE_CHECKING:
     from ..config import BuildConfig
@@ -262,6 +262,51 @@ def cpu_build(mod, target, _params):
     return tvm.tirx.build(mod, target=target)
 
 
+BUILDER_RESTART = 16  # batches one builder worker serves before a fresh one (TVM restarts it for every batch)
+
+
+def persistent_builder(compiler: str | None, timeout: float = 120.0):
+    """MetaSchedule's LocalBuilder with its worker process kept between batches. The stock builder starts a new
+    worker for every batch (against a memory leak in long-lived workers), and each new worker spends about 6 s
+    importing TVM: with one worker that was 8 s a trial at small batches. This one restarts its worker every
+    BUILDER_RESTART batches instead."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    f_export = functools.partial(export_so, compiler)
+
+    @derived_object
+    class PersistentBuilder(PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self.pool, self.batches = None, 0
+
+        def build(self, build_inputs):
+            if self.pool is None or self.batches >= BUILDER_RESTART:
+                self.shutdown()
+                self.pool = PopenPoolExecutor(max_workers=1, timeout=timeout)
+            self.batches += 1
+            jobs = [(cpu_build, f_export, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
+            out = []
+            for r in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), jobs):
+                if r.status == StatusKind.COMPLETE:
+                    out.append(BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    out.append(BuilderResult(None, f"LocalBuilder: Timeout, killed after {timeout} seconds"))
+                else:
+                    out.append(BuilderResult(None, f"LocalBuilder: An exception occurred\n{r.value}"))
+            return out
+
+        def shutdown(self):
+            if self.pool is not None:
+                self.pool.shutdown()
+            self.pool, self.batches = None, 0
+
+    return PersistentBuilder()
+
+
 @dataclass
 class Measurer:
     """Where MetaSchedule times its candidates: this machine (conn None) or a `trp-edge serve` over RPC."""
@@ -296,7 +341,7 @@ def measurer(target: Target, cfg: BuildConfig) -> Iterator[Measurer | None]:
     from ..profile import host_identity
     from ..transport import resolve
 
-    if cfg.tune_trials <= 0:
+    if cfg.tune_trials <= 0 and cfg.tune_minutes <= 0:
         yield None
         return
     given = bool(cfg.host or cfg.tracker)
@@ -421,30 +466,24 @@ def _has_record(db, task) -> bool:
     return bool(db.has_workload(mod) and db.get_top_k(db.commit_workload(mod), 1))
 
 
-def tune(mod, target, work_dir: Path, trials: int, m: Measurer, compiler: str | None = None) -> dict[str, Any]:
-    """Tune the kernels of `mod` that have no record in work_dir yet, timed where `m` says; returns what was
-    done. Records are written after each batch, so a run that stops keeps what it measured."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+UNCAPPED = 100_000  # the trial cap of a tuning bounded by time only (--tune-minutes without --tune-trials)
 
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    db = open_database(work_dir)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    done = [t for t in tasks if _has_record(db, t)]
-    todo = [t for t in tasks if t not in done]
-    info: dict[str, Any] = {"tasks": len(tasks), "reused_from_database": len(done), "tuned": len(todo),
-                            "trials": 0, "seconds": 0.0, "runner": m.runner}
-    log.info("tvm: %d kernels, %d already tuned in %s, tuning %d", len(tasks), len(done), work_dir, len(todo))
-    if not todo:
-        return info
-    per_task = max(1, trials // len(todo))  # `trials` in all: with fewer than kernels, the first ones get one each
-    t0 = time.perf_counter()
+
+class _TimeUp(Exception):
+    pass
+
+
+def _progress(m: Measurer, work_dir: Path, trials: int, seconds: float | None):
+    """MetaSchedule measure callback: trials done and the best time per kernel in the log; stops the tuning
+    (by raising) when the device has gone away or the time budget is spent."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class Progress(PyMeasureCallback):
         def __init__(self):
-            self.n, self.best, self.lost = 0, {}, None
+            self.n, self.best, self.lost, self.time_up = 0, {}, None, False
+            self.t0 = time.perf_counter()
 
         def apply(self, scheduler, task_id, candidates, builds, runs):
             name = scheduler.tasks_[task_id].ctx.task_name
@@ -462,32 +501,77 @@ def tune(mod, target, work_dir: Path, trials: int, m: Measurer, compiler: str | 
                         f"records measured so far are kept in {work_dir}: run the same command again to resume")
                     raise self.lost
             log.info("tvm tuning: %d/%d trials, %.0f s; %s best %.1f us", self.n, trials,
-                     time.perf_counter() - t0, name, self.best.get(name, float("nan")))
+                     time.perf_counter() - self.t0, name, self.best.get(name, float("nan")))
+            if seconds is not None and time.perf_counter() - self.t0 >= seconds:
+                self.time_up = True
+                raise _TimeUp()
 
-    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        todo, work_dir=str(work_dir), space="post-order-apply",
-        strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=min(16, per_task),
-                                                       genetic_num_iters=2),
-        num_threads=1, seed=0)
-    progress = Progress()
+    return Progress()
+
+
+@contextmanager
+def _nameless_handlers_detached():
+    """MetaSchedule's logging setup re-lists the handlers of its logger by name and fails on one without a name
+    (seen: pytest's capture handlers after a first tuning in the same process); they are set aside meanwhile."""
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    nameless = [h for h in lg.handlers if h.get_name() is None]
+    for h in nameless:
+        lg.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in nameless:
+            lg.addHandler(h)
+
+
+def tune(mod, target, work_dir: Path, trials: int, m: Measurer, compiler: str | None = None,
+         seconds: float | None = None) -> dict[str, Any]:
+    """Tune the kernels of `mod` that have no record in work_dir yet, timed where `m` says, for `trials` in all
+    or until `seconds` have passed; returns what was done. Records are written after each batch, so a run that
+    stops (time up, device lost) keeps what it measured."""
+    from tvm.s_tir import meta_schedule as ms
+
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    db = open_database(work_dir)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    done = [t for t in tasks if _has_record(db, t)]
+    todo = [t for t in tasks if t not in done]
+    info: dict[str, Any] = {"tasks": len(tasks), "reused_from_database": len(done), "tuned": len(todo),
+                            "trials": 0, "seconds": 0.0, "runner": m.runner}
+    log.info("tvm: %d kernels, %d already tuned in %s, tuning %d", len(tasks), len(done), work_dir, len(todo))
+    if not todo:
+        return info
+    per_task = max(1, trials // len(todo))  # `trials` in all: with fewer than kernels, the first ones get one each
+
+    progress = _progress(m, work_dir, trials, seconds)
+    with _nameless_handlers_detached():
+        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir=str(work_dir), space="post-order-apply",
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=min(16, per_task),
+                                                           genetic_num_iters=2),
+            num_threads=1, seed=0)
+    builder = persistent_builder(compiler)
     try:
         ms.tune_tasks(
             tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
-            max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32),
-            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=cpu_build,
-                                            f_export=functools.partial(export_so, compiler)),
+            max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 32), builder=builder,
             runner=_runner(m), database=db, cost_model="xgb",
             measure_callbacks=ms.MeasureCallback.create("default") + [progress],
             task_scheduler="round-robin")  # round-robin writes records after each batch: a killed run resumes
     except Exception:
         if progress.lost is not None:  # raised in the callback; TVM re-raises it wrapped
             raise progress.lost from None
-        raise
+        if not progress.time_up:
+            raise
+    finally:
+        builder.shutdown()
     tuned = sum(1 for t in todo if _has_record(db, t))
-    info.update(tuned=tuned, trials=progress.n, seconds=round(time.perf_counter() - t0, 1))
+    info.update(tuned=tuned, trials=progress.n, seconds=round(time.perf_counter() - progress.t0, 1))
+    if progress.time_up:
+        info["stopped"] = f"time budget of {seconds / 60:g} min"
     if tuned < len(todo):
-        log.warning("tvm: %d of %d kernels got no trial within --tune-trials %d (they use the default schedule)",
-                    len(todo) - tuned, len(todo), trials)
+        log.warning("tvm: %d of %d kernels got no trial within the budget (%s; they use the default schedule)",
+                    len(todo) - tuned, len(todo), info.get("stopped") or f"--tune-trials {trials}")
     return info
 
 
@@ -531,9 +615,10 @@ def _build(src: Source, target: Target, folder: Path, cfg: BuildConfig, cpu_t,
            m: Measurer | None) -> tuple[list[Artifact], dict[str, Any]]:
     import tvm
 
-    tuning: dict[str, Any] = {"trials_requested": cfg.tune_trials, "per_model": {}}
+    tuning: dict[str, Any] = {"trials_requested": cfg.tune_trials, "minutes_requested": cfg.tune_minutes,
+                              "per_model": {}}
     tune_here = m is not None
-    if cfg.tune_trials > 0 and m is None:
+    if (cfg.tune_trials > 0 or cfg.tune_minutes > 0) and m is None:
         tuning["skipped"] = (f"no device to tune {target.name} ({target.cpu.mcpu}) on: timing it on this "
                              f"{os.uname().machine} machine would measure the wrong CPU; pass --host/--port or "
                              f"--tracker/--key of the device's `trp-edge serve` (or set [rpc] in its target file)")
@@ -549,7 +634,12 @@ def _build(src: Source, target: Target, folder: Path, cfg: BuildConfig, cpu_t,
         imported = import_onnx(v.onnx, src.input_shape)
         mod = prepare(imported, cpu_t)
         if tune_here:
-            tuning["per_model"][v.name] = tune(mod, cpu_t, db_dir, cfg.tune_trials, m, compiler)
+            tuning["per_model"][v.name] = tune(mod, cpu_t, db_dir, cfg.tune_trials or UNCAPPED, m, compiler,
+                                               seconds=60 * cfg.tune_minutes or None)
+            if v.name == "compressed":  # the untuned module too: deploy times it beside the tuned one
+                ref = export(tvm.compile(default_schedule(mod, cpu_t), target=cpu_t),
+                             folder / "compressed-untuned.so", target).get("file", "compressed-untuned.so")
+                tuning["untuned_reference"] = {"file": ref, "sha256": sha256(folder / ref)}
             mod = apply_database(mod, cpu_t, db_dir)
         mod = default_schedule(mod, cpu_t)
         ex = tvm.compile(mod, target=cpu_t)

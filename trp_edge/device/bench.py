@@ -12,7 +12,9 @@ JOB: {"runtime": "ort", "threads": 4, "reference": "reference.npz", "protocol": 
       "artifacts": [{"variant": "dense", "file": "dense.onnx", "device": "cpu"}, {"variant": "compressed", ...}],
       "layers": true}
 An artifact may name its own "reference" file and the "key" of its output there (default: the job's
-reference and its variant), so the models of several compress runs are timed side by side in one job.
+reference and its variant), so the models of several compress runs are timed side by side in one job; its own
+"runtime" (a reference build of another runtime, timed alongside; "timing_only": no per-op profile); and a
+"device" (TVM device API: cpu, opencl, ...). One whose device API this TVM runtime lacks is "skipped", not run.
 """
 
 from __future__ import annotations
@@ -41,16 +43,24 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     inputs: dict[str, np.ndarray] = {}
     out: dict[str, Any] = {"runtime": rt, "threads": threads, "device": device_identity(), "artifacts": {}}
     runners = {}
+    apis = None
     for a in job["artifacts"]:
         r: dict[str, Any] = {"file": a["file"]}
         out["artifacts"][a["variant"]] = r
+        api = a.get("device", "cpu")
+        if api != "cpu":
+            apis = tvm_device_apis() if apis is None else apis
+            if api not in apis:  # a GPU build on a device without that TVM device API: not run, not an error
+                r["skipped"] = (f"this device's TVM runtime has no {api} device (it has: {', '.join(apis) or 'none'});"
+                                f" build the TVM runtime with {api} there (README: mobile GPUs)")
+                continue
         try:
             ref_name = a.get("reference", job.get("reference"))
             if ref_name not in refs:
                 refs[ref_name] = np.load(base / ref_name)
             ref = refs[ref_name]
             x = inputs[a["variant"]] = ref["input"]
-            fn = load(str(base / a["file"]), rt, threads, a.get("device", "cpu"))
+            fn = load(str(base / a["file"]), a.get("runtime", rt), threads, api)
             got = np.asarray(fn(x), dtype=np.float32)
             want = ref[a.get("key", a["variant"])]
             r["max_abs_diff"] = float(np.max(np.abs(got - want))) if got.shape == want.shape else None
@@ -60,7 +70,7 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
             r["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     if not runners:
-        out["error"] = "; ".join(f"{v}: {r['error']}" for v, r in out["artifacts"].items() if "error" in r)
+        out["error"] = "; ".join(f"{v}: {r.get('error') or r.get('skipped')}" for v, r in out["artifacts"].items())
         return out
     out["timing"] = {k: t.to_dict() for k, t in time_alternating(runners, cfg).items()}
     out["protocol"] = cfg.to_dict()
@@ -75,7 +85,7 @@ def _profile_ops(job, base: Path, rt: str, threads: int, inputs: dict[str, np.nd
                  runners: dict) -> None:
     """Each timed artifact's per-op profile (the backend's profile_ops), after the timing."""
     for a in job["artifacts"]:
-        if a["variant"] not in runners or a.get("precision", "fp32") != "fp32":
+        if a["variant"] not in runners or a.get("precision", "fp32") != "fp32" or a.get("timing_only"):
             continue
         r = out["artifacts"][a["variant"]]
         try:
