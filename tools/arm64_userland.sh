@@ -28,6 +28,9 @@ packaging==26.3 typing-extensions==4.16.0 backports-strenum==1.2.8 tqdm==4.70.1 
 ROOT=$CACHE/rootfs SITE=$CACHE/site WHL=$CACHE/wheels A=$CACHE/apt
 [ -x "$QEMU" ] || { echo "qemu-aarch64-static missing: apt-get install qemu-user-static" >&2; exit 1; }
 mkdir -p "$CACHE"
+# one build at a time (parallel test workers): a second caller waits, then finds the stamps
+exec 9>"$CACHE/.lock"
+flock 9
 ts() { date +%s.%N; }
 el() { awk -v a="$1" -v b="$(ts)" 'BEGIN{printf "%.1f", b-a}'; }
 say() { printf '[arm64_userland] %s\n' "$*" >&2; }

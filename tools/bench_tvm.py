@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # before TVM starts its pool
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")  # as trp-edge times TVM (backends.tvm._threads)
 
 
 def main() -> None:
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=3.0)
     ap.add_argument("--minutes", type=float, default=30.0, help="tuning time budget")
     ap.add_argument("--snapshots", default="5,15,30", help="minutes at which the database is taken")
+    ap.add_argument("--task-scheduler", default="round-robin", choices=["round-robin", "gradient"],
+                    help="MetaSchedule's: every kernel in turn, or the costliest kernels first")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--min-runs", type=int, default=10)
     ap.add_argument("--out", default="bench-out/tvm")
@@ -59,6 +62,7 @@ def main() -> None:
     if not (d / "report.json").is_file():
         torch.manual_seed(0)
         compress(CompressConfig(model=args.model, out=str(d), force=True, latency=None, trp=TRPConfig(steps=0),
+                                calibrate=False,
                                 decompose=DecomposeConfig(scheme="spatial", target_speedup=args.speedup)),
                  progress=False)
     rep = json.loads((d / "report.json").read_text())
@@ -107,7 +111,7 @@ def main() -> None:
     watcher = threading.Thread(target=snapshot)
     watcher.start()
     info = tb.tune(base, cpu_t, db, tb.UNCAPPED, tb.Measurer("local", host_identity(), threads=target.threads),
-                   seconds=60 * args.minutes)
+                   seconds=60 * args.minutes, scheduler=args.task_scheduler)
     done.set()
     watcher.join()
     for s in snaps:
