@@ -1,6 +1,6 @@
 # The two README commands: `make demo` and `make test` (each sets up first).
 VENV := .venv/bin
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto --maxprocesses=4
 
 .PHONY: setup demo test test-all clean
 

@@ -41,8 +41,8 @@ def test_real_fashion_mnist_short_trp_run(tmp_path):
     from trp_edge.compress import compress
     from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
 
-    cfg = CompressConfig(model="resnet20", data="fashion-mnist", out=str(tmp_path / "o"),
-                         decompose=DecomposeConfig(scheme="spatial", energy=0.02),
+    cfg = CompressConfig(model="resnet20", data="fashion-mnist", out=str(tmp_path / "o"), calibrate=False,
+                         latency=None, decompose=DecomposeConfig(scheme="spatial", energy=0.02),
                          trp=TRPConfig(steps=40, lr=0.05, nuclear=3e-4))
     r = compress(cfg, progress=False).report
     assert r["arch"]["in_channels"] == 1 and r["input_shape"] == [1, 1, 28, 28]
