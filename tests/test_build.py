@@ -135,6 +135,19 @@ def test_tuning_database_is_reused(tmp_path, tiny):
     assert t1["tuned"] == t1["tasks"] >= 3 and t1["trials"] >= t1["tasks"] and m1["artifacts"][0]["tuned"]
     assert m1["artifacts"][0]["validation"]["status"] == "passed"
     assert m1["reference"]["from"].startswith("onnxruntime")  # an ONNX file alone: no torch model to compare to
+    # the records apply to the kernels they were tuned on, and the default schedule leaves its input as it was
+    from trp_edge.backends import tvm as tb
+    from trp_edge.targets import load_target
+
+    cpu_t = tb.cpu_target(load_target("host"))
+    mod = tb.prepare(tb.import_onnx(tmp_path / "tiny.onnx", (1, 3, 16, 16)), cpu_t)
+
+    def scheduled(m) -> int:
+        return sum(1 for _, f in m.functions_items() if f.attrs and "tirx.is_scheduled" in f.attrs)
+
+    tb.default_schedule(mod, cpu_t)
+    assert scheduled(mod) == 0
+    assert scheduled(tb.apply_database(mod, cpu_t, Path(m1["tuning"]["database"]))) == t1["tasks"]
     second = invoke(args)
     assert second.exit_code == 0, second.output
     m2 = json.loads((tmp_path / "b" / "host" / "tvm" / "manifest.json").read_text())

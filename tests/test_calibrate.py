@@ -201,6 +201,22 @@ def test_trp_rounds_every_tsvd_to_the_table(table, tmp_path):
     assert rep["compressed"]["accuracy"] == rep["dense"]["accuracy"]  # the decomposition is still exact
 
 
+def test_trp_reaches_the_target_speedup_on_the_plan_it_ships(table, tmp_path):
+    """With a table that keeps the first stage dense, TRP's energy is chosen on the guarded plan: the shipped
+    model has the asked MAC speedup, not only the plan trained on."""
+    t = tmp_path / "guarded.csv"
+    rewrite(table, t, lambda r: (0.001 if r["scheme"] == "dense" else 1.0) if r["layer"].startswith("layer1.")
+            else (10.0 if r["scheme"] == "dense" else 0.01 * (1 + int(r["rank"]))))
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:3x16x16", "--steps", "8", "--period",
+                                    "4", "--batch", "16", "--scheme", "spatial", "--target-speedup", "2",
+                                    "--latency-table", str(t), "--out", str(tmp_path / "trp"), "--no-latency", "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "trp" / "report.json").read_text())
+    assert all(la["rank"] is None for la in rep["layers"] if la["name"].startswith("layer1."))
+    assert rep["mac_speedup"] >= 1.99
+    assert rep["compressed"]["accuracy"] == rep["dense"]["accuracy"]
+
+
 def test_latency_rank_rounds_up_only_to_a_pair_faster_than_dense():
     from trp_edge.latency_table import LatencyTable
     from trp_edge.lowrank import latency_rank

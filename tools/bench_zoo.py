@@ -86,8 +86,8 @@ def run_one(name: str, args, root: Path) -> dict:
         sh("compress", model, *data, *steps, "--scheme", "channel", "--target-speedup", str(args.speedup),
            "--latency-table", str(table), "-o", str(out), "--force", "-q")
     sh("build", str(out), "--target", "host", "--runtime", "all")
-    sh("deploy", "--target", "host", "--local", "--runtime", "ort,tflite", "-m", str(out), "--reports",
-       str(d / "reports"))
+    sh("deploy", "--target", "host", "--local", "--runtime", "ort,tflite", "--precision", "fp32", "-m", str(out),
+       "--reports", str(d / "reports"))
     report = json.loads((out / "report.json").read_text())
     row = {"model": name, "source": Path(model).name, "mac_speedup": report["mac_speedup"],
            "input": report["input_shape"], "decomposed": sum(la["rank"] is not None for la in report["layers"]),
@@ -104,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(TORCHVISION + USER))
     ap.add_argument("--speedup", type=float, default=3.5,
-                    help="--target-speedup (on the MAC plans; the table's rounding and guard then give back some)")
+                    help="--target-speedup (bisected on the plans as the table rounds and guards them)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("bench-out/zoo"))
     args = ap.parse_args()

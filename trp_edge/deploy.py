@@ -124,7 +124,7 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
                     # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ),
                     # so sameness is the source file's hash, the precision, the device and the build settings
                     same = (m["source_sha256"][a["variant"]], prec, api, m["target"], m["runtime"],
-                            m["config"].get("tune_trials"))
+                            m["config"].get("tune_trials"), m["config"].get("tune_minutes"))
                     if same not in seen:
                         base = a["variant"] if prec == "fp32" else f"{prec}:{a['variant']}"
                         base = base if api == "cpu" else f"{api}:{base}"

@@ -201,9 +201,11 @@ class TRPTrainer:
             for g, (_, s, _) in zip(groups, svds):
                 for i, la in enumerate(g.layers):
                     views[g.scheme.name].svals[la.name] = s[i].cpu()
-            if self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum
-                self.energy = energy_for_speedup(lambda e: plan_model(views, self.dcfg, e), self.other_macs,
-                                                 self.dcfg.target_speedup, self.dcfg.scheme)
+            if self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum, for the plan
+                # that ships: with a table, rounded and guarded as the final decomposition will be
+                self.energy = energy_for_speedup(lambda e: plan_model(views, self.dcfg, e, self.table),
+                                                 self.other_macs, self.dcfg.target_speedup, self.dcfg.scheme,
+                                                 guarded=self.table is not None)
             ranks = {}
             # no guard while training: TRP truncates every eligible layer, at the energy rank where no pair at or
             # above it beats the dense conv (a layer left whole, or rounded up to a slow rank, would never see its

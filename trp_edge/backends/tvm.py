@@ -255,8 +255,8 @@ def default_schedule(mod, target):
                 return None
             return sch
 
-    with target:
-        return dlight.ApplyDefaultSchedule(ParallelVectorize())(mod)
+    with target:  # on a clone: DLight writes the scheduled functions into the module it is given
+        return dlight.ApplyDefaultSchedule(ParallelVectorize())(mod.clone())
 
 
 def cpu_build(mod, target, _params):
@@ -467,6 +467,16 @@ def open_database(work_dir: Path):
     return ms.database.JSONDatabase(work_dir=str(work_dir))
 
 
+def _cost(task) -> float:
+    """A kernel's share of the model's work: its FLOPs times the calls to it (its weight)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0])) * task.weight
+    except Exception:  # noqa: BLE001 - a kernel the estimator cannot read: last
+        return 0.0
+
+
 def _has_record(db, task) -> bool:
     mod = task.dispatched[0]
     return bool(db.has_workload(mod) and db.get_top_k(db.commit_workload(mod), 1))
@@ -542,7 +552,7 @@ def tune(mod, target, work_dir: Path, trials: int, m: Measurer, compiler: str | 
     db = open_database(work_dir)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     done = [t for t in tasks if _has_record(db, t)]
-    todo = [t for t in tasks if t not in done]
+    todo = sorted((t for t in tasks if t not in done), key=_cost, reverse=True)  # the costliest kernels first
     info: dict[str, Any] = {"tasks": len(tasks), "reused_from_database": len(done), "tuned": len(todo),
                             "trials": 0, "seconds": 0.0, "runner": m.runner}
     log.info("tvm: %d kernels, %d already tuned in %s, tuning %d", len(tasks), len(done), work_dir, len(todo))
