@@ -3,9 +3,10 @@
 fewer MACs), side by side in one run at 1 and 2 threads.
 
 1. Untuned: raw Relax lowering against trp-edge's default schedule (parallel + vectorized), and the
-   default schedule on an NHWC graph (the layout lever without tuning).
-2. Tuned: one MetaSchedule run of --minutes on this machine; the database is copied at each of --snapshots
-   minutes, so "what 5 minutes of tuning gives" is the state of the same search after 5 minutes.
+   default schedule on an NHWC graph and on an NCHW{lanes}c one (the layout levers without tuning).
+2. Tuned: one MetaSchedule run of --minutes on this machine, of the graph as exported or, with
+   --tune-layout nchwc, of the packed one; the database is copied at each of --snapshots minutes, so "what
+   5 minutes of tuning gives" is the state of the same search after 5 minutes.
 3. Which BYOC codegens this TVM wheel carries.
 
     python tools/bench_tvm.py --minutes 30 --snapshots 5,15,30 --out bench-out/tvm
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--snapshots", default="5,15,30", help="minutes at which the database is taken")
     ap.add_argument("--task-scheduler", default="round-robin", choices=["round-robin", "gradient"],
                     help="MetaSchedule's: every kernel in turn, or the costliest kernels first")
+    ap.add_argument("--tune-layout", default="nchw", choices=["nchw", "nchwc"],
+                    help="the graph tuned: as exported, or with convs packed to NCHW{lanes}c")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--min-runs", type=int, default=10)
     ap.add_argument("--out", default="bench-out/tvm")
@@ -91,6 +94,10 @@ def main() -> None:
         nhwc = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(
             tb.import_onnx(d / "model.onnx", shape))
     files["tvm default schedule, NHWC"] = compile_to("nhwc", tb.default_schedule(tb.prepare(nhwc, cpu_t), cpu_t))
+    lanes = tb._lanes(cpu_t)
+    packed = tb.prepare(nchwc(tb.import_onnx(d / "model.onnx", shape), cpu_t, lanes), cpu_t)
+    files[f"tvm default schedule, NCHW{lanes}c"] = compile_to("nchwc", tb.default_schedule(packed, cpu_t))
+    tuned_graph = packed if args.tune_layout == "nchwc" else base
 
     # tuning, with the database copied at each snapshot
     db = out / "tuning"
@@ -110,7 +117,7 @@ def main() -> None:
 
     watcher = threading.Thread(target=snapshot)
     watcher.start()
-    info = tb.tune(base, cpu_t, db, tb.UNCAPPED, tb.Measurer("local", host_identity(), threads=target.threads),
+    info = tb.tune(tuned_graph, cpu_t, db, tb.UNCAPPED, tb.Measurer("local", host_identity(), threads=target.threads),
                    seconds=60 * args.minutes, scheduler=args.task_scheduler)
     done.set()
     watcher.join()
@@ -120,8 +127,9 @@ def main() -> None:
             shutil.rmtree(snap, ignore_errors=True)
             shutil.copytree(db, snap)
         recs = len((snap / "database_tuning_record.json").read_text().splitlines())
-        mod = tb.default_schedule(tb.apply_database(base, cpu_t, snap), cpu_t)
-        files[f"tvm tuned {s:g} min ({recs} records)"] = compile_to(f"tuned-{s:g}", mod)
+        mod = tb.default_schedule(tb.apply_database(tuned_graph, cpu_t, snap), cpu_t)
+        layout = f", NCHW{lanes}c" if args.tune_layout == "nchwc" else ""
+        files[f"tvm tuned {s:g} min{layout} ({recs} records)"] = compile_to(f"tuned-{s:g}", mod)
 
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     want = None
@@ -160,6 +168,22 @@ def main() -> None:
     (out / "bench_tvm.json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": info, "byoc": byoc,
                                                     "compile_seconds": compile_s}, indent=2))
     (out / "bench_tvm.md").write_text(table + "\n")
+
+
+def nchwc(mod, target, lanes: int):
+    """Convs packed to NCHW{lanes}c / OIHW{lanes}o where their channels divide (TVM's x86 conv layout; the
+    others stay NCHW), legalized by TOPI's packed conv."""
+    from tvm import relax
+    from tvm.relax.transform.legalize_ops.adreno import conv2d_NCHWc_OIHWo
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    def legalize(bb, call):
+        return _nn_conv2d(bb, call) if call.attrs.data_layout == "NCHW" else conv2d_NCHWc_OIHWo(bb, call)
+
+    with target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{lanes}c", f"OIHW{lanes}o"]})(mod)
+        return relax.transform.LegalizeOps({"relax.nn.conv2d": legalize})(relax.transform.Normalize()(mod))
 
 
 if __name__ == "__main__":
