@@ -126,7 +126,7 @@ def test_tvm_and_tflite_builds_on_host(compressed, tmp_path):
 def test_tuning_database_is_reused(tmp_path, tiny):
     torch.onnx.export(tiny.eval(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "tiny.onnx"), input_names=["input"],
                       dynamo=False)
-    args = ["build", str(tmp_path / "tiny.onnx"), "--runtime", "tvm", "--tune-trials", "6", "--out",
+    args = ["build", str(tmp_path / "tiny.onnx"), "--runtime", "tvm", "--tune-trials", "10", "--out",
             str(tmp_path / "b"), "-q"]
     first = invoke(args)
     assert first.exit_code == 0, first.output
@@ -145,6 +145,8 @@ def test_tuning_database_is_reused(tmp_path, tiny):
     def scheduled(m) -> int:
         return sum(1 for _, f in m.functions_items() if f.attrs and "tirx.is_scheduled" in f.attrs)
 
+    assert any("conv2d_NCHWc" in gv.name_hint for gv, _ in mod.functions_items())  # convs packed
+    assert m1["conv_layout"].startswith("NCHW8c") or m1["conv_layout"].startswith("NCHW16c")
     tb.default_schedule(mod, cpu_t)
     assert scheduled(mod) == 0
     assert scheduled(tb.apply_database(mod, cpu_t, Path(m1["tuning"]["database"]))) == t1["tasks"]

@@ -4,8 +4,8 @@ fewer MACs), side by side in one run at 1 and 2 threads.
 
 1. Untuned: raw Relax lowering against trp-edge's default schedule (parallel + vectorized), and the
    default schedule on an NHWC graph and on an NCHW{lanes}c one (the layout levers without tuning).
-2. Tuned: one MetaSchedule run of --minutes on this machine, of the graph as exported or, with
-   --tune-layout nchwc, of the packed one; the database is copied at each of --snapshots minutes, so "what
+2. Tuned: one MetaSchedule run of --minutes on this machine, of the packed graph trp-edge builds or, with
+   --tune-layout nchw, of the graph as exported; the database is copied at each of --snapshots minutes, so "what
    5 minutes of tuning gives" is the state of the same search after 5 minutes.
 3. Which BYOC codegens this TVM wheel carries.
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--snapshots", default="5,15,30", help="minutes at which the database is taken")
     ap.add_argument("--task-scheduler", default="round-robin", choices=["round-robin", "gradient"],
                     help="MetaSchedule's: every kernel in turn, or the costliest kernels first")
-    ap.add_argument("--tune-layout", default="nchw", choices=["nchw", "nchwc"],
+    ap.add_argument("--tune-layout", default="nchwc", choices=["nchw", "nchwc"],
                     help="the graph tuned: as exported, or with convs packed to NCHW{lanes}c")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--min-runs", type=int, default=10)
@@ -87,15 +87,16 @@ def main() -> None:
         compile_s[name] = round(time.perf_counter() - t0, 1)
         return f
 
-    base = tb.prepare(tb.import_onnx(d / "model.onnx", shape), cpu_t)
+    base = tb.prepare(tb.import_onnx(d / "model.onnx", shape), cpu_t, packed=False)
     files = {"tvm raw lowering": compile_to("raw", base),
              "tvm default schedule": compile_to("default", tb.default_schedule(base, cpu_t))}
     with cpu_t:
         nhwc = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(
             tb.import_onnx(d / "model.onnx", shape))
-    files["tvm default schedule, NHWC"] = compile_to("nhwc", tb.default_schedule(tb.prepare(nhwc, cpu_t), cpu_t))
+    files["tvm default schedule, NHWC"] = compile_to("nhwc", tb.default_schedule(tb.prepare(nhwc, cpu_t, packed=False),
+                                                                                         cpu_t))
     lanes = tb._lanes(cpu_t)
-    packed = tb.prepare(nchwc(tb.import_onnx(d / "model.onnx", shape), cpu_t, lanes), cpu_t)
+    packed = tb.prepare(tb.import_onnx(d / "model.onnx", shape), cpu_t)  # trp-edge's build: convs packed
     files[f"tvm default schedule, NCHW{lanes}c"] = compile_to("nchwc", tb.default_schedule(packed, cpu_t))
     tuned_graph = packed if args.tune_layout == "nchwc" else base
 
@@ -168,22 +169,6 @@ def main() -> None:
     (out / "bench_tvm.json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": info, "byoc": byoc,
                                                     "compile_seconds": compile_s}, indent=2))
     (out / "bench_tvm.md").write_text(table + "\n")
-
-
-def nchwc(mod, target, lanes: int):
-    """Convs packed to NCHW{lanes}c / OIHW{lanes}o where their channels divide (TVM's x86 conv layout; the
-    others stay NCHW), legalized by TOPI's packed conv."""
-    from tvm import relax
-    from tvm.relax.transform.legalize_ops.adreno import conv2d_NCHWc_OIHWo
-    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
-
-    def legalize(bb, call):
-        return _nn_conv2d(bb, call) if call.attrs.data_layout == "NCHW" else conv2d_NCHWc_OIHWo(bb, call)
-
-    with target:
-        mod = relax.transform.DecomposeOpsForInference()(mod)
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{lanes}c", f"OIHW{lanes}o"]})(mod)
-        return relax.transform.LegalizeOps({"relax.nn.conv2d": legalize})(relax.transform.Normalize()(mod))
 
 
 if __name__ == "__main__":
