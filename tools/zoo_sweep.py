@@ -10,7 +10,8 @@ For each model, at the smallest input of 32, 64, 128, 224 it runs at:
 
     tools/zoo_sweep.py [--models a,b] [--max-params 30] [--json out.json] [--readme README.md]
 
-prints one row per model and with --readme rewrites the table between the README's zoo markers. Models
+prints one row per model and with --readme writes them into the table between the README's zoo markers (rows of
+models not run this time are kept). Models
 above --max-params million parameters are listed as not run (the test suite's budget); pass 0 for all."""
 
 from __future__ import annotations
@@ -153,12 +154,22 @@ def table(rows: list[dict]) -> str:
 
 
 def write_readme(readme: Path, rows: list[dict], header: str) -> None:
+    """The table between the markers: these rows, and the README's rows for every model not run this time (a
+    sweep in parts); the header's counts cover the merged table."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers to put the table between")
     head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{header}\n\n{table(rows)}\n{END}{tail}")
+    old, tail = rest.split(END, 1)
+    lines = {line.split("|")[1].strip(): line for line in old.splitlines() if line.startswith("| ")}
+    lines.pop("model", None)
+    lines.update({r["model"]: line for r, line in zip(rows, table(rows).splitlines()[2:], strict=True)})
+    merged = table([])
+    results = [line.rstrip(" |").rsplit("| ", 1)[-1] for line in lines.values()]
+    counts = {k: sum(r.startswith(k) for r in results) for k in ("pass", "partial", "fail", "not run")}
+    header += ": " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + "."
+    body = "\n".join([merged, *(lines[k] for k in sorted(lines))])
+    readme.write_text(f"{head}{BEGIN}\n{header}\n\n{body}\n{END}{tail}")
 
 
 def main() -> None:
@@ -193,8 +204,7 @@ def main() -> None:
         import torchvision
 
         write_readme(args.readme, rows, f"`tools/zoo_sweep.py --readme README.md` on {time.strftime('%Y-%m-%d')}, "
-                                        f"torch {torch.__version__}, torchvision {torchvision.__version__}: "
-                                        + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ".")
+                                        f"torch {torch.__version__}, torchvision {torchvision.__version__}")
 
 
 if __name__ == "__main__":

@@ -209,9 +209,10 @@ def prepare(mod, target, packed: bool = True):
 
 def pack_convs(mod, target):
     """Convs in NCHW{lanes}c / OIHW{lanes}o where their channels divide (TVM's CPU conv layout: the innermost
-    axis is one SIMD vector of output channels; the others stay NCHW), legalized by TOPI's packed conv and
-    their weights repacked once at compile time. Measured on ResNet-18 at 3x (BENCHMARKS.md, issue 12): the
-    default schedule 67 ms against 76 NCHW, and 30 minutes of tuning 1.44x ORT's time against 2.04x."""
+    axis is one SIMD vector of output channels; the others, and grouped convs, stay NCHW), legalized by TOPI's
+    packed conv, their weights repacked once at compile time. Measured on ResNet-18 at 3x (BENCHMARKS.md, issue
+    12): the default schedule 67 ms against 76 NCHW; after 30 minutes of tuning 1.44x ORT's time, against 2.04x
+    for NCHW (each against ORT in its own run)."""
     from tvm import relax
     from tvm.relax.transform.legalize_ops.adreno import conv2d_NCHWc_OIHWo
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
@@ -220,7 +221,14 @@ def pack_convs(mod, target):
         return _nn_conv2d(bb, call) if call.attrs.data_layout == "NCHW" else conv2d_NCHWc_OIHWo(bb, call)
 
     lanes = _lanes(target)
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{lanes}c", f"OIHW{lanes}o"]})(mod)
+
+    def layouts(call):  # TOPI's packed conv has no groups: grouped and depthwise convs stay NCHW
+        if getattr(call.op, "name", None) != "relax.nn.conv2d":
+            return {}
+        packed = [f"NCHW{lanes}c", f"OIHW{lanes}o"] if call.attrs.groups == 1 else ["NCHW", "OIHW"]
+        return {"relax.nn.conv2d": packed}
+
+    mod = relax.transform.ConvertLayout({}, layouts)(mod)
     return relax.transform.LegalizeOps({"relax.nn.conv2d": legalize})(relax.transform.Normalize()(mod))
 
 
