@@ -301,3 +301,63 @@ def test_compress_measures_a_missing_table_first_unless_told_not_to(tiny, tmp_pa
     rep = json.loads((tmp_path / "c" / "report.json").read_text())
     assert {p["precision"] for p in rep["predictions"]} == {"fp32", "int8"}
     assert load_table(cal / "host" / "ort" / "tiny-int8.csv").header["precision"] == "int8"
+
+
+def test_int8_keeps_dense_the_pairs_slower_there_without_vetoing_fp32(table, tmp_path, monkeypatch):
+    """Compressed for fp32 and INT8: ranks come from the fp32 table; a pair slower than dense in INT8 (here
+    layer1.0.conv1's) stays a pair for fp32 and is merged back into one conv in the INT8 builds' model."""
+    import onnx
+    import torch
+
+    cal = tmp_path / "cal"
+    fp32, int8 = cal / "host" / "ort" / "resnet20.csv", cal / "host" / "ort" / "resnet20-int8.csv"
+    fp32.parent.mkdir(parents=True)
+    slow = "layer1.0.conv1"
+    rewrite(table, fp32, lambda r: 10.0 if r["scheme"] == "dense" else 1.0)
+    rewrite(table, int8, lambda r: (0.001 if r["scheme"] == "dense" else 1.0) if r["layer"] == slow
+            else (10.0 if r["scheme"] == "dense" else 1.0))
+    int8.with_suffix(".json").write_text(json.dumps({**json.loads(fp32.with_suffix(".json").read_text()),
+                                                     "precision": "int8"}))
+    monkeypatch.setenv("TRP_EDGE_CALIBRATION", str(cal))
+    args = ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--energy", "0.3", "--scheme", "spatial",
+            "--runtime", "ort", "--precision", "fp32,int8", "--out", str(tmp_path / "c"), "--no-latency", "--force"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "INT8 builds keep 1 of the" in res.output
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())
+    layers = {la["name"]: la for la in rep["layers"]}
+    assert layers[slow]["rank"] is not None  # INT8 did not veto the fp32 pair
+    p = rep["precisions"]["int8"]
+    assert p["dense_layers"] == [slow] and p["onnx"] == "model-int8.onnx" and p["model"] == "compressed-int8.pt"
+    assert rep["compressed"]["macs"] < p["macs"] < rep["dense"]["macs"]
+    pred = {x["precision"]: x for x in rep["predictions"]}
+    n = sum(la["rank"] is not None for la in rep["layers"])  # each pair saves 9 ms in both tables, but slow's INT8
+    assert pred["fp32"]["compressed_ms"] == pytest.approx(pred["fp32"]["dense_ms"] - 9.0 * n)
+    assert pred["int8"]["compressed_ms"] == pytest.approx(pred["int8"]["dense_ms"] - 9.0 * (n - 1))
+    # the INT8 model is the compressed one with that pair merged back: the same function
+    comp, merged = (load_model(str(tmp_path / "c" / f)).model.eval() for f in ("compressed.pt", "compressed-int8.pt"))
+    assert isinstance(merged.get_submodule(slow), torch.nn.Conv2d)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), comp(x), rtol=1e-4, atol=1e-4)
+    n_conv = {f: sum(n.op_type == "Conv" for n in onnx.load(str(tmp_path / "c" / f)).graph.node)
+              for f in ("model.onnx", "model-int8.onnx")}
+    assert n_conv["model-int8.onnx"] == n_conv["model.onnx"] - 1
+    # INT8 artifacts are built from it, and the INT8 report counts its MACs
+    res = CliRunner().invoke(main, ["build", str(tmp_path / "c"), "--target", "host", "--runtime", "ort,tflite", "-q"])
+    assert res.exit_code == 0, res.output
+    for rt, source in (("ort", "model-int8.onnx"), ("tflite", "compressed-int8.pt")):
+        folder = tmp_path / "c" / "build" / "host" / rt
+        m = json.loads((folder / "manifest.json").read_text())
+        q = next(a for a in m["artifacts"] if a["variant"] == "compressed" and a["precision"] == "int8")
+        assert q["source"] == source and q["macs"] == p["macs"] and q["validation"]["status"] == "passed"
+        assert sorted(f.name for f in folder.iterdir() if "int8" in f.name) == sorted(
+            f"{v}.int8.{'onnx' if rt == 'ort' else 'tflite'}" for v in ("compressed", "dense"))
+    # compressed again with an INT8 table where every pair is faster: no INT8 model, the old one removed
+    rewrite(fp32, int8, lambda r: 10.0 if r["scheme"] == "dense" else 1.0)
+    int8.with_suffix(".json").write_text(json.dumps({**json.loads(fp32.with_suffix(".json").read_text()),
+                                                     "precision": "int8"}))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["precisions"] is None
+    assert not (tmp_path / "c" / "model-int8.onnx").exists() and not (tmp_path / "c" / "compressed-int8.pt").exists()

@@ -48,6 +48,13 @@ def resolve_source(model: str | os.PathLike) -> Source:
             if not (p / onnx_file).is_file():
                 raise InputError(f"{p}: {onnx_file} is missing; run trp-edge compress again")
             variants.append(Variant(name, p / onnx_file, model_file(p, name), getattr(report, name)["macs"]))
+        int8 = (report.precisions or {}).get("int8")
+        if int8:
+            stem = Path(int8["model"]).stem
+            if not (p / int8["onnx"]).is_file() or model_file(p, stem) is None:
+                raise InputError(f"{p}: {int8['onnx']} or {int8['model']} (the INT8 builds' model) is missing; run "
+                                 "trp-edge compress again")
+            variants[1].int8 = Variant("compressed", p / int8["onnx"], model_file(p, stem), int8["macs"])
         return Source(report.model, p, variants, tuple(report.input_shape), report.data, report)
     if p.suffix == ".onnx" and p.is_file():
         onnx = importlib.import_module("onnx")

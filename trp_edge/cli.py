@@ -211,6 +211,11 @@ def _echo_compress(result) -> None:
     tables = r.latency_tables
     click.echo(f"ranks from latency table{'s' if len(tables) > 1 else ''} {', '.join(tables)}" if tables else
                "ranks are MAC-based (no latency table): a pair may be slower than its dense conv")
+    for prec, p in (r.precisions or {}).items():
+        up = prec.upper()
+        click.echo(f"{up} builds keep {len(p['dense_layers'])} of the {len(r.layers) - left} pairs dense (not faster "
+                   f"than the dense conv in {up} on this table's device): {p['mac_speedup']:.2f}x fewer MACs at {up}, "
+                   f"from {p['onnx']}")
     for pr in r.predictions or []:
         click.echo(f"predicted for {pr['deployment']}: dense {pr['dense_ms']:.3f} ms, compressed "
                    f"{pr['compressed_ms']:.3f} ms ({pr['latency_speedup']:.2f}x)")
@@ -306,6 +311,7 @@ def _echo_report(path: Path) -> None:
                f"dense {r['dense']['median_ms']:.3f} ms, compressed {r['compressed']['median_ms']:.3f} ms: "
                f"{r['latency_speedup']:.2f}x for {r['mac_speedup']:.2f}x fewer MACs (efficiency {r['efficiency']:.2f})"
                + (f"; {slower} layer(s) slower than dense" if slower else "")
+               + (f"; {len(kept)} pair(s) kept dense at {prec}" if (kept := r.get("kept_dense_at_precision")) else "")
                + (f"; {r['fp32_dense']['speedup']:.2f}x against fp32 dense" if r.get("fp32_dense") else "") + em)
     acc = r.get("accuracy")
     if acc:

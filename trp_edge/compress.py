@@ -191,7 +191,8 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
     """ONNX export (validated), the latency check, the report and the weights, written to a staging folder
     that replaces the old artifacts only when everything is there."""
     from .export import export_onnx, onnx_macs
-    from .models import compressed_spec, save_models
+    from .lowrank import conv_layers, merge_pairs_, precision_dense
+    from .models import compressed_spec, save_compressed, save_models
     from .report import plot_ranks
 
     cfg, model, stage = run.cfg, run.model, run.out / ".staging"
@@ -209,25 +210,44 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
             latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape),
                                      replace(cfg.latency, threads=cfg.latency.threads or cfg.threads))
             latency["efficiency"] = latency["latency_speedup"] / (run.dense_macs.total / comp_macs.total)
-        report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency)
-        ranks = {p.name: p.rank for p in plans if p.rank is not None}
-        spec = compressed_spec(run.spec, run.dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
-                               {"energy": run.energy, "input_shape": list(run.example.shape)})
-        written = save_models(stage, dense_model, model, spec, run.example)
+        def spec_of(kept: list[str]) -> dict:
+            ranks = {p.name: p.rank for p in plans if p.rank is not None and p.name not in kept}
+            return compressed_spec(run.spec, run.dcfg.scheme, ranks, {p.name: p.scheme for p in plans},
+                                   {"energy": run.energy, "input_shape": list(run.example.shape)})
+
+        written = save_models(stage, dense_model, model, spec_of([]), run.example)
+        precisions, extra = {}, []
+        for prec, kept in precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans).items():
+            if not kept:
+                continue
+            merged = copy.deepcopy(model)
+            merge_pairs_(merged, dense_model, kept)
+            onnx_file = f"model-{prec}.onnx"
+            diffs[onnx_file] = export_onnx(merged, run.example, stage / onnx_file)
+            macs = count_macs(merged, run.example).total
+            precisions[prec] = {"dense_layers": kept, "macs": macs, "mac_speedup": run.dense_macs.total / macs,
+                                "onnx": onnx_file, "model": save_compressed(stage, f"compressed-{prec}", merged,
+                                                                            spec_of(kept), run.example)}
+            extra += [onnx_file, precisions[prec]["model"]]
+        report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency, precisions)
         report.write(stage / "report.json")
         plot_ranks(report, stage / "ranks.png")
-        names = (*written, *OUTPUTS)
+        names = (*written, *OUTPUTS, *extra)
         for name in names:
             os.replace(stage / name, run.out / name)
         for pt, pt2 in PROGRAMS.items():  # the other kind, from an earlier run, would shadow what was written
             (run.out / (pt2 if pt in written else pt)).unlink(missing_ok=True)
+        for old in (*run.out.glob("compressed-*.pt*"), *run.out.glob("model-*.onnx")):
+            if old.name not in names:  # a precision's model from an earlier run
+                old.unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote %s", ", ".join(str(run.out / n) for n in names))
     return CompressResult(run.out, report, model, names)
 
 
-def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency) -> CompressReport:
+def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency,
+            precisions: dict[str, Any]) -> CompressReport:
     from .trp import evaluate
 
     cfg, dense_macs, model = run.cfg, run.dense_macs, run.model
@@ -264,18 +284,23 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
             "last_iterate_accuracy": run.last_iterate_acc},
         # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
         latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict(),
-        predictions=_predictions(dcfg, plans))
+        predictions=_predictions(dcfg, plans, precisions), precisions=precisions or None)
 
 
-def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan]) -> list[dict[str, Any]] | None:
-    """What each latency table predicts for the whole net, dense and compressed."""
+def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
+                 precisions: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """What each latency table predicts for the whole net, dense and compressed (as built at the table's
+    precision: without the layers that precision keeps dense)."""
     from .latency_table import load_table, predict
 
     t = dcfg.latency_table
     if not t:
         return None
-    chosen = [(p.name, p.scheme, p.rank) for p in plans]
-    preds = [predict(load_table(path), chosen) for path in ([t] if isinstance(t, str) else t)]
+    preds = []
+    for path in [t] if isinstance(t, str) else t:
+        table = load_table(path)
+        kept = set((precisions.get(table.precision) or {}).get("dense_layers", []))
+        preds.append(predict(table, [(p.name, p.scheme, None if p.name in kept else p.rank) for p in plans]))
     return [p for p in preds if p is not None]
 
 

@@ -257,16 +257,17 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
     manifest = load_manifest(folder)
     d, c = result["timing"]["dense"], result["timing"]["compressed"]
     speedup = d["median_ms"] / c["median_ms"]
+    at = src.at_precision(precision)  # INT8 builds may keep pairs dense that are slower there
     rep: dict[str, Any] = {
         "target": target.name, "runtime": result["runtime"], "precision": precision, "model": src.model,
         "name": model.resolve().name, "model_dir": str(model), "scheme": src.scheme,
         "created": dt.datetime.now().isoformat(timespec="seconds"), "device": result["device"],
         "emulated": emulated, "transport": transport, "threads": result["threads"],
-        "mac_speedup": src.mac_speedup,
+        "mac_speedup": at["mac_speedup"],
         "dense": {**d, "macs": src.dense["macs"], "max_abs_diff": result["artifacts"]["dense"]["max_abs_diff"]},
-        "compressed": {**c, "macs": src.compressed["macs"],
-                       "max_abs_diff": result["artifacts"]["compressed"]["max_abs_diff"]},
-        "latency_speedup": speedup, "efficiency": speedup / src.mac_speedup,
+        "compressed": {**c, "macs": at["macs"], "max_abs_diff": result["artifacts"]["compressed"]["max_abs_diff"]},
+        "latency_speedup": speedup, "efficiency": speedup / at["mac_speedup"],
+        "kept_dense_at_precision": at["dense_layers"],
         "layers": [], "protocol": result.get("protocol"), "build": str(folder),
         "artifacts": {a["variant"]: {"file": a["file"], "sha256": a["sha256"]} for a in manifest["artifacts"]
                       if a["precision"] == precision and a["device"] == api},
@@ -342,6 +343,7 @@ def _add_prediction(rep: dict[str, Any], src: CompressReport, d: dict[str, Any],
     rep["latency_table"] = src.latency_table
     # layers the calibration guard kept dense (their fastest pair was not faster than the dense conv)
     rep["kept_dense_by_guard"] = [la["name"] for la in src.layers if (la.get("reason") or "").startswith("calibrated")]
+    rep["kept_dense_by_guard"] += rep["kept_dense_at_precision"]
     key = (rep["target"], rep["runtime"], rep["precision"], rep["threads"])
     for pr in src.predictions or []:
         if (pr["target"], pr["runtime"], pr["precision"], pr["threads"]) == key:

@@ -73,6 +73,10 @@ class LatencyTable:
         return self.latency(layer, DENSE, 0)
 
     @property
+    def precision(self) -> str:
+        return self.header.get("precision", "fp32")
+
+    @property
     def deployment(self) -> str:
         """target/runtime precision, N threads: the configuration the table was measured in."""
         h = self.header
@@ -161,6 +165,15 @@ def combine(tables: list[LatencyTable]) -> LatencyTable:
             rows.append({**r, "median_ms": first.dense(r["layer"]) * max(ratios)})
     header = {**first.header, "combined": [t.deployment for t in tables]}
     return LatencyTable(header, rows)
+
+
+def lead_precision(tables: list[LatencyTable]) -> str:
+    """The precision whose tables choose the ranks when a model is compressed for several: fp32 when it is among
+    them. The tables of another precision only decide which pairs that precision's builds keep dense, so a
+    precision where pairs never pay off (INT8 on a CPU whose dense INT8 convs are fast) does not veto the
+    pairs that pay off in fp32."""
+    precisions = [t.precision for t in tables]
+    return "fp32" if "fp32" in precisions else precisions[0]
 
 
 def predict(table: LatencyTable, chosen: list[tuple[str, str, int | None]]) -> dict[str, Any] | None:

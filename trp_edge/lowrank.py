@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import SCHEME_NAMES, DecomposeConfig
 from .errors import ConfigError
-from .latency_table import LatencyTable, combine, layer_shape, load_table
+from .latency_table import LatencyTable, combine, layer_shape, lead_precision, load_table
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Scheme:
     halves: Callable[[nn.Conv2d, int], tuple[nn.Conv2d, nn.Conv2d]]
     # (first, second) weights of the pair from the factors A (rows x k) and B (k x cols), M = A @ B
     pair_weights: Callable[[torch.Tensor, torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]
+    # its inverse: the factors (A, B) from the pair's (first, second) weights
+    factors: Callable[[torch.Tensor, torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]
     ineligible: Callable[[nn.Conv2d], str | None]
     pair_macs: Callable[[nn.Conv2d, tuple[int, int], tuple[int, int], int], int]
 
@@ -103,6 +105,11 @@ def _channel_pair_weights(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ..
     return b.reshape(k, c, kh, kw), a.reshape(n, k, 1, 1)
 
 
+def _channel_factors(first: torch.Tensor, second: torch.Tensor, shape: tuple[int, ...]):
+    k = first.shape[0]
+    return second.reshape(shape[0], k), first.reshape(k, -1)
+
+
 def _channel_pair_macs(conv: nn.Module, in_hw, out_hw, k: int) -> int:
     n, c, kh, kw = weight4(conv).shape
     return k * c * kh * kw * out_hw[0] * out_hw[1] + n * k * out_hw[0] * out_hw[1]
@@ -144,6 +151,12 @@ def _spatial_pair_weights(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ..
     return first, second
 
 
+def _spatial_factors(first: torch.Tensor, second: torch.Tensor, shape: tuple[int, ...]):
+    n, c, kh, kw = shape
+    k = first.shape[0]
+    return first.reshape(k, c * kh).T, second.reshape(n, k, kw).transpose(0, 1).reshape(k, n * kw)
+
+
 def _spatial_ineligible(conv: nn.Module) -> str | None:
     if isinstance(conv, nn.Linear):
         return "linear layer (the spatial scheme needs kh or kw > 1; --linear takes the channel scheme)"
@@ -161,9 +174,9 @@ def _spatial_pair_macs(conv: nn.Module, in_hw, out_hw, k: int) -> int:
 
 SCHEMES: dict[str, Scheme] = {
     "channel": Scheme("channel", _channel_to_matrix, _channel_from_matrix, _channel_halves,
-                      _channel_pair_weights, _common_ineligible, _channel_pair_macs),
+                      _channel_pair_weights, _channel_factors, _common_ineligible, _channel_pair_macs),
     "spatial": Scheme("spatial", _spatial_to_matrix, _spatial_from_matrix, _spatial_halves,
-                      _spatial_pair_weights, _spatial_ineligible, _spatial_pair_macs),
+                      _spatial_pair_weights, _spatial_factors, _spatial_ineligible, _spatial_pair_macs),
 }
 assert tuple(SCHEMES) == SCHEME_NAMES, "config.SCHEME_NAMES names the registry's schemes"
 
@@ -426,12 +439,10 @@ def latency_rank(table: LatencyTable, name: str, scheme: str, k: int, full: int,
     return (None, dense) if guard else (k, None)
 
 
-def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> LatencyTable | None:
-    """The calibration table(s) named in the config, checked against these layers' shapes and the config's
-    schemes (None without one); several tables are combined (latency_table.combine: a pair counts as faster
-    only where it is faster in every deployment)."""
+def _latency_tables(config: DecomposeConfig, layers: list[ConvLayer]) -> list[LatencyTable]:
+    """The calibration tables named in the config, checked against these layers' shapes and its schemes."""
     if not config.latency_table:
-        return None
+        return []
     paths = [config.latency_table] if isinstance(config.latency_table, str) else list(config.latency_table)
     shapes = {la.name: layer_shape(la) for la in layers if isinstance(la.module, nn.Conv2d)}
     tables = []
@@ -443,7 +454,59 @@ def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> Late
                               f"{', '.join(missing)} (scheme {config.scheme}): calibrate with --schemes "
                               f"{','.join(scheme_names(config))}")
         tables.append(table)
-    return combine(tables)
+    return tables
+
+
+def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> LatencyTable | None:
+    """The table ranks are chosen with (None without one): the config's tables of the leading precision
+    (latency_table.lead_precision), several combined (latency_table.combine: a pair counts as faster only where
+    it is faster in every runtime). The other precisions' tables act after planning: precision_dense."""
+    tables = _latency_tables(config, layers)
+    if not tables:
+        return None
+    lead = lead_precision(tables)
+    return combine([t for t in tables if t.precision == lead])
+
+
+def precision_dense(config: DecomposeConfig, layers: list[ConvLayer],
+                    plans: list[LayerPlan]) -> dict[str, list[str]]:
+    """Per precision other than the leading one: the decomposed layers whose pair, at its planned rank, is not
+    faster than the dense conv in that precision's tables (every runtime's); that precision's builds keep them
+    dense (merge_pairs_). A rank that precision did not measure is judged by the nearest measured rank above
+    it (pairs grow slower with rank); a layer with none is left decomposed (latency unknown)."""
+    tables = _latency_tables(config, layers)
+    if not tables:
+        return {}
+    lead, out = lead_precision(tables), {}
+    for prec in dict.fromkeys(t.precision for t in tables if t.precision != lead):
+        table = combine([t for t in tables if t.precision == prec])
+        slower = []
+        for p in plans:
+            dense = table.dense(p.name)
+            if p.rank is None or dense is None:
+                continue
+            above = sorted((r, ms) for r, ms in table.ranks(p.name, p.scheme).items() if r >= p.rank)
+            if above and above[0][1] >= dense:
+                slower.append(p.name)
+        out[prec] = slower
+    return out
+
+
+def merge_pairs_(model: nn.Module, dense: nn.Module, names: Iterable[str]) -> None:
+    """Replace each named low-rank pair of `model` by one conv (`dense`'s conv of that name, its weight set to
+    the pair's product and its bias to the pair's): the same function, in place."""
+    import copy
+
+    for name in names:
+        pair = model.get_submodule(name)
+        conv = copy.deepcopy(dense.get_submodule(name))
+        sch, shape = get_scheme(pair.scheme), tuple(conv.weight.shape)
+        a, b = sch.factors(pair.first.weight.detach().double(), pair.second.weight.detach().double(), shape)
+        with torch.no_grad():
+            conv.weight.copy_(sch.from_matrix(a @ b, shape).to(conv.weight.dtype))
+            if conv.bias is not None:
+                conv.bias.copy_(pair.second.bias.detach())
+        model.set_submodule(name, conv)
 
 
 def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],

@@ -61,6 +61,16 @@ class CompressReport:
     predictions: list[dict[str, Any]] | None = None
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] | None = None  # the CompressConfig it was made with
+    # per precision whose builds keep some decomposed layers dense (their pairs are slower there than the dense
+    # conv: lowrank.precision_dense): dense_layers, macs, mac_speedup and the onnx / model files they come from
+    precisions: dict[str, Any] | None = None
+
+    def at_precision(self, precision: str) -> dict[str, Any]:
+        """The compressed model as built at `precision`: macs, mac_speedup and the layers kept dense there."""
+        p = (self.precisions or {}).get(precision)
+        if p is None:
+            return {"macs": self.compressed["macs"], "mac_speedup": self.mac_speedup, "dense_layers": []}
+        return p
 
     @property
     def latency_table(self) -> str | None:

@@ -59,6 +59,17 @@ class Variant:
     onnx: Path
     torch: Path | None = None
     macs: int | None = None
+    # the model its INT8 artifacts are made from, when compress kept some pairs dense for INT8 (slower there)
+    int8: Variant | None = None
+
+    def int8_extra(self, *, from_torch: bool = False) -> dict[str, Any]:
+        """What an INT8 artifact's manifest entry says about its source (the ONNX file, or the torch file a
+        converter read) when that is not this variant's model."""
+        if self.int8 is None:
+            return {}
+        source = self.int8.torch if from_torch else self.int8.onnx
+        return {"source": source.name if source else None, "macs": self.int8.macs,
+                "note": "pairs slower than dense in INT8 are merged back into one conv (compress: precisions)"}
 
 
 @dataclass

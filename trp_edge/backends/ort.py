@@ -142,7 +142,8 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
             q = f"{v.name}.int8.onnx"
             log.info("ort: quantizing %s to INT8 (QDQ) on %d images from %s", v.name, len(samples.calib),
                      samples.origin)
-            cwd, src_onnx, dst, work = os.getcwd(), v.onnx.resolve(), (folder / q).resolve(), folder.resolve()
+            src_onnx = (v.int8 or v).onnx.resolve()  # INT8 may come from a model with pairs merged back
+            cwd, dst, work = os.getcwd(), (folder / q).resolve(), folder.resolve()
             try:  # the quantizer writes its scratch models into the working directory
                 os.chdir(work)
                 quantize_int8(src_onnx, dst, samples.calib, work,
@@ -151,7 +152,8 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
                 os.chdir(cwd)
             arts.append(Artifact(v.name, q, "ort", precision="int8",
                                  extra={"fp32_file": fp32, "quantization": "static QDQ, s8 per-channel weights "
-                                        "(7-bit range on x86), u8 activations, MinMax calibration"}))
+                                        "(7-bit range on x86), u8 activations, MinMax calibration",
+                                        **v.int8_extra()}))
     import onnxruntime
 
     return arts, {"runtime_version": {"onnxruntime": onnxruntime.__version__}}

@@ -12,6 +12,7 @@ from .loading import (
     load_model,
     model_file,
     module_spec,
+    save_compressed,
     save_models,
 )
 from .registry import BUILTIN_NAMES, FAMILIES, build, builtin_spec, default_input_size, infer_spec
@@ -20,4 +21,5 @@ from .zoo import builders as torchvision_builders
 
 __all__ = ["BUILTIN_NAMES", "CIFAR_DEPTHS", "COMPRESSED_FORMAT", "FAMILIES", "TV_RESNETS", "CifarResNet", "LoadedModel",
            "build", "builtin_spec", "compressed_payload", "compressed_spec", "default_input_size", "infer_spec",
-           "is_torchscript", "load_model", "model_file", "module_spec", "save_models", "torchvision_builders"]
+           "is_torchscript", "load_model", "model_file", "module_spec", "save_compressed", "save_models",
+           "torchvision_builders"]

@@ -251,11 +251,20 @@ def save_models(folder: Path, dense: nn.Module, compressed: nn.Module, spec: dic
     torch.export programs dense.pt2 / compressed.pt2 for any other model. Returns the two file names."""
     if spec["arch"]["family"] == exported.FAMILY:
         exported.save(dense, example, folder / "dense.pt2", {"arch": spec["arch"]})
-        exported.save(compressed, example, folder / "compressed.pt2", spec)
-        return "dense.pt2", "compressed.pt2"
-    torch.save(_payload(compressed, spec), folder / "compressed.pt")
-    torch.save(dense.state_dict(), folder / "dense.pt")
-    return "dense.pt", "compressed.pt"
+        dense_file = "dense.pt2"
+    else:
+        torch.save(dense.state_dict(), folder / "dense.pt")
+        dense_file = "dense.pt"
+    return dense_file, save_compressed(folder, "compressed", compressed, spec, example)
+
+
+def save_compressed(folder: Path, stem: str, model: nn.Module, spec: dict[str, Any], example: torch.Tensor) -> str:
+    """A decomposed model as <stem>.pt (weights + spec) or, outside the known families, <stem>.pt2; its name."""
+    if spec["arch"]["family"] == exported.FAMILY:
+        exported.save(model, example, folder / f"{stem}.pt2", spec)
+        return f"{stem}.pt2"
+    torch.save(_payload(model, spec), folder / f"{stem}.pt")
+    return f"{stem}.pt"
 
 
 def _rebuild_compressed(obj: dict[str, Any], name: str, path: Path) -> LoadedModel:
