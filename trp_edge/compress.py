@@ -210,6 +210,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
             latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape),
                                      replace(cfg.latency, threads=cfg.latency.threads or cfg.threads))
             latency["efficiency"] = latency["latency_speedup"] / (run.dense_macs.total / comp_macs.total)
+
         def spec_of(kept: list[str]) -> dict:
             ranks = {p.name: p.rank for p in plans if p.rank is not None and p.name not in kept}
             return compressed_spec(run.spec, run.dcfg.scheme, ranks, {p.name: p.scheme for p in plans},

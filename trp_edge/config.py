@@ -41,8 +41,9 @@ class DecomposeConfig(_JSONMixin):
     target_speedup: choose e by bisection so the decomposed model has this many times fewer MACs.
     scheme "auto": per layer the faster of channel, spatial and dense at the kept energy (measured latency
     with latency_table, else fewer MACs); layer_schemes fixes the scheme of named layers.
-    latency_table: a calibration table, or several (one per deployment: a pair must be faster than dense in
-    every one of them).
+    latency_table: a calibration table, or several (one per deployment): ranks come from the fp32 ones (a pair
+    must be faster than dense in each runtime's); an INT8 table only keeps dense, in the INT8 builds, the pairs
+    slower there (lowrank.precision_dense).
     linear: also factorize nn.Linear layers into two Linears (the channel scheme's form; same energy rule and
     TRP projection); the spatial scheme leaves them dense.
     """

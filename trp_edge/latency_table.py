@@ -144,7 +144,7 @@ def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
 
 
 def combine(tables: list[LatencyTable]) -> LatencyTable:
-    """One table for a model deployed in several configurations (runtimes, precisions): each pair's latency is
+    """One table for a model deployed in several configurations (runtimes of one precision): each pair's latency is
     the first table's dense conv times the worst ratio pair/dense over the tables, so a pair counts as faster
     than dense only when it is faster in every configuration, and ranks are rounded to the best worst case.
     Only (layer, scheme, rank) measured in every table are kept."""

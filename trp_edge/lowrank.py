@@ -10,6 +10,7 @@ The bias always goes to the second conv.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -495,8 +496,6 @@ def precision_dense(config: DecomposeConfig, layers: list[ConvLayer],
 def merge_pairs_(model: nn.Module, dense: nn.Module, names: Iterable[str]) -> None:
     """Replace each named low-rank pair of `model` by one conv (`dense`'s conv of that name, its weight set to
     the pair's product and its bias to the pair's): the same function, in place."""
-    import copy
-
     for name in names:
         pair = model.get_submodule(name)
         conv = copy.deepcopy(dense.get_submodule(name))
