@@ -22,7 +22,8 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
-    ap.add_argument("--scheme", default="spatial")
+    ap.add_argument("--scheme", default="spatial",
+                    help="scheme(s), comma-separated: each gets its table-ranked models, timed in the same run")
     ap.add_argument("--speedup", type=float, default=3.0)
     ap.add_argument("--runtimes", default="ort,tflite")
     ap.add_argument("--precisions", default="fp32,int8")
@@ -49,16 +50,18 @@ def main() -> None:
         int8_ms: dict[str, float] = {}
         for rt in args.runtimes.split(","):
             models = {}
-            for prec in [*args.precisions.split(","), "macs"]:
+            schemes = args.scheme.split(",")
+            made = [(s, p) for s in schemes for p in args.precisions.split(",")] + [(schemes[0], "macs")]
+            for scheme, prec in made:
                 torch.manual_seed(0)  # the same random weights for every model: one dense model
-                d = out / f"t{threads}-{rt}-{prec}"
+                d = out / f"t{threads}-{rt}-{prec}" if len(schemes) == 1 else out / f"t{threads}-{rt}-{scheme}-{prec}"
                 # the MAC-based model sees no table at all (an empty folder, nothing measured)
                 cal = str(out / "no-tables") if prec == "macs" else args.calibration
                 compress(CompressConfig(model=args.model, out=str(d), force=True, latency=None, trp=TRPConfig(steps=0),
-                                        decompose=DecomposeConfig(scheme=args.scheme, target_speedup=args.speedup),
+                                        decompose=DecomposeConfig(scheme=scheme, target_speedup=args.speedup),
                                         runtime=rt, precision=None if prec == "macs" else prec, threads=threads,
                                         calibrate=prec != "macs", calibration=cal), progress=False)
-                models[prec] = str(d)
+                models[d.name] = str(d)
             names = list(models)
             paths = deploy(DeployConfig(target="host", model=models[names[0]],
                                         compare=tuple(models[n] for n in names[1:]), runtimes=rt, local=True,
@@ -70,7 +73,7 @@ def main() -> None:
                 if made_for not in (r["precision"], "macs"):
                     continue  # a model planned for another precision, timed at this one
                 pr = r.get("prediction") or {}
-                row = {"threads": threads, "runtime": rt, "precision": r["precision"],
+                row = {"threads": threads, "runtime": rt, "precision": r["precision"], "scheme": r["scheme"],
                        "ranks": "MAC-based" if made_for == "macs" else "latency table",
                        "mac_speedup": r["mac_speedup"], "dense_ms": r["dense"]["median_ms"],
                        "compressed_ms": r["compressed"]["median_ms"], "latency_speedup": r["latency_speedup"],
@@ -83,18 +86,20 @@ def main() -> None:
                         dense_ms[rt] = row["dense_ms"]
                     else:
                         dense_ms[f"{rt} int8"] = row["dense_ms"]
-                        int8_ms[rt] = (row["compressed_ms"], row["mac_speedup"])
+                        if row["compressed_ms"] < int8_ms.get(f"{rt} {r['scheme']}", (float("inf"),))[0]:
+                            int8_ms[f"{rt} {r['scheme']}"] = (row["compressed_ms"], row["mac_speedup"])
         if int8_ms:
             rt, (ms, macs) = min(int8_ms.items(), key=lambda kv: kv[1][0])
             fastest = min(dense_ms.items(), key=lambda kv: kv[1])
             best.append({"threads": threads, "int8": rt, "int8_ms": ms, "fastest_dense": fastest[0],
                          "fastest_dense_ms": fastest[1], "speedup": fastest[1] / ms, "mac_speedup": macs,
                          "ratio": fastest[1] / ms / macs})
-    lines = ["| threads | runtime | precision | ranks | MAC speedup | dense ms | compressed ms | latency speedup | "
-             "efficiency | predicted ms (error) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| threads | runtime | precision | scheme | ranks | MAC speedup | dense ms | compressed ms | "
+             "latency speedup | efficiency | predicted ms (error) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pred = "-" if r["predicted_ms"] is None else f"{r['predicted_ms']:.2f} ({100 * r['prediction_error']:+.0f}%)"
-        lines.append(f"| {r['threads']} | {r['runtime']} | {r['precision']} | {r['ranks']} | {r['mac_speedup']:.2f}x | "
+        lines.append(f"| {r['threads']} | {r['runtime']} | {r['precision']} | {r['scheme']} | {r['ranks']} | "
+                     f"{r['mac_speedup']:.2f}x | "
                      f"{r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['latency_speedup']:.2f}x | "
                      f"{r['efficiency']:.2f} | {pred} |")
     for b in best:
