@@ -361,3 +361,39 @@ def test_int8_keeps_dense_the_pairs_slower_there_without_vetoing_fp32(table, tmp
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "report.json").read_text())["precisions"] is None
     assert not (tmp_path / "c" / "model-int8.onnx").exists() and not (tmp_path / "c" / "compressed-int8.pt").exists()
+
+
+def test_a_table_of_another_machine_is_kept_and_this_machines_measured_beside_it(tiny, tmp_path, monkeypatch):
+    import torch
+
+    from trp_edge.device.bench import device_identity
+    from trp_edge.latency_table import cpu_slug
+
+    cal = tmp_path / "cal"
+    monkeypatch.setenv("TRP_EDGE_CALIBRATION", str(cal))
+    model = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(tiny.eval(), (torch.zeros(1, 3, 16, 16),)), model)
+    args = ["compress", str(model), "--steps", "0", "--energy", "0.3", "--out", str(tmp_path / "c"), "--no-latency",
+            "--force", "--runtime", "ort"]
+    theirs = cal / "host" / "ort" / "tiny.json"
+    res = CliRunner().invoke(main, args)  # this machine's table, measured at the deployment's path
+    assert res.exit_code == 0, res.output
+    header = json.loads(theirs.read_text())
+    header["device"] = {**header["device"], "cpu": "Some Other CPU", "cores": 64}
+    theirs.write_text(json.dumps(header))  # now it is another machine's table
+    kept = {p: p.read_bytes() for p in (theirs, theirs.with_suffix(".csv"))}
+
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    mine = cal / "host" / "ort" / cpu_slug(device_identity()) / "tiny.csv"
+    assert "none for this machine yet" in res.output and "Some Other CPU" in res.output
+    assert all(p.read_bytes() == b for p, b in kept.items())  # the other machine's table is untouched
+    assert load_table(mine).header["device"]["cpu"] == device_identity()["cpu"]
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert rep["config"]["decompose"]["latency_table"] == str(mine)
+
+    before = mine.stat().st_mtime_ns
+    res = CliRunner().invoke(main, args)  # found beside the other machine's: not measured again
+    assert res.exit_code == 0, res.output
+    assert "calibrating" not in res.output and mine.stat().st_mtime_ns == before
+    assert f"ranks from latency table {mine}" in res.output

@@ -32,7 +32,17 @@ from typing import Any
 
 from .config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
 from .errors import ConfigError, DeviceError, InputError
-from .latency_table import CALL, DENSE, LatencyTable, layer_shape, load_table, stale, table_path
+from .latency_table import (
+    CALL,
+    DENSE,
+    LatencyTable,
+    cpu_table_path,
+    layer_shape,
+    load_table,
+    other_machine,
+    stale,
+    table_path,
+)
 from .targets import Target, load_target
 from .transport import Session, open_session, resolve
 
@@ -65,9 +75,10 @@ def calibrate(cfg: CalibrateConfig, *, progress: bool = False) -> CalibrationRes
     return calibrate_model(cfg, name, net, example, progress=progress)
 
 
-def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: bool = False) -> CalibrationResult:
+def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: bool = False,
+                    path: Path | None = None) -> CalibrationResult:
     """`calibrate` for a model already loaded (`net` in eval mode, `example` its batch-1 input), as compress
-    calls it; cfg.model is not read."""
+    calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's table_path."""
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
@@ -86,7 +97,7 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
               "model": name, "input_shape": list(example.shape), "layers": shapes, "schemes": list(cfg.schemes),
               "net_ms": net_ms, "device": device, "transport": session.transport,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.protocol.to_dict()}
-    path = table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads, name)
+    path = path or table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = LatencyTable(header, rows).write(path.with_suffix(""))
     return CalibrationResult(csv_path, json_path, len(rows), time.perf_counter() - t0)
@@ -314,10 +325,28 @@ def deployments(cfg: CompressConfig) -> list[Deployment]:
             for prec in (cfg.precision or "fp32").split(",") if prec]
 
 
+def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],
+                      here: dict | None) -> tuple[LatencyTable | None, str | None]:
+    """The table at `path` for `dep` and why it cannot be used (None: it can). `here`: this machine's identity
+    when the target is this machine (a board's identity is known only once connected: its table is trusted as
+    calibrated)."""
+    try:
+        table = load_table(path, target=dep.target, runtime=dep.runtime, precision=dep.precision,
+                           threads=dep.threads, layers=shapes)
+    except InputError as e:
+        return None, "no table yet" if not path.is_file() else str(e).split(": ", 1)[-1]
+    why = stale(table.header, here) if here is not None else None
+    if why is None and set(table.header.get("schemes", [])) < set(SCHEME_NAMES):
+        why = f"measured {', '.join(table.header.get('schemes', []))} only"
+    return table, why
+
+
 def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress: bool = False) -> tuple[str, ...]:
     """The latency tables compress plans with, one per deployment: the one in cfg.calibration when it fits the
     model's layers and (on this machine) was measured on this CPU with this runtime version; else, with
-    cfg.calibrate and a reachable target (host; a board over RPC), one measured now. A deployment with neither
+    cfg.calibrate and a reachable target (host; a board over RPC), one measured now. Where the deployment's
+    table was measured on another kind of machine, this machine's is looked for, and measured, in a folder of
+    its own beside it (latency_table.cpu_table_path): the other machine's table is kept. A deployment with neither
     is left out with a warning: its ranks are MAC-based. An explicit --latency-table is checked against the
     deployment flags that were given and used as it is."""
     from torch import nn
@@ -339,19 +368,18 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
     found = []
     for dep in deployments(cfg):
         target = load_target(dep.target)
-        path = table_path(calibration_root(cfg.calibration), dep.target, dep.runtime, dep.precision, dep.threads, name)
-        try:
-            table = load_table(path, target=dep.target, runtime=dep.runtime, precision=dep.precision,
-                               threads=dep.threads, layers=shapes)
-            if target.native:
-                here = here or device_identity()
-                why = stale(table.header, here)
-            else:  # a board's identity is known only once connected: its table is trusted as calibrated
-                why = None
-            if why is None and set(table.header.get("schemes", [])) < set(SCHEME_NAMES):
-                why = f"measured {', '.join(table.header.get('schemes', []))} only"
-        except InputError as e:
-            why = "no table yet" if not path.is_file() else str(e).split(": ", 1)[-1]
+        root = calibration_root(cfg.calibration)
+        path = table_path(root, dep.target, dep.runtime, dep.precision, dep.threads, name)
+        if target.native:
+            here = here or device_identity()
+        table, why = _deployment_table(path, dep, shapes, here if target.native else None)
+        if why is not None and table is not None and target.native and other_machine(table.header, here):
+            # another machine's table stays where it is; this machine's lives beside it, in its own folder
+            mine = cpu_table_path(root, dep.target, dep.runtime, dep.precision, dep.threads, name, here)
+            _, mine_why = _deployment_table(mine, dep, shapes, here)
+            if mine_why == "no table yet":
+                mine_why = f"none for this machine yet; {path}: {why}"
+            path, why = mine, mine_why
         if why is None:
             log.debug("%s: latency table %s", dep, path)
             found.append(str(path))
@@ -363,7 +391,7 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
         ccfg = CalibrateConfig(model=name, target=dep.target, runtime=dep.runtime, precision=dep.precision,
                                threads=dep.threads, local=target.native, out=calibration_root(cfg.calibration))
         try:
-            found.append(str(calibrate_model(ccfg, name, net, example, progress=progress).csv))
+            found.append(str(calibrate_model(ccfg, name, net, example, progress=progress, path=path).csv))
         except DeviceError as e:
             if target.native:
                 raise

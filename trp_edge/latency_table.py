@@ -4,9 +4,10 @@ A table is two files side by side: <stem>.csv (layer, scheme, rank, shape, media
 scheme "dense" with rank 0 is the dense conv) and <stem>.json (format, version, target, runtime, precision,
 threads, input shape, each layer's shape key, device identity, per-call overhead, date, protocol). A table is
 keyed by target, runtime, precision and threads: it lives at calibration/<target>/<runtime>/<stem>, the stem
-being the model's name with -int8 and -<N>t added when not fp32 or 1 thread (`table_path`). `load_table`
-refuses a table made for another deployment or for layers whose shapes differ from the model's; `stale` says
-why a table no longer describes this device (another CPU or runtime version).
+being the model's name with -int8 and -<N>t added when not fp32 or 1 thread (`table_path`); when that path
+holds another kind of machine's table, this machine's lives beside it in <runtime>/<cpu slug>/ (`cpu_table_path`).
+`load_table` refuses a table made for another deployment or for layers whose shapes differ from the model's;
+`stale` says why a table no longer describes this device (another CPU or runtime version).
 
 A leaf module: no torch, nothing of trp_edge but errors and report's atomic writer, so lowrank and trp import
 it and `calibrate` (which measures) sits on top."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
 CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a near-empty model on its input
 PRECISIONS = ("fp32", "int8")
 CALIBRATED_RUNTIMES = ("ort", "tflite")
+MACHINE_KEYS = ("cpu", "machine", "cores")  # what makes a device identity another kind of machine
 # the runtime's version in a device identity (trp_edge.device.runner.runtime_versions)
 RUNTIME_VERSION_KEY = {"ort": "onnxruntime", "tflite": "ai_edge_litert", "tvm": "tvm"}
 
@@ -38,6 +41,21 @@ def table_path(root: str | Path, target: str, runtime: str, precision: str, thre
     """Where the table of one deployment lives (the .csv; its .json header beside it)."""
     stem = model + ("" if precision == "fp32" else f"-{precision}") + ("" if threads == 1 else f"-{threads}t")
     return Path(root) / target / runtime / f"{stem}.csv"
+
+
+def cpu_slug(device: dict[str, Any]) -> str:
+    """A folder name for one kind of machine (a device identity's CPU name and core count)."""
+    name = re.sub(r"[^a-z0-9]+", "-", str(device.get("cpu") or device.get("machine") or "cpu").lower()).strip("-")
+    return f"{name}-{device.get('cores')}c"
+
+
+def cpu_table_path(root: str | Path, target: str, runtime: str, precision: str, threads: int, model: str,
+                   device: dict[str, Any]) -> Path:
+    """Where a deployment's table for one kind of machine lives when its own path (`table_path`) holds another
+    machine's: <target>/<runtime>/<cpu slug>/<stem>.csv, so that one checkout keeps the tables of several CPUs
+    (a host target is whichever machine runs trp-edge)."""
+    path = table_path(root, target, runtime, precision, threads, model)
+    return path.parent / cpu_slug(device) / path.name
 
 
 def layer_shape(layer, in_c: int | None = None) -> str:
@@ -129,11 +147,17 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
     return LatencyTable(header, rows)
 
 
+def other_machine(header: dict[str, Any], device: dict[str, Any]) -> bool:
+    """Whether a table was measured on another kind of machine than `device` (CPU, architecture or cores)."""
+    was = header.get("device") or {}
+    return any(was.get(k) != device.get(k) for k in MACHINE_KEYS)
+
+
 def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
     """Why a table no longer describes `device` (an identity as trp_edge.device.bench reports it): another CPU,
     core count or runtime version. None when it still does."""
     was = header.get("device") or {}
-    for key in ("cpu", "machine", "cores"):
+    for key in MACHINE_KEYS:
         if was.get(key) != device.get(key):
             return f"measured on {key} {was.get(key)!r}, this device has {device.get(key)!r}"
     rkey = RUNTIME_VERSION_KEY.get(header["runtime"])
