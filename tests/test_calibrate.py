@@ -397,3 +397,9 @@ def test_a_table_of_another_machine_is_kept_and_this_machines_measured_beside_it
     assert res.exit_code == 0, res.output
     assert "calibrating" not in res.output and mine.stat().st_mtime_ns == before
     assert f"ranks from latency table {mine}" in res.output
+
+    # `trp-edge calibrate` itself writes this machine's table beside the other machine's too
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--local", "--model", str(model), "--runtime",
+                                    "ort", "--out", str(cal), "-q"])
+    assert res.exit_code == 0, res.output
+    assert all(p.read_bytes() == b for p, b in kept.items()) and mine.stat().st_mtime_ns > before

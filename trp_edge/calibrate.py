@@ -78,7 +78,7 @@ def calibrate(cfg: CalibrateConfig, *, progress: bool = False) -> CalibrationRes
 def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: bool = False,
                     path: Path | None = None) -> CalibrationResult:
     """`calibrate` for a model already loaded (`net` in eval mode, `example` its batch-1 input), as compress
-    calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's table_path."""
+    calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's (_table_for)."""
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
@@ -97,10 +97,25 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
               "model": name, "input_shape": list(example.shape), "layers": shapes, "schemes": list(cfg.schemes),
               "net_ms": net_ms, "device": device, "transport": session.transport,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.protocol.to_dict()}
-    path = path or table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads, name)
+    path = path or _table_for(target, cfg, threads, name, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = LatencyTable(header, rows).write(path.with_suffix(""))
     return CalibrationResult(csv_path, json_path, len(rows), time.perf_counter() - t0)
+
+
+def _table_for(target: Target, cfg: CalibrateConfig, threads: int, name: str, device: dict[str, Any]) -> Path:
+    """Where a new table of `device` goes: the deployment's table_path, or, when that holds a table of another
+    kind of machine on a native target, this machine's folder beside it (as compress looks for it)."""
+    root = calibration_root(cfg.out)
+    path = table_path(root, target.name, cfg.runtime, cfg.precision, threads, name)
+    if target.native and path.is_file():
+        try:
+            theirs = other_machine(load_table(path).header, device)
+        except InputError:  # unreadable or of another format: replaced
+            theirs = False
+        if theirs:
+            return cpu_table_path(root, target.name, cfg.runtime, cfg.precision, threads, name, device)
+    return path
 
 
 def calibration_model(cfg: CalibrateConfig):
