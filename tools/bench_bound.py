@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("tables", nargs="+", help="latency tables (.csv)")
     ap.add_argument("--speedup", type=float, default=3.0)
     ap.add_argument("--schemes", default=None, help="schemes to choose from [default: the table's]")
+    ap.add_argument("--model", default=None,
+                    help="the model the tables were measured on: a name or file [default: the table's model name]")
     ap.add_argument("--out", default="bench-out/bound")
     args = ap.parse_args()
 
@@ -84,7 +86,7 @@ def main() -> None:
     for path in args.tables:
         table = load_table(path)
         h = table.header
-        model = load_model(h["model"]).model.eval()
+        model = load_model(args.model or h["model"]).model.eval()
         example = torch.zeros(*h["input_shape"])
         schemes = args.schemes.split(",") if args.schemes else h["schemes"]
         by = {s: conv_layers(model, example, DecomposeConfig(scheme=s)) for s in schemes}

@@ -36,10 +36,9 @@ from .latency_table import (
     CALL,
     DENSE,
     LatencyTable,
-    cpu_table_path,
     layer_shape,
     load_table,
-    other_machine,
+    machine_path,
     stale,
     table_path,
 )
@@ -78,7 +77,8 @@ def calibrate(cfg: CalibrateConfig, *, progress: bool = False) -> CalibrationRes
 def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: bool = False,
                     path: Path | None = None) -> CalibrationResult:
     """`calibrate` for a model already loaded (`net` in eval mode, `example` its batch-1 input), as compress
-    calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's (_table_for)."""
+    calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's (table_path, or
+    beside another machine's table there: machine_path)."""
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
@@ -97,25 +97,13 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
               "model": name, "input_shape": list(example.shape), "layers": shapes, "schemes": list(cfg.schemes),
               "net_ms": net_ms, "device": device, "transport": session.transport,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.protocol.to_dict()}
-    path = path or _table_for(target, cfg, threads, name, device)
+    if path is None:
+        path = table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads, name)
+        if target.native:  # another machine's table there is kept: this one's goes beside it
+            path = machine_path(path, device)[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = LatencyTable(header, rows).write(path.with_suffix(""))
     return CalibrationResult(csv_path, json_path, len(rows), time.perf_counter() - t0)
-
-
-def _table_for(target: Target, cfg: CalibrateConfig, threads: int, name: str, device: dict[str, Any]) -> Path:
-    """Where a new table of `device` goes: the deployment's table_path, or, when that holds a table of another
-    kind of machine on a native target, this machine's folder beside it (as compress looks for it)."""
-    root = calibration_root(cfg.out)
-    path = table_path(root, target.name, cfg.runtime, cfg.precision, threads, name)
-    if target.native and path.is_file():
-        try:
-            theirs = other_machine(load_table(path).header, device)
-        except InputError:  # unreadable or of another format: replaced
-            theirs = False
-        if theirs:
-            return cpu_table_path(root, target.name, cfg.runtime, cfg.precision, threads, name, device)
-    return path
 
 
 def calibration_model(cfg: CalibrateConfig):
@@ -341,19 +329,26 @@ def deployments(cfg: CompressConfig) -> list[Deployment]:
 
 
 def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],
-                      here: dict | None) -> tuple[LatencyTable | None, str | None]:
-    """The table at `path` for `dep` and why it cannot be used (None: it can). `here`: this machine's identity
-    when the target is this machine (a board's identity is known only once connected: its table is trusted as
-    calibrated)."""
+                      here: dict[str, Any] | None) -> tuple[Path, str | None]:
+    """Where `dep`'s table is (`path`, or this machine's beside another machine's there: machine_path) and why it
+    cannot be used (None: it can). `here`: this machine's identity when the target is this machine; a board's
+    identity is known only once connected, so its table is trusted as calibrated."""
+    theirs = None
+    if here is not None:  # another machine's table at the path stays; this machine's lives beside it
+        own, not_ours = machine_path(path, here)
+        if own != path:
+            theirs, path = f"{path}: {not_ours}", own
     try:
         table = load_table(path, target=dep.target, runtime=dep.runtime, precision=dep.precision,
                            threads=dep.threads, layers=shapes)
     except InputError as e:
-        return None, "no table yet" if not path.is_file() else str(e).split(": ", 1)[-1]
+        if not path.is_file():
+            return path, f"none for this machine yet; {theirs}" if theirs else "no table yet"
+        return path, str(e).split(": ", 1)[-1]
     why = stale(table.header, here) if here is not None else None
     if why is None and set(table.header.get("schemes", [])) < set(SCHEME_NAMES):
         why = f"measured {', '.join(table.header.get('schemes', []))} only"
-    return table, why
+    return path, why
 
 
 def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress: bool = False) -> tuple[str, ...]:
@@ -361,7 +356,7 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
     model's layers and (on this machine) was measured on this CPU with this runtime version; else, with
     cfg.calibrate and a reachable target (host; a board over RPC), one measured now. Where the deployment's
     table was measured on another kind of machine, this machine's is looked for, and measured, in a folder of
-    its own beside it (latency_table.cpu_table_path): the other machine's table is kept. A deployment with neither
+    its own beside it (latency_table.machine_path): the other machine's table is kept. A deployment with neither
     is left out with a warning: its ranks are MAC-based. An explicit --latency-table is checked against the
     deployment flags that were given and used as it is."""
     from torch import nn
@@ -383,18 +378,11 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
     found = []
     for dep in deployments(cfg):
         target = load_target(dep.target)
-        root = calibration_root(cfg.calibration)
-        path = table_path(root, dep.target, dep.runtime, dep.precision, dep.threads, name)
+        path = table_path(calibration_root(cfg.calibration), dep.target, dep.runtime, dep.precision, dep.threads,
+                          name)
         if target.native:
             here = here or device_identity()
-        table, why = _deployment_table(path, dep, shapes, here if target.native else None)
-        if why is not None and table is not None and target.native and other_machine(table.header, here):
-            # another machine's table stays where it is; this machine's lives beside it, in its own folder
-            mine = cpu_table_path(root, dep.target, dep.runtime, dep.precision, dep.threads, name, here)
-            _, mine_why = _deployment_table(mine, dep, shapes, here)
-            if mine_why == "no table yet":
-                mine_why = f"none for this machine yet; {path}: {why}"
-            path, why = mine, mine_why
+        path, why = _deployment_table(path, dep, shapes, here if target.native else None)
         if why is None:
             log.debug("%s: latency table %s", dep, path)
             found.append(str(path))

@@ -5,7 +5,7 @@ scheme "dense" with rank 0 is the dense conv) and <stem>.json (format, version, 
 threads, input shape, each layer's shape key, device identity, per-call overhead, date, protocol). A table is
 keyed by target, runtime, precision and threads: it lives at calibration/<target>/<runtime>/<stem>, the stem
 being the model's name with -int8 and -<N>t added when not fp32 or 1 thread (`table_path`); when that path
-holds another kind of machine's table, this machine's lives beside it in <runtime>/<cpu slug>/ (`cpu_table_path`).
+holds another kind of machine's table, this machine's lives beside it in <runtime>/<cpu slug>/ (`machine_path`).
 `load_table` refuses a table made for another deployment or for layers whose shapes differ from the model's;
 `stale` says why a table no longer describes this device (another CPU or runtime version).
 
@@ -47,15 +47,6 @@ def cpu_slug(device: dict[str, Any]) -> str:
     """A folder name for one kind of machine (a device identity's CPU name and core count)."""
     name = re.sub(r"[^a-z0-9]+", "-", str(device.get("cpu") or device.get("machine") or "cpu").lower()).strip("-")
     return f"{name}-{device.get('cores')}c"
-
-
-def cpu_table_path(root: str | Path, target: str, runtime: str, precision: str, threads: int, model: str,
-                   device: dict[str, Any]) -> Path:
-    """Where a deployment's table for one kind of machine lives when its own path (`table_path`) holds another
-    machine's: <target>/<runtime>/<cpu slug>/<stem>.csv, so that one checkout keeps the tables of several CPUs
-    (a host target is whichever machine runs trp-edge)."""
-    path = table_path(root, target, runtime, precision, threads, model)
-    return path.parent / cpu_slug(device) / path.name
 
 
 def layer_shape(layer, in_c: int | None = None) -> str:
@@ -147,10 +138,19 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
     return LatencyTable(header, rows)
 
 
-def other_machine(header: dict[str, Any], device: dict[str, Any]) -> bool:
-    """Whether a table was measured on another kind of machine than `device` (CPU, architecture or cores)."""
+def machine_path(path: Path, device: dict[str, Any]) -> tuple[Path, str | None]:
+    """Where `device`'s table of a deployment lives: `path` (its table_path), or, when `path` holds a table of
+    another kind of machine (CPU, architecture or cores), <runtime>/<cpu slug>/ beside it, so that one checkout
+    keeps the tables of several machines (a host target is whichever machine runs trp-edge); with why the table
+    at `path` is not this machine's (None when `path` is returned)."""
+    try:
+        header = load_table(path).header
+    except InputError:  # none there, or unreadable: this machine's goes there
+        return path, None
     was = header.get("device") or {}
-    return any(was.get(k) != device.get(k) for k in MACHINE_KEYS)
+    if all(was.get(k) == device.get(k) for k in MACHINE_KEYS):
+        return path, None
+    return path.parent / cpu_slug(device) / path.name, stale(header, device)
 
 
 def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
