@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .config import (
+    ALLOCATIONS,
     NUCLEAR_SOLVERS,
     SCHEME_NAMES,
     BuildConfig,
@@ -143,6 +144,9 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @click.option("--ranks", default=None, help="explicit per-layer ranks: NAME=K,... or a JSON file")
 @opt(D, "target_speedup", "--target-speedup", type=float,
      help="choose e by bisection so the decomposed model has X times fewer MACs")
+@opt(D, "allocate", "--allocate", type=click.Choice(ALLOCATIONS),
+     help="with --target-speedup and a latency table: latency spreads the ranks over layers for the lowest "
+     "table latency, dropping no more energy in all than one e would; uniform keeps one e")
 @opt(C, "out", "--out", "-o", help="output directory (default trp-edge-out/<model-name>)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--resume", is_flag=True, help="go on from --out/checkpoint.pt")
@@ -167,8 +171,8 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @library_errors
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
              device, svd_device, nuclear_solver, seed, workers, data, arch, weights, trust_pickle, in_channels,
-             num_classes, input_size, skip_stem, linear, ranks, target_speedup, out, force, resume, target, runtime,
-             precision, threads, calibrate, calibration, latency_table, latency, quiet, verbose):
+             num_classes, input_size, skip_stem, linear, ranks, target_speedup, allocate, out, force, resume, target,
+             runtime, precision, threads, calibrate, calibration, latency_table, latency, quiet, verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
 
     MODEL is a built-in name (resnet18/34/50, resnet20/32/56), any torchvision classification model name
@@ -183,7 +187,8 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
         latency=ProfileConfig() if latency else None, target=target, runtime=runtime, precision=precision,
         threads=threads, calibrate=calibrate, calibration=calibration,
         decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
-                                  linear=linear, target_speedup=target_speedup, latency_table=latency_table),
+                                  linear=linear, target_speedup=target_speedup, latency_table=latency_table,
+                                  allocate=allocate),
         trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
                       seed=seed, workers=workers, svd_device=svd_device,
@@ -209,7 +214,8 @@ def _echo_compress(result) -> None:
     click.echo(f"accuracy: dense {acc(r.dense['accuracy'])}, decomposed {acc(r.compressed['accuracy'])}; "
                f"ONNX max abs diff {r.onnx['max_abs_diff']:.2g}")
     tables = r.latency_tables
-    click.echo(f"ranks from latency table{'s' if len(tables) > 1 else ''} {', '.join(tables)}" if tables else
+    spread = " (spread over layers for latency at the MAC target)" if r.allocate == "latency" else ""
+    click.echo(f"ranks from latency table{'s' if len(tables) > 1 else ''} {', '.join(tables)}{spread}" if tables else
                "ranks are MAC-based (no latency table): a pair may be slower than its dense conv")
     for prec, p in (r.precisions or {}).items():
         up = prec.upper()

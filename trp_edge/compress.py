@@ -268,6 +268,7 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
         model=run.name, arch=run.spec, created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         torch=torch.__version__, scheme=dcfg.scheme, energy=run.energy, nuclear=tcfg.nuclear, period=tcfg.period,
         target_speedup=dcfg.target_speedup, input_shape=list(run.example.shape), data=cfg.data,
+        allocate=dcfg.allocate if dcfg.target_speedup and any(p.dense_ms is not None for p in plans) else None,
         dense={"macs": dense_macs.total, "params": param_count(dense_model),
                "accuracy": evaluate(dense_model, test, cpu) if test is not None else None},
         compressed={"macs": comp_macs.total, "params": param_count(model),

@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .latency_table import CALIBRATED_RUNTIMES, PRECISIONS
 
 SCHEME_NAMES = ("channel", "spatial")  # the matrix forms; "auto" picks one of them (or dense) per layer
+ALLOCATIONS = ("latency", "uniform")  # how ranks spread over layers at a MAC target (DecomposeConfig.allocate)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -46,6 +47,9 @@ class DecomposeConfig(_JSONMixin):
     slower there (lowrank.precision_dense).
     linear: also factorize nn.Linear layers into two Linears (the channel scheme's form; same energy rule and
     TRP projection); the spatial scheme leaves them dense.
+    allocate: with target_speedup and a latency table, "latency" (default) re-allocates the ranks of the
+    one-e plan across layers: the lowest table latency at the same MAC target without dropping more
+    singular-value energy in all (trp_edge.allocate); "uniform" keeps one e for every layer.
     """
 
     scheme: str = "channel"
@@ -56,9 +60,12 @@ class DecomposeConfig(_JSONMixin):
     latency_table: str | tuple[str, ...] | None = None
     layer_schemes: Mapping[str, str] | None = None
     linear: bool = False
+    allocate: str = "latency"
 
     def __post_init__(self):
         names = (*SCHEME_NAMES, "auto")
+        _check(self.allocate in ALLOCATIONS, f"unknown allocation {self.allocate!r}: use one of "
+               f"{', '.join(ALLOCATIONS)}")
         _check(self.scheme in names, f"unknown scheme {self.scheme!r}: use one of {', '.join(names)}")
         if self.layer_schemes is not None:
             bad = {k: v for k, v in self.layer_schemes.items() if v not in SCHEME_NAMES}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .allocate import Choice, allocate
 from .config import SCHEME_NAMES, DecomposeConfig
 from .errors import ConfigError
 from .latency_table import LatencyTable, combine, layer_shape, lead_precision, load_table
@@ -594,6 +595,74 @@ def _cost(p: LayerPlan, table) -> tuple[int, float]:
     return 2, p.macs_lowrank if p.rank is not None else p.macs_dense
 
 
+def _choices(p: LayerPlan, views: dict[str, SchemeView], config: DecomposeConfig,
+             table) -> tuple[list[tuple[str | None, int | None, Choice]], int] | None:
+    """A layer's options for the latency allocation, (scheme, rank, Choice): dense, and every measured pair
+    faster than dense in each scheme it may take; and the index of the plan's own. None for a layer the
+    allocation leaves as planned (explicit rank, not eligible, not in the table)."""
+    if p.name in (config.ranks or {}) or p.dense_ms is None:
+        return None
+    fixed = (config.layer_schemes or {}).get(p.name)
+    out: list[tuple[str | None, int | None, Choice]] = [(None, None, Choice(p.macs_dense, p.dense_ms, 0.0))]
+    for name, v in views.items():
+        la = next(la for la in v.layers if la.name == p.name)
+        if la.reason is not None or fixed not in (None, name):
+            continue
+        sch, s = get_scheme(name), v.svals[p.name]
+        for r, ms in sorted(table.ranks(p.name, name).items()):
+            macs = sch.pair_macs(la.module, la.in_hw, la.out_hw, r)
+            if r <= s.shape[-1] and ms < p.dense_ms and macs < p.macs_dense:
+                out.append((name, r, Choice(macs, ms, 1.0 - kept_energy(s, r))))
+    at = (None, None) if p.rank is None else (p.scheme, p.rank)
+    now = next((j for j, (sch, r, _) in enumerate(out) if (sch, r) == at), None)
+    return None if len(out) == 1 or now is None else (out, now)
+
+
+def allocate_plans(views: dict[str, SchemeView], config: DecomposeConfig, plans: list[LayerPlan], table,
+                   energy: float, budget: float) -> list[LayerPlan]:
+    """The plans with ranks allocated across layers for latency (trp_edge.allocate): at most `budget` conv MACs
+    and no more singular-value energy dropped in all than `plans` drop, the lowest summed table latency; a
+    layer whose pairs do not pay for the energy they drop stays dense. `plans` as given when that is not
+    faster by the table."""
+    opts = {i: c for i, p in enumerate(plans) if (c := _choices(p, views, config, table)) is not None}
+    if not opts:
+        return plans
+    budget -= sum(p.macs_dense if p.rank is None else p.macs_lowrank for i, p in enumerate(plans) if i not in opts)
+    current = {i: o[now][2] for i, (o, now) in opts.items()}
+    chosen = allocate([[c for *_, c in o] for o, _ in opts.values()], budget,
+                      sum(c.dropped for c in current.values()))
+    picked = {i: opts[i][0][j] for i, j in zip(opts, chosen or []) if j != opts[i][1]}  # the layers that move
+    if sum(current[i].ms - c.ms for i, (*_, c) in picked.items()) <= 0:
+        return plans
+    out = list(plans)
+    for i, (scheme, rank, c) in picked.items():
+        p = plans[i]
+        if rank is None:
+            out[i] = replace(p, rank=None, macs_lowrank=None, kept_energy=None, predicted_ms=p.dense_ms,
+                             planned_rank=p.rank, reason="latency allocation: its pairs buy less time than the "
+                             "energy they drop buys in other layers")
+            continue
+        s = views[scheme].svals[p.name]
+        out[i] = replace(p, scheme=scheme, rank=rank, full_rank=s.shape[-1], macs_lowrank=c.macs, reason=None,
+                         energy_rank=int(energy_rank(s, energy)), kept_energy=1.0 - c.dropped,
+                         planned_rank=p.rank if p.rank is not None else p.planned_rank, predicted_ms=c.ms)
+    return out
+
+
+def plan_for_speedup(views: dict[str, SchemeView], config: DecomposeConfig, other_macs: int,
+                     table) -> tuple[float, list[LayerPlan]]:
+    """The energy and the (guarded) plan for config.target_speedup: e by bisection, the plan at e, then with a
+    table and config.allocate 'latency' the ranks allocated across layers at that MAC target (allocate_plans)."""
+    energy = energy_for_speedup(lambda e: plan_model(views, config, e, table), other_macs, config.target_speedup,
+                                config.scheme, guarded=table is not None)
+    plans = plan_model(views, config, energy, table)
+    if table is not None and config.allocate == "latency":
+        dense, _ = planned_macs(plans)
+        plans = allocate_plans(views, config, plans, table, energy,
+                               (dense + other_macs) / config.target_speedup - other_macs)
+    return energy, plans
+
+
 def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: list[LayerPlan], *, init: bool = True) -> None:
     """Replace each planned conv by its low-rank pair, in place."""
     by_name = {layer.name: layer for layer in layers}
@@ -617,8 +686,8 @@ def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
     if config.target_speedup is not None:
         if other_macs is None:
             raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
-        energy = energy_for_speedup(lambda e: plan_model(views, config, e, table), other_macs, config.target_speedup,
-                                    config.scheme, guarded=table is not None)
-    plans = plan_model(views, config, energy, table)
+        energy, plans = plan_for_speedup(views, config, other_macs, table)
+    else:
+        plans = plan_model(views, config, energy, table)
     apply_plan_(model, layers, plans)
     return plans, energy

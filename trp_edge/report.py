@@ -51,6 +51,7 @@ class CompressReport:
     nuclear: float = 0.0
     period: int = 0
     target_speedup: float | None = None
+    allocate: str | None = None  # how ranks were spread at the target with a table: latency | uniform
     data: str | None = None
     initial_accuracy: float | None = None
     param_ratio: float | None = None

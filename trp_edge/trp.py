@@ -29,9 +29,9 @@ from .lowrank import (
     Scheme,
     SchemeView,
     conv_layers,
-    energy_for_speedup,
     get_scheme,
     load_latency_table,
+    plan_for_speedup,
     plan_model,
     scheme_names,
 )
@@ -201,11 +201,10 @@ class TRPTrainer:
             for g, (_, s, _) in zip(groups, svds):
                 for i, la in enumerate(g.layers):
                     views[g.scheme.name].svals[la.name] = s[i].cpu()
+            shipped = []
             if self.dcfg.target_speedup is not None:  # the budget picks e on the current spectrum, for the plan
-                # that ships: with a table, rounded and guarded as the final decomposition will be
-                self.energy = energy_for_speedup(lambda e: plan_model(views, self.dcfg, e, self.table),
-                                                 self.other_macs, self.dcfg.target_speedup, self.dcfg.scheme,
-                                                 guarded=self.table is not None)
+                # that ships: with a table, rounded, guarded and allocated as the final decomposition will be
+                self.energy, shipped = plan_for_speedup(views, self.dcfg, self.other_macs, self.table)
             ranks = {}
             # no guard while training: TRP truncates every eligible layer, at the energy rank where no pair at or
             # above it beats the dense conv (a layer left whole, or rounded up to a slow rank, would never see its
@@ -214,6 +213,9 @@ class TRPTrainer:
                 # a pair that saves no MACs is truncated all the same at its planned rank
                 ranks[p.name] = p.rank if p.rank is not None else p.planned_rank
                 self.layer_scheme[p.name] = p.scheme
+            for p in shipped:  # the pairs that ship train at their rank (a latency allocation may move it)
+                if p.rank is not None:
+                    ranks[p.name], self.layer_scheme[p.name] = p.rank, p.scheme
         parts: dict[str, tuple] = {}
         kept: dict[str, int] = {}
         for g, (u, s, vh) in zip(groups, svds):
