@@ -7,7 +7,15 @@ scheme the table has; a knapsack over MACs finds the choice with the lowest pred
 MACs. Accuracy is ignored, so this is an upper bound on what ranks can buy on that deployment: when it is
 below a goal, no planner reaches the goal there, and the pairs themselves (the runtime's kernels) are the limit.
 
+With --planner-loss, accuracy is not ignored: the choice may drop no more singular-value energy (summed over
+layers, each layer's dropped fraction of its own energy) than trp-edge's planner drops at that MAC target
+with the table (one energy e for all layers, ranks rounded to the fastest measured pair, the guard). What
+that row gains over the planner's row is what a latency-aware allocation of ranks across layers (instead of
+one e) could buy at the same MACs and the same energy kept; the planner's own latency allocation (compress's
+default, trp_edge.allocate) is printed beside it.
+
     python tools/bench_bound.py bench-out/intel-cal/host/ort/resnet18*.csv --speedup 3 --out bench-out/bound
+    python tools/bench_bound.py bench-out/amd-cal/host/ort/resnet18.csv --schemes spatial --planner-loss
 """
 
 from __future__ import annotations
@@ -20,48 +28,122 @@ from pathlib import Path
 BINS = 3000  # MAC resolution of the knapsack: the budget in this many steps
 
 
-def bound(table, layers_by_scheme: dict, total: int, other: int, speedup: float) -> dict:
-    """The lowest-latency choice with speedup..speedup·1.03 x fewer MACs (dict: latency, MACs, choices)."""
-    from trp_edge.lowrank import get_scheme
+def options(table, layers_by_scheme: dict, svals: dict | None = None) -> dict[str, list[tuple]]:
+    """Per layer the table timed: (scheme, rank, MACs, ms, dropped energy) for dense (scheme "dense", rank 0)
+    and every measured pair; the dropped energy (1 - kept fraction) needs the layer's singular values
+    (svals: {scheme: {layer: s}}), else 0."""
+    from trp_edge.lowrank import get_scheme, kept_energy
 
-    opts: dict[str, list[tuple[str, int, int, float]]] = {}
+    opts: dict[str, list[tuple]] = {}
     for scheme, layers in layers_by_scheme.items():
         for la in layers:
             dense = table.dense(la.name)
             if dense is None:
                 continue
-            o = opts.setdefault(la.name, [("dense", 0, la.macs_dense, dense)])
+            o = opts.setdefault(la.name, [("dense", 0, la.macs_dense, dense, 0.0)])
             if la.reason is None:
-                sch = get_scheme(scheme)
-                o += [(scheme, r, sch.pair_macs(la.module, la.in_hw, la.out_hw, r), ms)
+                sch, s = get_scheme(scheme), (svals or {}).get(scheme, {}).get(la.name)
+                o += [(scheme, r, sch.pair_macs(la.module, la.in_hw, la.out_hw, r), ms,
+                       0.0 if s is None else 1.0 - kept_energy(s, r))
                       for r, ms in table.ranks(la.name, scheme).items()]
-    fixed = sum(la.macs_dense for la in next(iter(layers_by_scheme.values())) if la.name not in opts)
+    return opts
+
+
+def bound(table, opts: dict[str, list[tuple]], fixed: int, total: int, other: int, speedup: float,
+          lam: float = 0.0) -> dict:
+    """The choice with speedup..speedup·1.03 x fewer MACs that minimizes latency + lam·dropped energy (dict:
+    latency, MACs, dropped energy, choices). `fixed`: the MACs of the convs the table did not time."""
     budget = (total + other) / speedup - other - fixed
     q = budget / BINS
-    # dp[bin] = (latency of the chosen convs, back pointer): the fastest choice so far at that MAC bin
+    # dp[bin] = (objective, back pointer): the best choice so far at that MAC bin
     dp: dict[int, tuple[float, tuple | None]] = {0: (0.0, None)}
     for name, o in opts.items():
         nxt: dict[int, tuple[float, tuple | None]] = {}
-        for b, (lat, back) in dp.items():
+        for b, (val, back) in dp.items():
             for a in o:
-                nb = b + round(a[2] / q)
-                if nb <= BINS and (nb not in nxt or lat + a[3] < nxt[nb][0]):
-                    nxt[nb] = (lat + a[3], (name, a, back))
+                nb, nv = b + round(a[2] / q), val + a[3] + lam * a[4]
+                if nb <= BINS and (nb not in nxt or nv < nxt[nb][0]):
+                    nxt[nb] = (nv, (name, a, back))
         dp = nxt
     floor = BINS / 1.03
-    lat, back = min((v for b, v in dp.items() if b >= floor), key=lambda v: v[0])
+    _, back = min((v for b, v in dp.items() if b >= floor), key=lambda v: v[0])
     chosen = {}
     while back is not None:
         name, a, back = back
         chosen[name] = a
+    return summary(table, opts, chosen, fixed, total, other)
+
+
+def summary(table, opts: dict[str, list[tuple]], chosen: dict[str, tuple], fixed: int, total: int,
+            other: int) -> dict:
     net, dense_sum = table.header["net_ms"], sum(o[0][3] for o in opts.values())
-    ms = net - dense_sum + lat
+    ms = net - dense_sum + sum(a[3] for a in chosen.values())
     macs = sum(a[2] for a in chosen.values()) + fixed
     mac_speedup = (total + other) / (macs + other)
     return {"net_ms": net, "predicted_ms": ms, "latency_speedup": net / ms, "mac_speedup": mac_speedup,
-            "efficiency": net / ms / mac_speedup,
+            "efficiency": net / ms / mac_speedup, "dropped_energy": sum(a[4] for a in chosen.values()),
             "layers": {n: {"scheme": a[0], "rank": a[1], "mac_fraction": a[2] / opts[n][0][2],
                            "latency_fraction": a[3] / opts[n][0][3]} for n, a in chosen.items()}}
+
+
+def planner(table, model, example, schemes: list[str], other: int, speedup: float,
+            allocate: str = "uniform") -> tuple[dict, dict]:
+    """trp-edge's own plan at that MAC target with the table (compress --target-speedup --allocate A):
+    {layer: (scheme, rank)}, rank 0 for dense; and the singular values it planned with ({scheme: {layer: s}})."""
+    from trp_edge.config import DecomposeConfig
+    from trp_edge.lowrank import plan_for_speedup, scheme_views
+
+    cfg = DecomposeConfig(scheme=schemes[0] if len(schemes) == 1 else "auto", target_speedup=speedup,
+                          allocate=allocate)
+    views = scheme_views(model, example, cfg)
+    _, plans = plan_for_speedup(views, cfg, other, table)
+    plan = {p.name: ("dense", 0) if p.rank is None else (p.scheme, p.rank) for p in plans}
+    return plan, {s: v.svals for s, v in views.items()}
+
+
+def at_loss(table, opts: dict, fixed: int, total: int, other: int, speedup: float, dropped: float) -> dict:
+    """The fastest choice found that drops at most `dropped` energy: bisection on the multiplier of
+    dropped energy (more weight, less dropped)."""
+    lo, hi = 0.0, 1.0
+    best = bound(table, opts, fixed, total, other, speedup, hi)
+    while best["dropped_energy"] > dropped and hi < 1e6:
+        hi *= 4
+        best = bound(table, opts, fixed, total, other, speedup, hi)
+    if best["dropped_energy"] > dropped:
+        raise SystemExit(f"no choice at that MAC target drops at most {dropped:.3f} energy")
+    for _ in range(16):
+        mid = 0.5 * (lo + hi)
+        b = bound(table, opts, fixed, total, other, speedup, mid)
+        if b["dropped_energy"] <= dropped:
+            hi, best = mid, b
+        else:
+            lo = mid
+    return best
+
+
+def table_rows(path: str, table, model, example, layers: dict, convs: int, other: int, args) -> list[dict]:
+    """The bound for one table and scheme set; with --planner-loss also the planner's row and the bound at the
+    planner's dropped energy."""
+    name = "+".join(layers)
+    plan, svals = planner(table, model, example, list(layers), other, args.speedup) if args.planner_loss else ({}, {})
+    opts = options(table, layers, svals)
+    fixed = sum(la.macs_dense for la in next(iter(layers.values())) if la.name not in opts)
+    found = {"accuracy ignored": bound(table, opts, fixed, convs, other, args.speedup)}
+    if plan:
+        chosen = {n: next(a for a in o if a[:2] == plan[n]) for n, o in opts.items()}
+        found["planner (one e)"] = ours = summary(table, opts, chosen, fixed, convs, other)
+        spread, _ = planner(table, model, example, list(layers), other, args.speedup, "latency")
+        chosen = {n: next(a for a in o if a[:2] == spread[n]) for n, o in opts.items()}
+        found["planner (latency allocation)"] = summary(table, opts, chosen, fixed, convs, other)
+        found["at the planner's dropped energy"] = at_loss(table, opts, fixed, convs, other, args.speedup,
+                                                           ours["dropped_energy"])
+    rows = []
+    for kind, b in found.items():
+        rows.append({"table": path, "deployment": table.deployment, "schemes": name, "choice": kind, **b})
+        print(f"{path} ({name}), {kind}: {b['net_ms']:.2f} -> {b['predicted_ms']:.2f} ms, "
+              f"{b['latency_speedup']:.2f}x for {b['mac_speedup']:.2f}x fewer MACs: efficiency {b['efficiency']:.3f}"
+              + (f", dropped energy {b['dropped_energy']:.3f}" if args.planner_loss else ""))
+    return rows
 
 
 def main() -> None:
@@ -71,6 +153,8 @@ def main() -> None:
     ap.add_argument("--schemes", default=None, help="schemes to choose from [default: the table's]")
     ap.add_argument("--model", default=None,
                     help="the model the tables were measured on: a name or file [default: the table's model name]")
+    ap.add_argument("--planner-loss", action="store_true",
+                    help="also trp-edge's planner at that target and the fastest choice dropping no more energy")
     ap.add_argument("--out", default="bench-out/bound")
     args = ap.parse_args()
 
@@ -92,13 +176,10 @@ def main() -> None:
         by = {s: conv_layers(model, example, DecomposeConfig(scheme=s)) for s in schemes}
         total = count_macs(model, example).total
         convs = sum(la.macs_dense for la in next(iter(by.values())))
+        other = total - convs
         for scheme_set in ([[s] for s in schemes] + ([schemes] if len(schemes) > 1 else [])):
-            b = bound(table, {s: by[s] for s in scheme_set}, convs, total - convs, args.speedup)
-            row = {"table": path, "deployment": table.deployment, "schemes": "+".join(scheme_set), **b}
-            rows.append(row)
-            print(f"{path} ({'+'.join(scheme_set)}): {b['net_ms']:.2f} -> {b['predicted_ms']:.2f} ms, "
-                  f"{b['latency_speedup']:.2f}x for {b['mac_speedup']:.2f}x fewer MACs: efficiency at most "
-                  f"{b['efficiency']:.2f}")
+            layers = {s: by[s] for s in scheme_set}
+            rows += table_rows(path, table, model, example, layers, convs, other, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_bound.json").write_text(json.dumps(

@@ -2,7 +2,8 @@
 """Latency-aware by default, per deployment: MODEL compressed at about SPEEDUP x fewer MACs for each runtime x
 precision x thread count with that deployment's latency table (found in --calibration or measured first, as
 `trp-edge compress` does by default), then deployed on this machine, every model timed side by side with the
-MAC-based one (--no-calibrate) in one alternating run per runtime and thread count.
+MAC-based one (--no-calibrate) in one alternating run per runtime and thread count. --scheme and --allocate
+take several values: each scheme and rank allocation gets its table-ranked models in the same run.
 
 Prints and saves one row per deployment: MAC speedup, dense and compressed ms, latency speedup, efficiency, the
 table's predicted whole-net latency and its error; and per thread count, the best compressed INT8 model against
@@ -25,6 +26,8 @@ def main() -> None:
     ap.add_argument("--scheme", default="spatial",
                     help="scheme(s), comma-separated: each gets its table-ranked models, timed in the same run")
     ap.add_argument("--speedup", type=float, default=3.0)
+    ap.add_argument("--allocate", default="latency",
+                    help="rank allocation(s) of the table-ranked models, comma-separated: latency, uniform")
     ap.add_argument("--runtimes", default="ort,tflite")
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--threads", default="1,2")
@@ -49,19 +52,23 @@ def main() -> None:
         dense_ms: dict[str, float] = {}
         int8_ms: dict[str, float] = {}
         for rt in args.runtimes.split(","):
-            models = {}
-            schemes = args.scheme.split(",")
-            made = [(s, p) for s in schemes for p in args.precisions.split(",")] + [(schemes[0], "macs")]
-            for scheme, prec in made:
+            models, made_by = {}, {}
+            schemes, allocs = args.scheme.split(","), args.allocate.split(",")
+            made = [(s, a, p) for s in schemes for a in allocs for p in args.precisions.split(",")] + \
+                [(schemes[0], "uniform", "macs")]
+            for scheme, alloc, prec in made:
                 torch.manual_seed(0)  # the same random weights for every model: one dense model
-                d = out / f"t{threads}-{rt}-{prec}" if len(schemes) == 1 else out / f"t{threads}-{rt}-{scheme}-{prec}"
+                tag = "-".join([*([scheme] if len(schemes) > 1 else []),
+                                *([alloc] if len(allocs) > 1 and prec != "macs" else []), prec])
+                d = out / f"t{threads}-{rt}-{tag}"
                 # the MAC-based model sees no table at all (an empty folder, nothing measured)
                 cal = str(out / "no-tables") if prec == "macs" else args.calibration
                 compress(CompressConfig(model=args.model, out=str(d), force=True, latency=None, trp=TRPConfig(steps=0),
-                                        decompose=DecomposeConfig(scheme=scheme, target_speedup=args.speedup),
+                                        decompose=DecomposeConfig(scheme=scheme, target_speedup=args.speedup,
+                                                                  allocate=alloc),
                                         runtime=rt, precision=None if prec == "macs" else prec, threads=threads,
                                         calibrate=prec != "macs", calibration=cal), progress=False)
-                models[d.name] = str(d)
+                models[d.name], made_by[d.name] = str(d), (alloc, prec)
             names = list(models)
             paths = deploy(DeployConfig(target="host", model=models[names[0]],
                                         compare=tuple(models[n] for n in names[1:]), runtimes=rt, local=True,
@@ -69,12 +76,12 @@ def main() -> None:
                                         protocol=protocol, precision=args.precisions, layers=False))
             for p in paths:
                 r = json.loads(p.read_text())
-                made_for = Path(r["model_dir"]).name.rsplit("-", 1)[-1]
+                alloc, made_for = made_by[Path(r["model_dir"]).name]
                 if made_for not in (r["precision"], "macs"):
                     continue  # a model planned for another precision, timed at this one
                 pr = r.get("prediction") or {}
                 row = {"threads": threads, "runtime": rt, "precision": r["precision"], "scheme": r["scheme"],
-                       "ranks": "MAC-based" if made_for == "macs" else "latency table",
+                       "ranks": "MAC-based" if made_for == "macs" else f"latency table, {alloc}",
                        "mac_speedup": r["mac_speedup"], "dense_ms": r["dense"]["median_ms"],
                        "compressed_ms": r["compressed"]["median_ms"], "latency_speedup": r["latency_speedup"],
                        "efficiency": r["efficiency"], "predicted_ms": pr.get("compressed_ms"),
