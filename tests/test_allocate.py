@@ -45,6 +45,25 @@ def test_the_knapsack_finds_the_fastest_choice_within_the_mac_budget(seed):
 
 
 @pytest.mark.parametrize("seed", range(12))
+def test_the_knapsack_keeps_at_least_the_floor(seed):
+    rng = random.Random(50 + seed)
+    options = _instance(rng)
+    budget = rng.uniform(100, 300)
+    floor = budget / 1.5
+    every = list(itertools.product(*(range(len(o)) for o in options)))
+    inside = [c for c in every if floor <= sum(options[i][j].macs for i, j in enumerate(c)) <= budget]
+    chosen = knapsack(options, budget, 0.0, floor)
+    if chosen is None:
+        assert not [c for c in inside if _fits(options, c, budget * (1 - len(options) / 4000))]
+        return
+    # rounding MACs up may admit a choice up to one bin per layer below the floor, never above the budget
+    assert floor - len(options) * budget / 4000 <= sum(options[i][j].macs for i, j in enumerate(chosen)) <= budget
+    near = [c for c in inside if _fits(options, c, budget * (1 - len(options) / 4000))]
+    if near:
+        assert _ms(options, chosen) <= min(_ms(options, c) for c in near) + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(12))
 def test_allocation_keeps_both_budgets_and_beats_the_choice_that_set_them(seed):
     rng = random.Random(100 + seed)
     options = _instance(rng, layers=5)

@@ -25,8 +25,6 @@ import json
 import time
 from pathlib import Path
 
-BINS = 3000  # MAC resolution of the knapsack: the budget in this many steps
-
 
 def options(table, layers_by_scheme: dict, svals: dict | None = None) -> dict[str, list[tuple]]:
     """Per layer the table timed: (scheme, rank, MACs, ms, dropped energy) for dense (scheme "dense", rank 0)
@@ -49,41 +47,40 @@ def options(table, layers_by_scheme: dict, svals: dict | None = None) -> dict[st
     return opts
 
 
-def bound(table, opts: dict[str, list[tuple]], fixed: int, total: int, other: int, speedup: float,
-          lam: float = 0.0) -> dict:
-    """The choice with speedup..speedup·1.03 x fewer MACs that minimizes latency + lam·dropped energy (dict:
-    latency, MACs, dropped energy, choices). `fixed`: the MACs of the convs the table did not time."""
+def _window(total: int, other: int, fixed: int, speedup: float) -> tuple[float, float]:
+    """The MACs the timed convs may keep: (floor, budget) for speedup·1.03..speedup x fewer MACs in all."""
     budget = (total + other) / speedup - other - fixed
-    q = budget / BINS
-    # dp[bin] = (objective, back pointer): the best choice so far at that MAC bin
-    dp: dict[int, tuple[float, tuple | None]] = {0: (0.0, None)}
-    for name, o in opts.items():
-        nxt: dict[int, tuple[float, tuple | None]] = {}
-        for b, (val, back) in dp.items():
-            for a in o:
-                nb, nv = b + round(a[2] / q), val + a[3] + lam * a[4]
-                if nb <= BINS and (nb not in nxt or nv < nxt[nb][0]):
-                    nxt[nb] = (nv, (name, a, back))
-        dp = nxt
-    floor = BINS / 1.03
-    _, back = min((v for b, v in dp.items() if b >= floor), key=lambda v: v[0])
-    chosen = {}
-    while back is not None:
-        name, a, back = back
-        chosen[name] = a
-    return summary(table, opts, chosen, fixed, total, other)
+    return budget / 1.03, budget
 
 
-def summary(table, opts: dict[str, list[tuple]], chosen: dict[str, tuple], fixed: int, total: int,
-            other: int) -> dict:
-    net, dense_sum = table.header["net_ms"], sum(o[0][3] for o in opts.values())
-    ms = net - dense_sum + sum(a[3] for a in chosen.values())
-    macs = sum(a[2] for a in chosen.values()) + fixed
+def _choices(opts: dict[str, list[tuple]]) -> list[list]:
+    from trp_edge.allocate import Choice
+
+    return [[Choice(a[2], a[3], a[4]) for a in o] for o in opts.values()]
+
+
+def bound(table, opts: dict[str, list[tuple]], fixed: int, total: int, other: int, speedup: float) -> dict:
+    """The lowest-latency choice with speedup..speedup·1.03 x fewer MACs (trp_edge.allocate.knapsack), as
+    `summary`. `fixed`: the MACs of the convs the table did not time."""
+    from trp_edge.allocate import knapsack
+
+    floor, budget = _window(total, other, fixed, speedup)
+    return summary(table, opts, knapsack(_choices(opts), budget, 0.0, floor), fixed, total, other)
+
+
+def summary(table, opts: dict[str, list[tuple]], chosen: list[int], fixed: int, total: int, other: int) -> dict:
+    """Predicted latency (latency_table.predict), MACs and dropped energy of one choice per layer of `opts`."""
+    from trp_edge.latency_table import predict
+
+    picked = {n: o[j] for (n, o), j in zip(opts.items(), chosen)}
+    pr = predict(table, [(n, a[0], a[1] or None) for n, a in picked.items()])
+    net, ms = pr["dense_ms"], pr["compressed_ms"]
+    macs = sum(a[2] for a in picked.values()) + fixed
     mac_speedup = (total + other) / (macs + other)
     return {"net_ms": net, "predicted_ms": ms, "latency_speedup": net / ms, "mac_speedup": mac_speedup,
-            "efficiency": net / ms / mac_speedup, "dropped_energy": sum(a[4] for a in chosen.values()),
+            "efficiency": net / ms / mac_speedup, "dropped_energy": sum(a[4] for a in picked.values()),
             "layers": {n: {"scheme": a[0], "rank": a[1], "mac_fraction": a[2] / opts[n][0][2],
-                           "latency_fraction": a[3] / opts[n][0][3]} for n, a in chosen.items()}}
+                           "latency_fraction": a[3] / opts[n][0][3]} for n, a in picked.items()}}
 
 
 def planner(table, model, example, schemes: list[str], other: int, speedup: float,
@@ -102,23 +99,15 @@ def planner(table, model, example, schemes: list[str], other: int, speedup: floa
 
 
 def at_loss(table, opts: dict, fixed: int, total: int, other: int, speedup: float, dropped: float) -> dict:
-    """The fastest choice found that drops at most `dropped` energy: bisection on the multiplier of
-    dropped energy (more weight, less dropped)."""
-    lo, hi = 0.0, 1.0
-    best = bound(table, opts, fixed, total, other, speedup, hi)
-    while best["dropped_energy"] > dropped and hi < 1e6:
-        hi *= 4
-        best = bound(table, opts, fixed, total, other, speedup, hi)
-    if best["dropped_energy"] > dropped:
+    """The fastest choice found within the MAC window that drops at most `dropped` energy
+    (trp_edge.allocate.allocate), as `summary`."""
+    from trp_edge.allocate import allocate
+
+    floor, budget = _window(total, other, fixed, speedup)
+    chosen = allocate(_choices(opts), budget, dropped, floor)
+    if chosen is None:
         raise SystemExit(f"no choice at that MAC target drops at most {dropped:.3f} energy")
-    for _ in range(16):
-        mid = 0.5 * (lo + hi)
-        b = bound(table, opts, fixed, total, other, speedup, mid)
-        if b["dropped_energy"] <= dropped:
-            hi, best = mid, b
-        else:
-            lo = mid
-    return best
+    return summary(table, opts, chosen, fixed, total, other)
 
 
 def table_rows(path: str, table, model, example, layers: dict, convs: int, other: int, args) -> list[dict]:
@@ -130,11 +119,12 @@ def table_rows(path: str, table, model, example, layers: dict, convs: int, other
     fixed = sum(la.macs_dense for la in next(iter(layers.values())) if la.name not in opts)
     found = {"accuracy ignored": bound(table, opts, fixed, convs, other, args.speedup)}
     if plan:
-        chosen = {n: next(a for a in o if a[:2] == plan[n]) for n, o in opts.items()}
-        found["planner (one e)"] = ours = summary(table, opts, chosen, fixed, convs, other)
+        def index(plan: dict) -> list[int]:
+            return [next(j for j, a in enumerate(o) if a[:2] == plan[n]) for n, o in opts.items()]
+
+        found["planner (one e)"] = ours = summary(table, opts, index(plan), fixed, convs, other)
         spread, _ = planner(table, model, example, list(layers), other, args.speedup, "latency")
-        chosen = {n: next(a for a in o if a[:2] == spread[n]) for n, o in opts.items()}
-        found["planner (latency allocation)"] = summary(table, opts, chosen, fixed, convs, other)
+        found["planner (latency allocation)"] = summary(table, opts, index(spread), fixed, convs, other)
         found["at the planner's dropped energy"] = at_loss(table, opts, fixed, convs, other, args.speedup,
                                                            ours["dropped_energy"])
     rows = []
@@ -170,6 +160,7 @@ def main() -> None:
     for path in args.tables:
         table = load_table(path)
         h = table.header
+        torch.manual_seed(0)  # the same random weights on every run (a built-in name is randomly initialised)
         model = load_model(args.model or h["model"]).model.eval()
         example = torch.zeros(*h["input_shape"])
         schemes = args.schemes.split(",") if args.schemes else h["schemes"]

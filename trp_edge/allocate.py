@@ -26,9 +26,9 @@ class Choice:
     dropped: float  # the share of the layer's singular-value energy it drops (0 for dense)
 
 
-def knapsack(options: list[list[Choice]], budget: float, lam: float) -> list[int] | None:
-    """Per layer the index of its choice minimizing sum(ms) + lam * sum(dropped) with sum(MACs) <= budget
-    (MACs rounded up to budget / BINS, so the result never exceeds the budget); None when nothing fits."""
+def knapsack(options: list[list[Choice]], budget: float, lam: float, floor: float = 0.0) -> list[int] | None:
+    """Per layer the index of its choice minimizing sum(ms) + lam * sum(dropped) with floor <= sum(MACs) <=
+    budget (MACs rounded up to budget / BINS, so the result never exceeds the budget); None when nothing fits."""
     if budget <= 0:
         return None
     q = budget / BINS
@@ -44,7 +44,8 @@ def knapsack(options: list[list[Choice]], budget: float, lam: float) -> list[int
         pick = cand.argmin(axis=0)
         best = cand[pick, np.arange(BINS + 1)]
         picks.append((pick, bins))
-    b = int(best.argmin())
+    low = min(math.ceil(floor / q - 1e-9), BINS)
+    b = low + int(best[low:].argmin())
     if not np.isfinite(best[b]):
         return None
     chosen = []
@@ -55,27 +56,27 @@ def knapsack(options: list[list[Choice]], budget: float, lam: float) -> list[int
     return chosen[::-1]
 
 
-def allocate(options: list[list[Choice]], budget: float, dropped: float) -> list[int] | None:
-    """The fastest choice found with sum(MACs) <= budget and sum(dropped) <= `dropped`: the knapsack at the
-    smallest multiplier whose choice drops no more than that (bisection; a larger multiplier drops less).
+def allocate(options: list[list[Choice]], budget: float, dropped: float, floor: float = 0.0) -> list[int] | None:
+    """The fastest choice found with floor <= sum(MACs) <= budget and sum(dropped) <= `dropped`: the knapsack at
+    the smallest multiplier whose choice drops no more than that (bisection; a larger multiplier drops less).
     None when no choice fits both budgets."""
 
     def drops(chosen: list[int]) -> float:
         return sum(options[i][j].dropped for i, j in enumerate(chosen))
 
-    chosen = knapsack(options, budget, 0.0)
+    chosen = knapsack(options, budget, 0.0, floor)
     if chosen is None or drops(chosen) <= dropped:
         return chosen
     lo, hi = 0.0, 1.0
-    fit = knapsack(options, budget, hi)
+    fit = knapsack(options, budget, hi, floor)
     while fit is not None and drops(fit) > dropped and hi < 1e9:
         lo, hi = hi, hi * 8
-        fit = knapsack(options, budget, hi)
+        fit = knapsack(options, budget, hi, floor)
     if fit is None or drops(fit) > dropped:
         return None
     for _ in range(BISECTIONS):
         mid = 0.5 * (lo + hi)
-        chosen = knapsack(options, budget, mid)
+        chosen = knapsack(options, budget, mid, floor)
         if chosen is not None and drops(chosen) <= dropped:
             hi, fit = mid, chosen
         else:
