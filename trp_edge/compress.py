@@ -168,13 +168,13 @@ def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
                          f"{tcfg.batch}: export it with dynamic_shapes=({{0: torch.export.Dim('batch')}},), or pass "
                          "--steps 0 to decompose without training")
     device = resolve_device(tcfg.device)
-    run.initial_acc = evaluate(run.model.to(device), run.data.test, device)
+    run.initial_acc = evaluate(run.model.to(device), run.data.test, device, fixed)
     trainer = TRPTrainer(run.model, run.data, tcfg, run.dcfg, checkpoint=run.out / "checkpoint.pt",
                          other_macs=run.other_macs, progress=progress, on_step=on_step)
     run.train = trainer.train(resume=run.cfg.resume)
     log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", run.train.steps, run.train.train_seconds,
              run.train.step_ms, run.train.svd_ms_per_step)
-    run.last_iterate_acc = evaluate(run.model, run.data.test, device)
+    run.last_iterate_acc = evaluate(run.model, run.data.test, device, fixed)
     run.dcfg, run.energy = trainer.decompose_config()
 
 
@@ -254,6 +254,7 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
     cfg, dense_macs, model = run.cfg, run.dense_macs, run.model
     dcfg, tcfg, train = cfg.decompose, cfg.trp, run.train
     test = run.data.test if run.data is not None else None
+    fixed = run.spec.get("fixed_batch")  # a program exported at a fixed batch runs at that batch only
     layers = []
     for p in plans:
         d = p.to_dict()
@@ -270,9 +271,9 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
         target_speedup=dcfg.target_speedup, input_shape=list(run.example.shape), data=cfg.data,
         allocate=dcfg.allocate if dcfg.target_speedup and any(p.dense_ms is not None for p in plans) else None,
         dense={"macs": dense_macs.total, "params": param_count(dense_model),
-               "accuracy": evaluate(dense_model, test, cpu) if test is not None else None},
+               "accuracy": evaluate(dense_model, test, cpu, fixed) if test is not None else None},
         compressed={"macs": comp_macs.total, "params": param_count(model),
-                    "accuracy": evaluate(model, test, cpu) if test is not None else None},
+                    "accuracy": evaluate(model, test, cpu, fixed) if test is not None else None},
         initial_accuracy=run.initial_acc, mac_speedup=dense_macs.total / comp_macs.total,
         param_ratio=param_count(dense_model) / param_count(model), layers=layers,
         onnx={"max_abs_diff": max(diffs.values()), "max_abs_diff_dense": diffs["dense"],

@@ -150,6 +150,10 @@ def _from_program(path: Path, name: str, in_channels: int | None) -> LoadedModel
         return LoadedModel(model, saved["arch"], name)
     if len(shape) != 4:
         raise InputError(f"{path}: the program takes a {len(shape)}-d input; trp-edge takes images (N, C, H, W)")
+    if fixed not in (None, 1):
+        raise InputError(f"{path}: exported with a fixed batch of {fixed}; trp-edge runs a model at batch 1 "
+                         "(latency) and in batches (training, accuracy): export it with batch 1, or with "
+                         "dynamic_shapes=({0: torch.export.Dim('batch')},)")
     spec = module_spec(model, name, torch.zeros(fixed or 2, in_channels or shape[1], shape[2], shape[3]))
     if fixed is not None:
         spec["fixed_batch"] = fixed  # exported without a free batch dimension: it runs at this batch only
