@@ -403,3 +403,28 @@ def test_a_table_of_another_machine_is_kept_and_this_machines_measured_beside_it
                                     "ort", "--out", str(cal), "-q"])
     assert res.exit_code == 0, res.output
     assert all(p.read_bytes() == b for p, b in kept.items()) and mine.stat().st_mtime_ns > before
+
+
+def test_tvm_tables_compile_one_library_per_layer_shape_and_compress_reads_them(table, server, tmp_path):
+    """TVM's grid over RPC on loopback: each layer shape's variants are the functions of one library (lowered as
+    the untuned build lowers a model); compress --runtime tvm plans with that table. INT8 is not TVM's."""
+    cal = tmp_path / "cal"
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--host", "127.0.0.1", "--port", str(server),
+                                    "--model", "resnet20", "--input-size", "16", "--threads", "1", "--schemes",
+                                    "spatial", "--runtime", "tvm", "--out", str(cal), "-q"])
+    assert res.exit_code == 0, res.output
+    tvm_table = load_table(cal / "host" / "tvm" / "resnet20.csv", target="host", runtime="tvm", precision="fp32")
+    assert {(r["layer"], r["scheme"], r["rank"]) for r in tvm_table.rows} == \
+        {(r["layer"], r["scheme"], r["rank"]) for r in load_table(table).rows if r["scheme"] != "channel"}
+    assert all(r["median_ms"] > 0 for r in tvm_table.rows) and tvm_table.header["net_ms"] > 0
+    assert tvm_table.header["device"]["runtimes"]["tvm"] and tvm_table.header["transport"].startswith("rpc")
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--scheme",
+                                    "spatial", "--target-speedup", "1.5", "--runtime", "tvm", "--calibration",
+                                    str(cal), "--out", str(tmp_path / "c"), "--no-latency", "-q"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert [p["runtime"] for p in report["predictions"]] == ["tvm"]
+    assert report["config"]["decompose"]["latency_table"] == str(cal / "host" / "tvm" / "resnet20.csv")
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--local", "--model", "resnet20", "--runtime",
+                                    "tvm", "--precision", "int8", "--out", str(cal)])
+    assert res.exit_code == 1 and "tvm is built at fp32 only" in res.output

@@ -35,6 +35,7 @@ from .errors import ConfigError, DeviceError, InputError
 from .latency_table import (
     CALL,
     DENSE,
+    INT8_RUNTIMES,
     LatencyTable,
     layer_shape,
     load_table,
@@ -284,7 +285,37 @@ def _tflite_net(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
     return [{"variant": DENSE, "file": file.name}], {file.name: file}
 
 
-LOWER = {"ort": lower_ort, "tflite": lower_tflite}
+def lower_tvm(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
+    """Each layer's grid one TVM library with a function per variant, lowered as build lowers a model untuned
+    (backends.tvm.grid_library: one compile per layer shape), for the target's CPU. {group: (artifacts, files)}."""
+    import torch
+
+    from .backends.tvm import grid_library
+    from .export import export_onnx
+
+    target, out = load_target(cfg.target), {}
+    for gi, (key, g) in enumerate(groups.items()):
+        models = {}
+        for vi, module in enumerate(g["variants"].values()):
+            models[f"v{vi}"] = f = tmp / f"{gi}-{vi}.onnx"
+            if key == NET:  # the whole net exported as compress exports it (the legacy exporter's pads are dynamic)
+                export_onnx(module, torch.zeros(g["input_shape"]), f)
+            else:
+                _write_onnx(module, g["input_shape"], f)
+        if key == NET:
+            models = {"main": models["v0"]}
+        file, t0 = tmp / f"grid{gi}.so", time.perf_counter()
+        if grid_library(models, tuple(g["input_shape"]), target, file).get("linked") is False:
+            raise ConfigError(f"{target.name}: no compiler to link TVM libraries for it ({target.cpu.cross_compiler}"
+                              "): put it on PATH to calibrate TVM there")
+        log.info("calibrate: tvm: %s compiled, %d function(s) (%d of %d, %.1f s)", key, len(models), gi + 1,
+                 len(groups), time.perf_counter() - t0)
+        arts = [{"variant": v, "file": file.name, "signature": name} for v, name in zip(g["variants"], models)]
+        out[key] = (arts, {file.name: file})
+    return out
+
+
+LOWER = {"ort": lower_ort, "tflite": lower_tflite, "tvm": lower_tvm}
 
 
 def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -325,7 +356,7 @@ def deployments(cfg: CompressConfig) -> list[Deployment]:
     target = load_target(cfg.target or "host")
     threads = cfg.threads or target.run_threads
     return [Deployment(target.name, rt, prec, threads) for rt in (cfg.runtime or "ort").split(",") if rt
-            for prec in (cfg.precision or "fp32").split(",") if prec]
+            for prec in (cfg.precision or "fp32").split(",") if prec and (prec == "fp32" or rt in INT8_RUNTIMES)]
 
 
 def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],

@@ -152,8 +152,8 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @click.option("--resume", is_flag=True, help="go on from --out/checkpoint.pt")
 @opt(C, "target", "--target", "-t", help="the deployment the ranks are chosen for: a name from `trp-edge "
      "targets` [default: host]")
-@opt(C, "runtime", "--runtime", "-r", help="its runtime: ort, tflite, or both comma-separated (a pair must then be "
-     "faster than dense in each) [default: ort]")
+@opt(C, "runtime", "--runtime", "-r", help="its runtime: ort, tflite, tvm (untuned; fp32), or several "
+     "comma-separated (a pair must then be faster than dense in each) [default: ort]")
 @opt(C, "precision", "--precision", help="fp32, int8, or fp32,int8 [default: fp32]")
 @opt(C, "threads", "--threads", type=int, help="its threads, also for the latency check [default: the target's]")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,

@@ -31,7 +31,8 @@ COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", 
 DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
 CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a near-empty model on its input
 PRECISIONS = ("fp32", "int8")
-CALIBRATED_RUNTIMES = ("ort", "tflite")
+CALIBRATED_RUNTIMES = ("ort", "tflite", "tvm")
+INT8_RUNTIMES = ("ort", "tflite")  # the runtimes trp-edge builds (and so calibrates) INT8 for
 MACHINE_KEYS = ("cpu", "machine", "cores")  # what makes a device identity another kind of machine
 # the runtime's version in a device identity (trp_edge.device.runner.runtime_versions)
 RUNTIME_VERSION_KEY = {"ort": "onnxruntime", "tflite": "ai_edge_litert", "tvm": "tvm"}

@@ -73,18 +73,24 @@ def tvm_vm(path: str, threads: int = 1, device: str = "cpu"):
     return relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev), dev
 
 
-def load(path: str, threads: int = 1, device: str = "cpu") -> Run:
+def load(path: str, threads: int = 1, device: str = "cpu", function: str = "main") -> Run:
     import tvm
 
     vm, dev = tvm_vm(path, threads, device)
+    fn = vm[function]
 
     def run(x: np.ndarray) -> np.ndarray:
-        out = vm["main"](tvm.runtime.tensor(x, dev))
+        out = fn(tvm.runtime.tensor(x, dev))
         if not hasattr(out, "numpy"):  # a tuple of outputs
             out = out[0]
         return out.numpy()
 
     return run
+
+
+def load_signature(path: str, signature: str, threads: int = 1) -> Run:
+    """One function of a calibration grid library (grid_library), run as `load` runs a model's main."""
+    return load(path, threads, "cpu", signature)
 
 
 def _unpacked(shape: list[int] | None, weight: bool) -> list[int] | None:
@@ -140,7 +146,8 @@ def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
 # ---- on this machine: import, tune, build ---------------------------------------------------------------
 
 
-def check_available(target: Target, src: Source) -> None:
+def check_available(target: Target, src: Source | None = None) -> None:
+    """TVM and, for a foreign board, its compiler are here (else one MissingTool line)."""
     try:
         import tvm  # noqa: F401
     except ImportError:
@@ -152,6 +159,9 @@ def check_available(target: Target, src: Source) -> None:
 
 def _android(target: Target) -> bool:
     return "android" in target.cpu.triple
+
+
+_INTRIN = {"x86_64": ("x86",), "aarch64": ("arm_cpu",)}  # the tensor intrinsics a target's CPU may use
 
 
 def lazy_tensor_intrin(preload: tuple[str, ...] = ()) -> None:
@@ -635,6 +645,28 @@ def apply_database(mod, target, work_dir: Path):
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
+def grid_library(models: dict[str, Path], shape: tuple[int, ...], target: Target, path: Path) -> dict[str, Any]:
+    """A calibration grid: ONNX models of one input shape (function name -> file) as the functions of one
+    library, each lowered as build lowers a model untuned (packed convs, the default schedule), so a layer's
+    whole grid costs one compile; written to `path` as export writes (cross-compiled for a board). One model
+    comes as it imports (its function "main"); several must each import as one function (a conv or a pair)."""
+    check_available(target)
+    import tvm
+
+    lazy_tensor_intrin(_INTRIN.get(target.cpu.arch, ()))
+    cpu_t = cpu_target(target)
+    imported = {name: import_onnx(f, shape) for name, f in models.items()}
+    if len(imported) == 1:
+        mod = next(iter(imported.values()))
+    else:
+        several = [n for n, m in imported.items() if len(m.functions) != 1]
+        if several:
+            raise ConversionError(f"{models[several[0]].name}: imports as {len(imported[several[0]].functions)} "
+                                  "functions; a calibration grid takes single-function models")
+        mod = tvm.IRModule({name: m["main"].with_attr("global_symbol", name) for name, m in imported.items()})
+    return export(tvm.compile(default_schedule(prepare(mod, cpu_t), cpu_t), target=cpu_t), path, target)
+
+
 def export(ex, path: Path, target: Target) -> dict[str, Any]:
     """Write a shared library the device's TVM runtime loads; an Android target without the NDK's
     compiler gets the object files (.tar) to link there."""
@@ -656,8 +688,7 @@ def export(ex, path: Path, target: Target) -> dict[str, Any]:
 
 def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
           samples: Samples | None) -> tuple[list[Artifact], dict[str, Any]]:
-    lazy_tensor_intrin(("x86",) if target.cpu.arch == "x86_64" else ("arm_cpu",) if target.cpu.arch == "aarch64"
-                       else ())
+    lazy_tensor_intrin(_INTRIN.get(target.cpu.arch, ()))
     cpu_t = cpu_target(target)
     with measurer(target, cfg) as m:
         return _build(src, target, folder, cfg, cpu_t, m)
