@@ -35,8 +35,8 @@ from .errors import ConfigError, DeviceError, InputError
 from .latency_table import (
     CALL,
     DENSE,
-    INT8_RUNTIMES,
     LatencyTable,
+    built_at,
     layer_shape,
     load_table,
     machine_path,
@@ -295,15 +295,13 @@ def lower_tvm(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
 
     target, out = load_target(cfg.target), {}
     for gi, (key, g) in enumerate(groups.items()):
-        models = {}
-        for vi, module in enumerate(g["variants"].values()):
-            models[f"v{vi}"] = f = tmp / f"{gi}-{vi}.onnx"
-            if key == NET:  # the whole net exported as compress exports it (the legacy exporter's pads are dynamic)
-                export_onnx(module, torch.zeros(g["input_shape"]), f)
-            else:
-                _write_onnx(module, g["input_shape"], f)
-        if key == NET:
+        models = {f"v{vi}": tmp / f"{gi}-{vi}.onnx" for vi in range(len(g["variants"]))}
+        if key == NET:  # the whole net as compress exports it (the legacy exporter's pads are dynamic), as built
             models = {"main": models["v0"]}
+            export_onnx(g["variants"][DENSE], torch.zeros(g["input_shape"]), models["main"])
+        else:
+            for module, f in zip(g["variants"].values(), models.values()):
+                _write_onnx(module, g["input_shape"], f)
         file, t0 = tmp / f"grid{gi}.so", time.perf_counter()
         if grid_library(models, tuple(g["input_shape"]), target, file).get("linked") is False:
             raise ConfigError(f"{target.name}: no compiler to link TVM libraries for it ({target.cpu.cross_compiler}"
@@ -356,7 +354,7 @@ def deployments(cfg: CompressConfig) -> list[Deployment]:
     target = load_target(cfg.target or "host")
     threads = cfg.threads or target.run_threads
     return [Deployment(target.name, rt, prec, threads) for rt in (cfg.runtime or "ort").split(",") if rt
-            for prec in (cfg.precision or "fp32").split(",") if prec and (prec == "fp32" or rt in INT8_RUNTIMES)]
+            for prec in (cfg.precision or "fp32").split(",") if prec and built_at(rt, prec)]
 
 
 def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .latency_table import CALIBRATED_RUNTIMES, INT8_RUNTIMES, PRECISIONS
+from .latency_table import CALIBRATED_RUNTIMES, INT8_RUNTIMES, PRECISIONS, built_at
 
 SCHEME_NAMES = ("channel", "spatial")  # the matrix forms; "auto" picks one of them (or dense) per layer
 ALLOCATIONS = ("latency", "uniform")  # how ranks spread over layers at a MAC target (DecomposeConfig.allocate)
@@ -358,7 +358,7 @@ class CalibrateConfig(_JSONMixin):
         _check(self.runtime in CALIBRATED_RUNTIMES, f"calibration runtime {self.runtime!r} is not supported: use "
                f"{', '.join(CALIBRATED_RUNTIMES)}")
         _check(self.precision in PRECISIONS, f"unknown precision {self.precision!r}: use {' or '.join(PRECISIONS)}")
-        _check(self.precision == "fp32" or self.runtime in INT8_RUNTIMES,
+        _check(built_at(self.runtime, self.precision),
                f"{self.runtime} is built at fp32 only (INT8: {', '.join(INT8_RUNTIMES)}): calibrate it at fp32")
         _check(bool(self.schemes), f"--schemes: name at least one of {', '.join(SCHEME_NAMES)}")
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]

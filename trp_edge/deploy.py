@@ -15,7 +15,7 @@ from .backends.base import sha256
 from .build import build, load_manifest, parse_runtimes
 from .config import BuildConfig, DeployConfig
 from .errors import ConfigError, DeviceError, InputError
-from .latency_table import INT8_RUNTIMES
+from .latency_table import built_at
 from .report import CompressReport, write_report
 from .targets import Target, load_target
 from .transport import open_session, resolve, run_local
@@ -57,7 +57,7 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
 
 def precisions(cfg: DeployConfig, runtime: str) -> tuple[str, ...]:
     """The precisions deploy times with `runtime`: INT8 only where the runtime builds it (ORT, TFLite)."""
-    return tuple(p for p in cfg.precision.split(",") if p and (p == "fp32" or runtime in INT8_RUNTIMES))
+    return tuple(p for p in cfg.precision.split(",") if p and built_at(runtime, p))
 
 
 def stage(precision: str, api: str = "cpu") -> str:

@@ -38,6 +38,12 @@ MACHINE_KEYS = ("cpu", "machine", "cores")  # what makes a device identity anoth
 RUNTIME_VERSION_KEY = {"ort": "onnxruntime", "tflite": "ai_edge_litert", "tvm": "tvm"}
 
 
+def built_at(runtime: str, precision: str) -> bool:
+    """Whether trp-edge builds (so deploys and calibrates) `runtime` at `precision`: fp32 everywhere, INT8 for
+    INT8_RUNTIMES."""
+    return precision == "fp32" or runtime in INT8_RUNTIMES
+
+
 def table_path(root: str | Path, target: str, runtime: str, precision: str, threads: int, model: str) -> Path:
     """Where the table of one deployment lives (the .csv; its .json header beside it)."""
     stem = model + ("" if precision == "fp32" else f"-{precision}") + ("" if threads == 1 else f"-{threads}t")

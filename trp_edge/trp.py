@@ -51,17 +51,14 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, device: torch.device, fixed_batch: int | None = None) -> float:
-    """Top-1 accuracy in percent; in batches of `fixed_batch` for a program exported at that batch only (the last
-    one padded with zeros), of 500 otherwise."""
-    batch = fixed_batch or 500
+    """Top-1 accuracy in percent; in batches of `fixed_batch` for a program exported at that batch only (loading
+    takes batch 1 only, so no batch is partial), of 500 otherwise."""
     was = model.training
     model.eval()
     correct = total = 0
     try:
-        for x, y in split.batches(batch):
-            if fixed_batch and len(x) < batch:
-                x = torch.cat([x, x.new_zeros(batch - len(x), *x.shape[1:])])
-            out = model(x.to(device, non_blocking=True))[:len(y)]
+        for x, y in split.batches(fixed_batch or 500):
+            out = model(x.to(device, non_blocking=True))
             correct += int((out.argmax(1).cpu() == y).sum())
             total += len(y)
     finally:
