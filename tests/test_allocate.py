@@ -143,3 +143,13 @@ def test_latency_allocation_moves_energy_to_where_it_buys_time():
 def test_an_unknown_allocation_is_refused():
     with pytest.raises(ConfigError, match="unknown allocation 'fast'"):
         DecomposeConfig(allocate="fast")
+
+
+def test_a_prediction_that_is_not_a_positive_time_is_none():
+    """Layers timed alone that cost more than the whole net (seen with TVM's untuned convs) give no prediction."""
+    rows = [{"layer": "a", "scheme": "dense", "rank": 0, "median_ms": 3.0},
+            {"layer": "a", "scheme": "spatial", "rank": 2, "median_ms": 0.5}]
+    table = LatencyTable({"target": "host", "runtime": "tvm", "threads": 1, "net_ms": 2.0}, rows)
+    assert predict(table, [("a", "spatial", 2)]) is None
+    table.header["net_ms"] = 4.0
+    assert predict(table, [("a", "spatial", 2)])["compressed_ms"] == pytest.approx(1.5)

@@ -211,7 +211,9 @@ def predict(table: LatencyTable, chosen: list[tuple[str, str, int | None]]) -> d
     """Whole-net latency the table predicts for a model whose convs are `chosen` (name, scheme, rank; rank None:
     dense): the dense net as calibrated (net_ms), less each decomposed conv's dense time, plus its pair's. The
     per-call overhead cancels (both times are one call on the same input). Without net_ms (a table from before
-    it was measured) only the convs are summed ("convs_only"). None when a chosen pair was not measured."""
+    it was measured) only the convs are summed ("convs_only"). None when a chosen pair was not measured, or when
+    the prediction is not a positive time: the layers, each timed alone, then cost more than in the net (TVM's
+    untuned convs alone change layout at both ends), and the difference says nothing about the net."""
     dense_sum = pair_sum = 0.0
     for name, scheme, rank in chosen:
         dense = table.dense(name)
@@ -223,6 +225,8 @@ def predict(table: LatencyTable, chosen: list[tuple[str, str, int | None]]) -> d
         dense_sum, pair_sum = dense_sum + dense, pair_sum + ms
     net = table.header.get("net_ms")
     dense_ms, comp_ms = (net, net - dense_sum + pair_sum) if net else (dense_sum, pair_sum)
+    if comp_ms <= 0:
+        return None
     h = table.header
     return {"deployment": table.deployment, "target": h["target"], "runtime": h["runtime"],
             "precision": h.get("precision", "fp32"), "threads": h["threads"], "dense_ms": dense_ms,
