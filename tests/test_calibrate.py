@@ -364,6 +364,65 @@ def test_int8_keeps_dense_the_pairs_slower_there_without_vetoing_fp32(table, tmp
     assert not (tmp_path / "c" / "model-int8.onnx").exists() and not (tmp_path / "c" / "compressed-int8.pt").exists()
 
 
+def test_int8_models_per_runtime_when_their_tables_disagree(table, tmp_path, monkeypatch):
+    """A pair slower than dense in ORT's INT8 table but faster in TFLite's: ORT's INT8 builds get a model of
+    their own with it merged back, TFLite's quantize the compressed model as it is (no veto across runtimes);
+    a build is reused while its sources are unchanged and rebuilt when ORT's INT8 model changes."""
+    from trp_edge.config import DeployConfig
+    from trp_edge.deploy import ensure_built
+    from trp_edge.targets import load_target
+
+    cal, header = tmp_path / "cal", {**json.loads(table.with_suffix(".json").read_text()), "net_ms": 1000.0}
+
+    def tables(slow: str) -> None:
+        for rt in ("ort", "tflite"):
+            for prec in ("fp32", "int8"):
+                path = cal / "host" / rt / f"resnet20{'-int8' if prec == 'int8' else ''}.csv"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                veto = slow if rt == "ort" and prec == "int8" else None
+                rewrite(table, path, lambda r, veto=veto: 1.0 if r["scheme"] != "dense" else
+                        0.001 if r["layer"] == veto else 10.0)
+                path.with_suffix(".json").write_text(json.dumps({**header, "runtime": rt, "precision": prec}))
+
+    tables("layer1.0.conv1")
+    monkeypatch.setenv("TRP_EDGE_CALIBRATION", str(cal))
+    out = tmp_path / "c"
+    args = ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--energy", "0.3", "--scheme", "spatial",
+            "--runtime", "ort,tflite", "--precision", "fp32,int8", "--out", str(out), "--no-latency", "--force"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "INT8 ort builds keep 1 of the" in res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["precisions"]) == ["int8/ort"]
+    own = rep["precisions"]["int8/ort"]
+    assert own["dense_layers"] == ["layer1.0.conv1"] and own["onnx"] == "model-int8-ort.onnx"
+    assert own["model"] == "compressed-int8-ort.pt" and not (out / "model-int8.onnx").exists()
+    n = sum(la["rank"] is not None for la in rep["layers"])
+    pred = {(x["runtime"], x["precision"]): x for x in rep["predictions"]}
+    assert pred["tflite", "int8"]["compressed_ms"] == pytest.approx(pred["tflite", "int8"]["dense_ms"] - 9.0 * n)
+    assert pred["ort", "int8"]["compressed_ms"] == pytest.approx(pred["ort", "int8"]["dense_ms"] - 9.0 * (n - 1))
+    res = CliRunner().invoke(main, ["build", str(out), "--target", "host", "--runtime", "ort,tflite", "-q"])
+    assert res.exit_code == 0, res.output
+    quantized = {}
+    for rt in ("ort", "tflite"):
+        m = json.loads((out / "build" / "host" / rt / "manifest.json").read_text())
+        quantized[rt] = next(a for a in m["artifacts"] if a["variant"] == "compressed" and a["precision"] == "int8")
+    assert quantized["ort"]["source"] == "model-int8-ort.onnx" and quantized["ort"]["macs"] == own["macs"]
+    assert "source" not in quantized["tflite"] and quantized["tflite"]["validation"]["status"] == "passed"
+
+    manifest = out / "build" / "host" / "ort" / "manifest.json"
+    built = manifest.read_text()
+    cfg, host = DeployConfig(target="host", local=True), load_target("host")
+    ensure_built(out, host, "ort", cfg, int8=True)
+    assert manifest.read_text() == built  # reused: the same sources
+    tables("layer1.0.conv2")  # ORT's INT8 model changes, the fp32 ones do not
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["precisions"]["int8/ort"]["dense_layers"] == ["layer1.0.conv2"]
+    ensure_built(out, host, "ort", cfg, int8=True)
+    assert manifest.read_text() != built
+
+
 def test_a_table_of_another_machine_is_kept_and_this_machines_measured_beside_it(tiny, tmp_path, monkeypatch):
     import torch
 

@@ -24,6 +24,7 @@ from .backends import base
 from .backends.base import Artifact, Samples, Source, Variant, sha256
 from .config import BuildConfig
 from .errors import ConfigError, InputError, ValidationError
+from .latency_table import INT8_RUNTIMES
 from .report import CompressReport
 from .targets import RUNTIMES, Target, load_target
 
@@ -48,13 +49,14 @@ def resolve_source(model: str | os.PathLike) -> Source:
             if not (p / onnx_file).is_file():
                 raise InputError(f"{p}: {onnx_file} is missing; run trp-edge compress again")
             variants.append(Variant(name, p / onnx_file, model_file(p, name), getattr(report, name)["macs"]))
-        int8 = (report.precisions or {}).get("int8")
-        if int8:
-            stem = Path(int8["model"]).stem
-            if not (p / int8["onnx"]).is_file() or model_file(p, stem) is None:
-                raise InputError(f"{p}: {int8['onnx']} or {int8['model']} (the INT8 builds' model) is missing; run "
-                                 "trp-edge compress again")
-            variants[1].int8 = Variant("compressed", p / int8["onnx"], model_file(p, stem), int8["macs"])
+        for rt in INT8_RUNTIMES:
+            int8 = report.at_precision("int8", rt)
+            if int8.get("onnx"):  # a model of its own for INT8, pairs slower there merged back
+                stem = Path(int8["model"]).stem
+                if not (p / int8["onnx"]).is_file() or model_file(p, stem) is None:
+                    raise InputError(f"{p}: {int8['onnx']} or {int8['model']} (the {rt} INT8 builds' model) is "
+                                     "missing; run trp-edge compress again")
+                variants[1].int8[rt] = Variant("compressed", p / int8["onnx"], model_file(p, stem), int8["macs"])
         return Source(report.model, p, variants, tuple(report.input_shape), report.data, report)
     if p.suffix == ".onnx" and p.is_file():
         onnx = importlib.import_module("onnx")
@@ -67,6 +69,14 @@ def resolve_source(model: str | os.PathLike) -> Source:
             raise InputError(f"{p}: the input shape must be static, got {dims} (export with fixed sizes)")
         return Source(p.stem, p.parent, [Variant(p.stem, p, None, onnx_macs(p))], tuple(dims))
     raise InputError(f"{model}: not a trp-edge compress output folder or an .onnx file")
+
+
+def source_digests(src: Source, runtime: str) -> dict[str, str]:
+    """sha256 of the ONNX files a runtime's build reads: each variant's, and "<variant>/int8" for the model its
+    INT8 artifacts come from when that is another one (pairs slower there merged back)."""
+    out = {v.name: sha256(v.onnx) for v in src.variants}
+    out.update({f"{v.name}/int8": sha256(v.int8[runtime].onnx) for v in src.variants if runtime in v.int8})
+    return out
 
 
 def default_out(src: Source) -> Path:
@@ -274,7 +284,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 "config": cfg.to_dict(), "input": {"shape": list(src.input_shape), "dtype": "float32"},
                 "reference": {"file": "../reference.npz", "from": reference_source(src)},
                 "macs": {v.name: v.macs for v in src.variants}, "mac_speedup": src.mac_speedup,
-                "source_sha256": {v.name: sha256(v.onnx) for v in src.variants},
+                "source_sha256": source_digests(src, rt),
                 "artifacts": [a.to_dict(stage) for a in arts], "build_seconds": None, **info}
             manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
             (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -217,11 +217,12 @@ def _echo_compress(result) -> None:
     spread = " (spread over layers for latency at the MAC target)" if r.allocate == "latency" else ""
     click.echo(f"ranks from latency table{'s' if len(tables) > 1 else ''} {', '.join(tables)}{spread}" if tables else
                "ranks are MAC-based (no latency table): a pair may be slower than its dense conv")
-    for prec, p in (r.precisions or {}).items():
-        up = prec.upper()
-        click.echo(f"{up} builds keep {len(p['dense_layers'])} of the {len(r.layers) - left} pairs dense (not faster "
-                   f"than the dense conv in {up} on this table's device): {p['mac_speedup']:.2f}x fewer MACs at {up}, "
-                   f"from {p['onnx']}")
+    for key, p in (r.precisions or {}).items():
+        prec, _, rt = key.partition("/")  # "int8", or "int8/ort": one runtime's model
+        up, where = prec.upper(), f" {rt}" if rt else ""
+        click.echo(f"{up}{where} builds keep {len(p['dense_layers'])} of the {len(r.layers) - left} pairs dense (not "
+                   f"faster than the dense conv in{where} {up} on this table's device): {p['mac_speedup']:.2f}x fewer "
+                   f"MACs at {up}, from {p['onnx']}")
     for pr in r.predictions or []:
         click.echo(f"predicted for {pr['deployment']}: dense {pr['dense_ms']:.3f} ms, compressed "
                    f"{pr['compressed_ms']:.3f} ms ({pr['latency_speedup']:.2f}x)")

@@ -218,18 +218,18 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
 
         written = save_models(stage, dense_model, model, spec_of([]), run.example)
         precisions, extra = {}, []
-        for prec, kept in precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans).items():
+        for key, kept in precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans).items():
             if not kept:
                 continue
-            merged = copy.deepcopy(model)
+            merged, suffix = copy.deepcopy(model), key.replace("/", "-")  # int8, or int8-ort: one runtime's model
             merge_pairs_(merged, dense_model, kept)
-            onnx_file = f"model-{prec}.onnx"
+            onnx_file = f"model-{suffix}.onnx"
             diffs[onnx_file] = export_onnx(merged, run.example, stage / onnx_file)
             macs = count_macs(merged, run.example).total
-            precisions[prec] = {"dense_layers": kept, "macs": macs, "mac_speedup": run.dense_macs.total / macs,
-                                "onnx": onnx_file, "model": save_compressed(stage, f"compressed-{prec}", merged,
-                                                                            spec_of(kept), run.example)}
-            extra += [onnx_file, precisions[prec]["model"]]
+            precisions[key] = {"dense_layers": kept, "macs": macs, "mac_speedup": run.dense_macs.total / macs,
+                               "onnx": onnx_file, "model": save_compressed(stage, f"compressed-{suffix}", merged,
+                                                                           spec_of(kept), run.example)}
+            extra += [onnx_file, precisions[key]["model"]]
         report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency, precisions)
         report.write(stage / "report.json")
         plot_ranks(report, stage / "ranks.png")
@@ -295,6 +295,7 @@ def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
     """What each latency table predicts for the whole net, dense and compressed (as built at the table's
     precision: without the layers that precision keeps dense)."""
     from .latency_table import load_table, predict
+    from .report import precision_entry
 
     t = dcfg.latency_table
     if not t:
@@ -302,7 +303,8 @@ def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
     preds = []
     for path in [t] if isinstance(t, str) else t:
         table = load_table(path)
-        kept = set((precisions.get(table.precision) or {}).get("dense_layers", []))
+        entry = precision_entry(precisions, table.precision, table.header["runtime"]) or {}
+        kept = set(entry.get("dense_layers", []))
         preds.append(predict(table, [(p.name, p.scheme, None if p.name in kept else p.rank) for p in plans]))
     return [p for p in preds if p is not None]
 

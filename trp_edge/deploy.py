@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import sha256
-from .build import build, load_manifest, parse_runtimes
+from .build import build, load_manifest, parse_runtimes, resolve_source, source_digests
 from .config import BuildConfig, DeployConfig
 from .errors import ConfigError, DeviceError, InputError
 from .latency_table import built_at
@@ -38,8 +37,7 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
     folder = model / "build" / target.name / runtime
     try:
         m = load_manifest(folder)
-        same = (m["source_sha256"] == {"dense": sha256(model / "dense.onnx"),
-                                       "compressed": sha256(model / "model.onnx")}
+        same = (m["source_sha256"] == source_digests(resolve_source(model), runtime)
                 and m["config"]["tune_trials"] == cfg.tune_trials
                 and m["config"].get("tune_minutes", 0.0) == cfg.tune_minutes and (m["config"]["int8"] or not int8))
         if same and all((folder / a["file"]).is_file() for a in m["artifacts"]):
@@ -119,10 +117,7 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
                     raise InputError(f"{folder}: needs {prec} CPU artifacts of both the dense and the compressed "
                                      "model")
                 for a in chosen:
-                    # runtimes do not write byte-identical files from one source (ORT's optimized graphs differ),
-                    # so sameness is the source file's hash, the precision, the device and the build settings
-                    same = (m["source_sha256"][a["variant"]], prec, api, m["target"], m["runtime"],
-                            m["config"].get("tune_trials"), m["config"].get("tune_minutes"))
+                    same = _sameness(m, a["variant"], prec, api)
                     if same not in seen:
                         base = a["variant"] if prec == "fp32" else f"{prec}:{a['variant']}"
                         base = base if api == "cpu" else f"{api}:{base}"
@@ -142,6 +137,15 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
     job = {"runtime": runtime, "threads": threads, "protocol": {**cfg.protocol.to_dict(), "threads": threads},
            "layers": cfg.layers, "artifacts": arts}
     return job, files, parts
+
+
+def _sameness(m: dict[str, Any], variant: str, prec: str, api: str) -> tuple:
+    """When two builds' artifacts are one: runtimes do not write byte-identical files from one source (ORT's
+    optimized graphs differ), so sameness is the source file's hash (an INT8 artifact's may be a model of its
+    own), the precision, the device and the build settings."""
+    digest = m["source_sha256"]
+    return (digest.get(f"{variant}/{prec}", digest[variant]), prec, api, m["target"], m["runtime"],
+            m["config"].get("tune_trials"), m["config"].get("tune_minutes"))
 
 
 def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig) -> dict[str, tuple[Path, str]]:
@@ -255,7 +259,7 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
     manifest = load_manifest(folder)
     d, c = result["timing"]["dense"], result["timing"]["compressed"]
     speedup = d["median_ms"] / c["median_ms"]
-    at = src.at_precision(precision)  # INT8 builds may keep pairs dense that are slower there
+    at = src.at_precision(precision, result["runtime"])  # INT8 builds may keep pairs dense that are slower there
     rep: dict[str, Any] = {
         "target": target.name, "runtime": result["runtime"], "precision": precision, "model": src.model,
         "name": model.resolve().name, "model_dir": str(model), "scheme": src.scheme,

@@ -473,25 +473,37 @@ def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> Late
 def precision_dense(config: DecomposeConfig, layers: list[ConvLayer],
                     plans: list[LayerPlan]) -> dict[str, list[str]]:
     """Per precision other than the leading one: the decomposed layers whose pair, at its planned rank, is not
-    faster than the dense conv in that precision's tables (every runtime's); that precision's builds keep them
-    dense (merge_pairs_). A rank that precision did not measure is judged by the nearest measured rank above
-    it (pairs grow slower with rank); a layer with none is left decomposed (latency unknown)."""
+    faster than the dense conv in that precision's tables; that precision's builds keep them dense
+    (merge_pairs_). Keyed by the precision when its runtimes agree (one model for all of them), else by
+    "precision/runtime", one model per runtime: a pair faster in ORT's INT8 is not vetoed by TFLite's. A rank
+    that precision did not measure is judged by the nearest measured rank above it (pairs grow slower with
+    rank); a layer with none is left decomposed (latency unknown)."""
     tables = _latency_tables(config, layers)
     if not tables:
         return {}
     lead, out = lead_precision(tables), {}
     for prec in dict.fromkeys(t.precision for t in tables if t.precision != lead):
-        table = combine([t for t in tables if t.precision == prec])
-        slower = []
-        for p in plans:
-            dense = table.dense(p.name)
-            if p.rank is None or dense is None:
-                continue
-            above = sorted((r, ms) for r, ms in table.ranks(p.name, p.scheme).items() if r >= p.rank)
-            if above and above[0][1] >= dense:
-                slower.append(p.name)
-        out[prec] = slower
+        at = [t for t in tables if t.precision == prec]
+        per = {rt: _slower(combine([t for t in at if t.header["runtime"] == rt]), plans)
+               for rt in dict.fromkeys(t.header["runtime"] for t in at)}
+        if len({tuple(kept) for kept in per.values()}) == 1:
+            out[prec] = next(iter(per.values()))
+        else:
+            out.update({f"{prec}/{rt}": kept for rt, kept in per.items()})
     return out
+
+
+def _slower(table: LatencyTable, plans: list[LayerPlan]) -> list[str]:
+    """The decomposed layers whose pair at its planned rank is not faster than the dense conv in `table`."""
+    slower = []
+    for p in plans:
+        dense = table.dense(p.name)
+        if p.rank is None or dense is None:
+            continue
+        above = sorted((r, ms) for r, ms in table.ranks(p.name, p.scheme).items() if r >= p.rank)
+        if above and above[0][1] >= dense:
+            slower.append(p.name)
+    return slower
 
 
 def merge_pairs_(model: nn.Module, dense: nn.Module, names: Iterable[str]) -> None:

@@ -32,6 +32,14 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def precision_entry(precisions: dict[str, Any] | None, precision: str,
+                    runtime: str | None = None) -> dict[str, Any] | None:
+    """A compress report's entry for the model built at `precision` for `runtime` (its own, "int8/ort", else
+    the one all runtimes share, "int8"), or None: that precision builds the compressed model as it is."""
+    p = precisions or {}
+    return p.get(f"{precision}/{runtime}") or p.get(precision)
+
+
 @dataclass
 class CompressReport:
     """report.json of `trp-edge compress`: what was compressed, how, and what it gained. Written with "format"
@@ -63,12 +71,14 @@ class CompressReport:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] | None = None  # the CompressConfig it was made with
     # per precision whose builds keep some decomposed layers dense (their pairs are slower there than the dense
-    # conv: lowrank.precision_dense): dense_layers, macs, mac_speedup and the onnx / model files they come from
+    # conv: lowrank.precision_dense): dense_layers, macs, mac_speedup and the onnx / model files they come from.
+    # Keyed "int8", or "int8/ort", "int8/tflite" when the runtimes disagree (a model per runtime)
     precisions: dict[str, Any] | None = None
 
-    def at_precision(self, precision: str) -> dict[str, Any]:
-        """The compressed model as built at `precision`: macs, mac_speedup and the layers kept dense there."""
-        p = (self.precisions or {}).get(precision)
+    def at_precision(self, precision: str, runtime: str | None = None) -> dict[str, Any]:
+        """The compressed model as built at `precision` for `runtime`: macs, mac_speedup and the layers kept dense
+        there."""
+        p = precision_entry(self.precisions, precision, runtime)
         if p is None:
             return {"macs": self.compressed["macs"], "mac_speedup": self.mac_speedup, "dense_layers": []}
         return p

@@ -59,17 +59,20 @@ class Variant:
     onnx: Path
     torch: Path | None = None
     macs: int | None = None
-    # the model its INT8 artifacts are made from, when compress kept some pairs dense for INT8 (slower there)
-    int8: Variant | None = None
+    # per runtime: the model its INT8 artifacts are made from, when compress kept some pairs dense for INT8
+    # there (slower there); a runtime not named quantizes this variant's model
+    int8: dict[str, Variant] = field(default_factory=dict)
 
-    def int8_extra(self, *, from_torch: bool = False) -> dict[str, Any]:
+    def int8_extra(self, runtime: str, *, from_torch: bool = False) -> dict[str, Any]:
         """What an INT8 artifact's manifest entry says about its source (the ONNX file, or the torch file a
         converter read) when that is not this variant's model."""
-        if self.int8 is None:
+        v = self.int8.get(runtime)
+        if v is None:
             return {}
-        source = self.int8.torch if from_torch else self.int8.onnx
-        return {"source": source.name if source else None, "macs": self.int8.macs,
-                "note": "pairs slower than dense in INT8 are merged back into one conv (compress: precisions)"}
+        source = v.torch if from_torch else v.onnx
+        return {"source": source.name if source else None, "macs": v.macs,
+                "note": f"pairs slower than dense in {runtime} INT8 are merged back into one conv "
+                        "(compress: precisions)"}
 
 
 @dataclass

@@ -142,7 +142,7 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
             q = f"{v.name}.int8.onnx"
             log.info("ort: quantizing %s to INT8 (QDQ) on %d images from %s", v.name, len(samples.calib),
                      samples.origin)
-            src_onnx = (v.int8 or v).onnx.resolve()  # INT8 may come from a model with pairs merged back
+            src_onnx = v.int8.get("ort", v).onnx.resolve()  # INT8 may come from a model with pairs merged back
             cwd, dst, work = os.getcwd(), (folder / q).resolve(), folder.resolve()
             try:  # the quantizer writes its scratch models into the working directory
                 os.chdir(work)
@@ -153,7 +153,7 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
             arts.append(Artifact(v.name, q, "ort", precision="int8",
                                  extra={"fp32_file": fp32, "quantization": "static QDQ, s8 per-channel weights "
                                         "(7-bit range on x86), u8 activations, MinMax calibration",
-                                        **v.int8_extra()}))
+                                        **v.int8_extra("ort")}))
     import onnxruntime
 
     return arts, {"runtime_version": {"onnxruntime": onnxruntime.__version__}}

@@ -123,19 +123,19 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
     int8 = cfg.int8 and samples is not None
     for v in src.variants:
         log.info("tflite: converting %s%s", v.name, " (fp32 and INT8)" if int8 else "")
-        out = folder / f"{v.name}.tflite"
-        convert(v.torch, out, src.input_shape, samples.calib if int8 and v.int8 is None else None, folder)
+        out, own = folder / f"{v.name}.tflite", v.int8.get("tflite")
+        convert(v.torch, out, src.input_shape, samples.calib if int8 and own is None else None, folder)
         arts.append(Artifact(v.name, out.name, "tflite", extra={"layout": "NCHW input (transposed inside)"}))
         if int8:
-            if v.int8 is not None:  # INT8 from its own model: convert it, keep only the quantized file
+            if own is not None:  # INT8 from its own model: convert it, keep only the quantized file
                 tmp = folder / f".{v.name}-int8-source.tflite"
-                convert(v.int8.torch, tmp, src.input_shape, samples.calib, folder)
+                convert(own.torch, tmp, src.input_shape, samples.calib, folder)
                 os.replace(tmp.with_suffix(".int8.tflite"), folder / f"{v.name}.int8.tflite")
                 tmp.unlink(missing_ok=True)
             arts.append(Artifact(v.name, f"{v.name}.int8.tflite", "tflite", precision="int8",
                                  extra={"fp32_file": out.name, "quantization": "static INT8 (ai-edge-quantizer, "
                                         "min/max calibration), float32 input and output",
-                                        **v.int8_extra(from_torch=True)}))
+                                        **v.int8_extra("tflite", from_torch=True)}))
     import ai_edge_litert
 
     return arts, {"runtime_version": {"ai_edge_litert": getattr(ai_edge_litert, "__version__", "unknown")},
