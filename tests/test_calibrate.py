@@ -423,6 +423,51 @@ def test_int8_models_per_runtime_when_their_tables_disagree(table, tmp_path, mon
     assert manifest.read_text() != built
 
 
+def test_ort_int8_whole_net_measured_slower_keeps_every_pair_dense_for_ort_int8_only(table, tmp_path, monkeypatch):
+    """Every table says every pair is faster; compress then times the whole ORT INT8 nets here, and when the
+    compressed one is not faster, ORT's INT8 builds get a model with every pair merged back (TFLite's keep the
+    pairs). Run once with the real timing (the decision follows the measurement) and once with a timing that
+    says slower."""
+    import trp_edge.profile
+
+    cal, header = tmp_path / "cal", {**json.loads(table.with_suffix(".json").read_text()), "net_ms": 1000.0}
+    for rt in ("ort", "tflite"):
+        for prec in ("fp32", "int8"):
+            path = cal / "host" / rt / f"resnet20{'-int8' if prec == 'int8' else ''}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rewrite(table, path, lambda r: 10.0 if r["scheme"] == "dense" else 1.0)
+            path.with_suffix(".json").write_text(json.dumps({**header, "runtime": rt, "precision": prec}))
+    monkeypatch.setenv("TRP_EDGE_CALIBRATION", str(cal))
+    out = tmp_path / "c"
+    args = ["compress", "resnet20", "--input-size", "16", "--steps", "0", "--energy", "0.3", "--scheme", "spatial",
+            "--runtime", "ort,tflite", "--precision", "fp32,int8", "--out", str(out), "--force"]
+
+    def compressed(res):
+        assert res.exit_code == 0, res.output
+        rep = json.loads((out / "report.json").read_text())
+        return rep, [la["name"] for la in rep["layers"] if la["rank"] is not None], rep["latency"]["int8"]
+
+    rep, pairs, q = compressed(CliRunner().invoke(main, args))
+    assert q["dense"]["median_ms"] > 0 and q["compressed"]["median_ms"] > 0 and q["threads"] == 1
+    assert q["kept_dense"] == (q["latency_speedup"] <= 1.0)
+    assert rep["precisions"] == ({"int8/ort": {**rep["precisions"]["int8/ort"], "dense_layers": pairs}}
+                                 if q["kept_dense"] else None)
+
+    real = trp_edge.profile.time_onnx_pair
+
+    def int8_slower(dense, comp, shape, cfg):
+        t = real(dense, comp, shape, cfg)
+        return {**t, "latency_speedup": 0.9} if str(comp).endswith(".int8.onnx") else t
+
+    monkeypatch.setattr(trp_edge.profile, "time_onnx_pair", int8_slower)
+    res = CliRunner().invoke(main, args)
+    rep, pairs, q = compressed(res)
+    assert q["kept_dense"] and "its INT8 builds keep every pair dense" in res.output
+    assert list(rep["precisions"]) == ["int8/ort"] and rep["precisions"]["int8/ort"]["dense_layers"] == pairs
+    assert rep["precisions"]["int8/ort"]["mac_speedup"] == pytest.approx(1.0)
+    assert not list(out.glob(".*")) and not (out / ".staging").exists()
+
+
 def test_a_table_of_another_machine_is_kept_and_this_machines_measured_beside_it(tiny, tmp_path, monkeypatch):
     import torch
 

@@ -191,7 +191,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
     """ONNX export (validated), the latency check, the report and the weights, written to a staging folder
     that replaces the old artifacts only when everything is there."""
     from .export import export_onnx, onnx_macs
-    from .lowrank import conv_layers, merge_pairs_, precision_dense
+    from .lowrank import conv_layers, merge_pairs_, precision_dense, precision_models
     from .models import compressed_spec, save_compressed, save_models
     from .report import plot_ranks
 
@@ -217,19 +217,20 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
                                    {"energy": run.energy, "input_shape": list(run.example.shape)})
 
         written = save_models(stage, dense_model, model, spec_of([]), run.example)
-        precisions, extra = {}, []
-        for key, kept in precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans).items():
-            if not kept:
-                continue
-            merged, suffix = copy.deepcopy(model), key.replace("/", "-")  # int8, or int8-ort: one runtime's model
-            merge_pairs_(merged, dense_model, kept)
-            onnx_file = f"model-{suffix}.onnx"
-            diffs[onnx_file] = export_onnx(merged, run.example, stage / onnx_file)
-            macs = count_macs(merged, run.example).total
-            precisions[key] = {"dense_layers": kept, "macs": macs, "mac_speedup": run.dense_macs.total / macs,
-                               "onnx": onnx_file, "model": save_compressed(stage, f"compressed-{suffix}", merged,
-                                                                           spec_of(kept), run.example)}
-            extra += [onnx_file, precisions[key]["model"]]
+        kept_at = precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans)
+        if latency is not None and (checked := int8_net_check(run, stage, dense_model, model, plans, kept_at)):
+            latency["int8"] = checked
+        precisions = {}
+        for key, kept in precision_models(kept_at).items():
+            if kept:  # int8, or int8/ort: one runtime's model, written as model-int8-ort.onnx
+                merged, suffix = copy.deepcopy(model), key.replace("/", "-")
+                merge_pairs_(merged, dense_model, kept)
+                diffs[f"model-{suffix}.onnx"] = export_onnx(merged, run.example, stage / f"model-{suffix}.onnx")
+                macs = count_macs(merged, run.example).total
+                precisions[key] = {"dense_layers": kept, "macs": macs, "mac_speedup": run.dense_macs.total / macs,
+                                   "onnx": f"model-{suffix}.onnx", "model": save_compressed(
+                                       stage, f"compressed-{suffix}", merged, spec_of(kept), run.example)}
+        extra = [f for p in precisions.values() for f in (p["onnx"], p["model"])]
         report = _report(run, plans, comp_macs, dense_model, diffs, onnx_count, latency, precisions)
         report.write(stage / "report.json")
         plot_ranks(report, stage / "ranks.png")
@@ -245,6 +246,51 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote %s", ", ".join(str(run.out / n) for n in names))
     return CompressResult(run.out, report, model, names)
+
+
+def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: torch.nn.Module,
+                   plans: list[LayerPlan], kept_at: dict[str, dict[str, list[str]]]) -> dict[str, Any] | None:
+    """ORT INT8 on this machine, where compress plans for it (an ORT INT8 table of the host beside the fp32 ones):
+    the whole dense and compressed nets, quantized as build quantizes them, timed side by side at the table's
+    threads. Per-layer INT8 tables miss what the net adds around a pair (on the Intel host's ResNet-20, pairs
+    at 0.72-0.96 of the dense conv alone left the INT8 net at 0.985-0.995x of dense: BENCHMARKS.md); when the
+    compressed net is not faster, ORT's INT8 builds keep every pair dense (kept_at updated). The timing, or
+    None when not checked."""
+    import numpy as np
+
+    from .backends.ort import quantize_int8
+    from .export import export_onnx
+    from .latency_table import load_table
+    from .lowrank import merge_pairs_
+    from .profile import time_onnx_pair
+    from .targets import load_target
+
+    t = run.dcfg.latency_table
+    ort8 = [h for h in (load_table(p).header for p in ([t] if isinstance(t, str) else t or []))
+            if (h["target"], h["runtime"], h.get("precision")) == ("host", "ort", "int8")]
+    decomposed = [p.name for p in plans if p.rank is not None]
+    if not ort8 or "ort" not in kept_at.get("int8", {}) or set(kept_at["int8"]["ort"]) >= set(decomposed):
+        return None
+    merged = copy.deepcopy(model)
+    merge_pairs_(merged, dense_model, kept_at["int8"]["ort"])
+    export_onnx(merged, run.example, stage / ".int8-check.onnx")
+    calib = np.random.default_rng(0).standard_normal((8, *run.example.shape[1:])).astype(np.float32)
+    x86 = load_target("host").cpu.triple.startswith(("x86_64", "i686"))
+    files = {name: stage / f".{name}-check.int8.onnx" for name in ("dense", "compressed")}
+    try:
+        for name, src in (("dense", stage / "dense.onnx"), ("compressed", stage / ".int8-check.onnx")):
+            quantize_int8(src, files[name], calib, stage, reduce_range=x86)
+        timing = time_onnx_pair(files["dense"], files["compressed"], tuple(run.example.shape),
+                                replace(run.cfg.latency, threads=ort8[0]["threads"]))
+    finally:
+        for f in (stage / ".int8-check.onnx", *files.values()):
+            f.unlink(missing_ok=True)
+    timing.update(precision="int8", kept_dense=timing["latency_speedup"] <= 1.0)
+    if timing["kept_dense"]:
+        kept_at["int8"]["ort"] = decomposed
+        log.warning("ORT INT8 here: the compressed net measured %.2fx of the dense one (whole net, side by side): "
+                    "its INT8 builds keep every pair dense", timing["latency_speedup"])
+    return timing
 
 
 def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency,

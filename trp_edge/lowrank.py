@@ -471,25 +471,33 @@ def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> Late
 
 
 def precision_dense(config: DecomposeConfig, layers: list[ConvLayer],
-                    plans: list[LayerPlan]) -> dict[str, list[str]]:
-    """Per precision other than the leading one: the decomposed layers whose pair, at its planned rank, is not
-    faster than the dense conv in that precision's tables; that precision's builds keep them dense
-    (merge_pairs_). Keyed by the precision when its runtimes agree (one model for all of them), else by
-    "precision/runtime", one model per runtime: a pair faster in ORT's INT8 is not vetoed by TFLite's. A rank
-    that precision did not measure is judged by the nearest measured rank above it (pairs grow slower with
-    rank); a layer with none is left decomposed (latency unknown)."""
+                    plans: list[LayerPlan]) -> dict[str, dict[str, list[str]]]:
+    """Per precision other than the leading one, per runtime of its tables: the decomposed layers whose pair, at
+    its planned rank, is not faster than the dense conv in that runtime's table; that precision's builds for that
+    runtime keep them dense (merge_pairs_; precision_models groups them into models). A rank that precision did
+    not measure is judged by the nearest measured rank above it (pairs grow slower with rank); a layer with none
+    is left decomposed (latency unknown)."""
     tables = _latency_tables(config, layers)
     if not tables:
         return {}
     lead, out = lead_precision(tables), {}
     for prec in dict.fromkeys(t.precision for t in tables if t.precision != lead):
         at = [t for t in tables if t.precision == prec]
-        per = {rt: _slower(combine([t for t in at if t.header["runtime"] == rt]), plans)
-               for rt in dict.fromkeys(t.header["runtime"] for t in at)}
-        if len({tuple(kept) for kept in per.values()}) == 1:
+        out[prec] = {rt: _slower(combine([t for t in at if t.header["runtime"] == rt]), plans)
+                     for rt in dict.fromkeys(t.header["runtime"] for t in at)}
+    return out
+
+
+def precision_models(kept: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
+    """The models a precision's builds are made from, as {key: layers kept dense}: keyed by the precision when its
+    runtimes agree (one model for all of them), else by "precision/runtime", one model per runtime, so a pair
+    faster in ORT's INT8 is not vetoed by TFLite's."""
+    out = {}
+    for prec, per in kept.items():
+        if len({tuple(layers) for layers in per.values()}) == 1:
             out[prec] = next(iter(per.values()))
         else:
-            out.update({f"{prec}/{rt}": kept for rt, kept in per.items()})
+            out.update({f"{prec}/{rt}": layers for rt, layers in per.items()})
     return out
 
 
