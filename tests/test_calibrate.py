@@ -423,11 +423,11 @@ def test_int8_models_per_runtime_when_their_tables_disagree(table, tmp_path, mon
     assert manifest.read_text() != built
 
 
-def test_ort_int8_whole_net_measured_slower_keeps_every_pair_dense_for_ort_int8_only(table, tmp_path, monkeypatch):
-    """Every table says every pair is faster; compress then times the whole ORT INT8 nets here, and when the
-    compressed one is not faster, ORT's INT8 builds get a model with every pair merged back (TFLite's keep the
-    pairs). Run once with the real timing (the decision follows the measurement) and once with a timing that
-    says slower."""
+def test_int8_whole_net_measured_slower_keeps_every_pair_dense_for_that_runtime_only(table, tmp_path, monkeypatch):
+    """Every table says every pair is faster; compress then times the whole INT8 nets of each runtime here (ORT
+    QDQ, TFLite converted), and where the compressed one is not faster, that runtime's INT8 builds get a model
+    with every pair merged back. Run once with the real timings (the decision follows each measurement) and once
+    with timings that say ORT's is slower and TFLite's faster."""
     import trp_edge.profile
 
     cal, header = tmp_path / "cal", {**json.loads(table.with_suffix(".json").read_text()), "net_ms": 1000.0}
@@ -445,27 +445,31 @@ def test_ort_int8_whole_net_measured_slower_keeps_every_pair_dense_for_ort_int8_
     def compressed(res):
         assert res.exit_code == 0, res.output
         rep = json.loads((out / "report.json").read_text())
+        assert not list(out.glob(".*"))  # the check's files are gone
         return rep, [la["name"] for la in rep["layers"] if la["rank"] is not None], rep["latency"]["int8"]
 
-    rep, pairs, q = compressed(CliRunner().invoke(main, args))
-    assert q["dense"]["median_ms"] > 0 and q["compressed"]["median_ms"] > 0 and q["threads"] == 1
-    assert q["kept_dense"] == (q["latency_speedup"] <= 1.0)
-    assert rep["precisions"] == ({"int8/ort": {**rep["precisions"]["int8/ort"], "dense_layers": pairs}}
-                                 if q["kept_dense"] else None)
+    rep, pairs, checked = compressed(CliRunner().invoke(main, args))
+    assert sorted(checked) == ["ort", "tflite"]
+    slower = {rt for rt, q in checked.items() if q["kept_dense"]}
+    for q in checked.values():
+        assert q["dense"]["median_ms"] > 0 and q["compressed"]["median_ms"] > 0 and q["threads"] == 1
+        assert q["kept_dense"] == (q["latency_speedup"] <= 1.0)
+    expected = {"int8": pairs} if slower == {"ort", "tflite"} else {f"int8/{rt}": pairs for rt in slower}
+    assert {k: p["dense_layers"] for k, p in (rep["precisions"] or {}).items()} == expected
 
-    real = trp_edge.profile.time_onnx_pair
+    real = trp_edge.profile.time_pair
 
-    def int8_slower(dense, comp, shape, cfg):
-        t = real(dense, comp, shape, cfg)
-        return {**t, "latency_speedup": 0.9} if str(comp).endswith(".int8.onnx") else t
+    def ort_slower(runtime, dense, comp, shape, cfg):
+        t = real(runtime, dense, comp, shape, cfg)
+        return {**t, "latency_speedup": 0.9 if runtime == "ort" else 1.1} if ".int8." in str(comp) else t
 
-    monkeypatch.setattr(trp_edge.profile, "time_onnx_pair", int8_slower)
+    monkeypatch.setattr(trp_edge.profile, "time_pair", ort_slower)
     res = CliRunner().invoke(main, args)
-    rep, pairs, q = compressed(res)
-    assert q["kept_dense"] and "its INT8 builds keep every pair dense" in res.output
+    rep, pairs, checked = compressed(res)
+    assert checked["ort"]["kept_dense"] and not checked["tflite"]["kept_dense"]
+    assert "ort INT8 here" in res.output and "its INT8 builds keep every pair dense" in res.output
     assert list(rep["precisions"]) == ["int8/ort"] and rep["precisions"]["int8/ort"]["dense_layers"] == pairs
     assert rep["precisions"]["int8/ort"]["mac_speedup"] == pytest.approx(1.0)
-    assert not list(out.glob(".*")) and not (out / ".staging").exists()
 
 
 def test_a_table_of_another_machine_is_kept_and_this_machines_measured_beside_it(tiny, tmp_path, monkeypatch):

@@ -232,8 +232,8 @@ def _echo_compress(result) -> None:
                    f"dense {lat['dense']['median_ms']:.2f} ms, compressed {lat['compressed']['median_ms']:.2f} ms: "
                    f"{lat['latency_speedup']:.2f}x for {r.mac_speedup:.2f}x fewer MACs "
                    f"(efficiency {lat['efficiency']:.2f})")
-        if q := lat.get("int8"):
-            click.echo(f"ORT INT8 here, whole net ({q['threads']} thread{'s' if q['threads'] > 1 else ''}): dense "
+        for rt, q in (lat.get("int8") or {}).items():
+            click.echo(f"{rt} INT8 here, whole net ({q['threads']} thread{'s' if q['threads'] > 1 else ''}): dense "
                        f"{q['dense']['median_ms']:.3f} ms, compressed {q['compressed']['median_ms']:.3f} ms: "
                        f"{q['latency_speedup']:.2f}x" + (": its INT8 builds keep every pair dense" if q["kept_dense"]
                                                         else ""))

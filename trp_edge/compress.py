@@ -218,7 +218,8 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
 
         written = save_models(stage, dense_model, model, spec_of([]), run.example)
         kept_at = precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans)
-        if latency is not None and (checked := int8_net_check(run, stage, dense_model, model, plans, kept_at)):
+        if latency is not None and (checked := int8_net_check(run, stage, dense_model, model, plans, kept_at,
+                                                              spec_of)):
             latency["int8"] = checked
         precisions = {}
         for key, kept in precision_models(kept_at).items():
@@ -249,48 +250,74 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
 
 
 def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: torch.nn.Module,
-                   plans: list[LayerPlan], kept_at: dict[str, dict[str, list[str]]]) -> dict[str, Any] | None:
-    """ORT INT8 on this machine, where compress plans for it (an ORT INT8 table of the host beside the fp32 ones):
-    the whole dense and compressed nets, quantized as build quantizes them, timed side by side at the table's
-    threads. Per-layer INT8 tables miss what the net adds around a pair (on the Intel host's ResNet-20, pairs
-    at 0.72-0.96 of the dense conv alone left the INT8 net at 0.985-0.995x of dense: BENCHMARKS.md); when the
-    compressed net is not faster, ORT's INT8 builds keep every pair dense (kept_at updated). The timing, or
-    None when not checked."""
-    import numpy as np
-
-    from .backends.ort import quantize_int8
-    from .export import export_onnx
+                   plans: list[LayerPlan], kept_at: dict[str, dict[str, list[str]]], spec_of) -> dict[str, Any]:
+    """Each runtime compress plans INT8 for on this machine (a host INT8 table beside the fp32 ones): the whole
+    dense and compressed nets, quantized as build quantizes them, timed side by side at the table's threads.
+    Per-layer INT8 tables miss what the net adds around a pair (on the Intel host's ResNet-20, ORT pairs at
+    0.72-0.96 of the dense conv alone left the INT8 net at 0.96x of dense: BENCHMARKS.md); when the compressed
+    net is not faster, that runtime's INT8 builds keep every pair dense (kept_at updated). {runtime: timing}."""
     from .latency_table import load_table
     from .lowrank import merge_pairs_
-    from .profile import time_onnx_pair
-    from .targets import load_target
 
     t = run.dcfg.latency_table
-    ort8 = [h for h in (load_table(p).header for p in ([t] if isinstance(t, str) else t or []))
-            if (h["target"], h["runtime"], h.get("precision")) == ("host", "ort", "int8")]
-    decomposed = [p.name for p in plans if p.rank is not None]
-    if not ort8 or "ort" not in kept_at.get("int8", {}) or set(kept_at["int8"]["ort"]) >= set(decomposed):
-        return None
-    merged = copy.deepcopy(model)
-    merge_pairs_(merged, dense_model, kept_at["int8"]["ort"])
-    export_onnx(merged, run.example, stage / ".int8-check.onnx")
-    calib = np.random.default_rng(0).standard_normal((8, *run.example.shape[1:])).astype(np.float32)
-    x86 = load_target("host").cpu.triple.startswith(("x86_64", "i686"))
-    files = {name: stage / f".{name}-check.int8.onnx" for name in ("dense", "compressed")}
+    decomposed, out = [p.name for p in plans if p.rank is not None], {}
+    for h in (load_table(p).header for p in ([t] if isinstance(t, str) else t or [])):
+        rt, kept = h["runtime"], kept_at.get("int8", {}).get(h["runtime"])
+        if (h["target"], h.get("precision")) != ("host", "int8") or kept is None or set(kept) >= set(decomposed):
+            continue
+        merged = copy.deepcopy(model)
+        merge_pairs_(merged, dense_model, kept)
+        timing = _time_int8_nets(run, stage / ".int8-check", dense_model, merged, rt, h["threads"],
+                                 spec_of(decomposed), spec_of(kept))
+        if timing is None:
+            continue
+        timing.update(precision="int8", kept_dense=timing["latency_speedup"] <= 1.0)
+        if timing["kept_dense"]:
+            kept_at["int8"][rt] = decomposed
+            log.warning("%s INT8 here: the compressed net measured %.2fx of the dense one (whole net, side by side): "
+                        "its INT8 builds keep every pair dense", rt, timing["latency_speedup"])
+        out[rt] = timing
+    return out
+
+
+def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, threads: int, dense_spec,
+                    spec) -> dict[str, Any] | None:
+    """The dense and `merged` nets as `runtime`'s INT8 artifacts (ORT: QDQ from ONNX; TFLite: converted from the
+    torch files), timed side by side here (profile.time_pair). None when TFLite's converter is missing."""
+    import numpy as np
+
+    from .backends import tflite
+    from .backends.ort import quantize_int8
+    from .errors import ConversionError, MissingTool
+    from .export import export_onnx
+    from .models import save_compressed
+    from .profile import time_pair
+    from .targets import load_target
+
+    shape = tuple(run.example.shape)
+    calib = np.random.default_rng(0).standard_normal((8, *shape[1:])).astype(np.float32)
+    work.mkdir(exist_ok=True)
+    files = {}
     try:
-        for name, src in (("dense", stage / "dense.onnx"), ("compressed", stage / ".int8-check.onnx")):
-            quantize_int8(src, files[name], calib, stage, reduce_range=x86)
-        timing = time_onnx_pair(files["dense"], files["compressed"], tuple(run.example.shape),
-                                replace(run.cfg.latency, threads=ort8[0]["threads"]))
+        for name, net, net_spec in (("dense", dense_model, dense_spec), ("compressed", merged, spec)):
+            if runtime == "ort":
+                export_onnx(net, run.example, work / f"{name}.onnx")
+                quantize_int8(work / f"{name}.onnx", work / f"{name}.int8.onnx", calib, work,
+                              reduce_range=load_target("host").cpu.triple.startswith(("x86_64", "i686")))
+                files[name] = work / f"{name}.int8.onnx"
+            else:
+                if not tflite.converter_python().is_file():
+                    raise MissingTool(f"the TFLite converter environment is missing ({tflite.converter_python()})")
+                pt = work / save_compressed(work, name, net, net_spec, run.example)
+                tflite.convert(pt, work / f"{name}.tflite", shape, calib, work)
+                files[name] = work / f"{name}.int8.tflite"
+        return time_pair(runtime, files["dense"], files["compressed"], shape, replace(run.cfg.latency,
+                                                                                      threads=threads))
+    except (MissingTool, ConversionError) as e:
+        log.warning("%s INT8 not checked on the whole net: %s", runtime, e)
+        return None
     finally:
-        for f in (stage / ".int8-check.onnx", *files.values()):
-            f.unlink(missing_ok=True)
-    timing.update(precision="int8", kept_dense=timing["latency_speedup"] <= 1.0)
-    if timing["kept_dense"]:
-        kept_at["int8"]["ort"] = decomposed
-        log.warning("ORT INT8 here: the compressed net measured %.2fx of the dense one (whole net, side by side): "
-                    "its INT8 builds keep every pair dense", timing["latency_speedup"])
-    return timing
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency,

@@ -92,19 +92,25 @@ def host_identity() -> dict:
     return ident
 
 
-def time_onnx_pair(dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
-    """Dense vs compressed ONNX models in onnxruntime on this machine, by the protocol above, in sessions made
-    as the device side makes them (trp_edge.backends.ort.load)."""
+def time_pair(runtime: str, dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
+    """Dense vs compressed artifacts of `runtime` on this machine, by the protocol above, in sessions made as the
+    device side makes them (trp_edge.backends.<runtime>.load)."""
     import numpy as np
 
-    from .backends import ort
+    from .backends import base
 
+    backend = base.get(runtime)
     threads = cfg.threads or 1
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    loaded = {"dense": ort.load(str(dense), threads), "compressed": ort.load(str(compressed), threads)}
+    loaded = {"dense": backend.load(str(dense), threads), "compressed": backend.load(str(compressed), threads)}
     runners = {name: (lambda fn=fn: fn(x)) for name, fn in loaded.items()}
     t = time_alternating(runners, cfg)
     speedup = t["dense"].median_ms / t["compressed"].median_ms
-    return {"runtime": "onnxruntime", "target": "host", "threads": threads, "device": host_identity(),
-            "protocol": cfg.to_dict(), "dense": t["dense"].to_dict(), "compressed": t["compressed"].to_dict(),
-            "latency_speedup": speedup}
+    return {"runtime": "onnxruntime" if runtime == "ort" else runtime, "target": "host", "threads": threads,
+            "device": host_identity(), "protocol": cfg.to_dict(), "dense": t["dense"].to_dict(),
+            "compressed": t["compressed"].to_dict(), "latency_speedup": speedup}
+
+
+def time_onnx_pair(dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
+    """Dense vs compressed ONNX models in onnxruntime on this machine (time_pair)."""
+    return time_pair("ort", dense, compressed, shape, cfg)
