@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -32,13 +31,14 @@ def main() -> None:
     import torch
 
     from trp_edge.backends import ort
-    from trp_edge.backends.ort import quantize_int8
+    from trp_edge.backends.ort import quantize_int8, weights_7bit
     from trp_edge.config import ProfileConfig
     from trp_edge.export import export_onnx
     from trp_edge.latency_table import load_table, predict
     from trp_edge.lowrank import merge_pairs_
     from trp_edge.models import load_model
     from trp_edge.profile import host_identity, time_alternating
+    from trp_edge.targets import load_target
 
     src = Path(args.model)
     report = json.loads((src / "report.json").read_text())
@@ -58,7 +58,7 @@ def main() -> None:
             f = Path(tmp) / f"{len(runners)}.onnx"
             export_onnx(m, torch.from_numpy(x), f)
             quantize_int8(f, f.with_suffix(".int8.onnx"), calib, Path(tmp),
-                          reduce_range=platform.machine().lower() in ("x86_64", "amd64"))
+                          reduce_range=weights_7bit(load_target("host")))
             run = ort.load(str(f.with_suffix(".int8.onnx")), args.threads)
             runners[name] = lambda run=run: run(x)
         t = time_alternating(runners, ProfileConfig(min_seconds=args.seconds, threads=args.threads))

@@ -267,8 +267,9 @@ def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: 
             continue
         merged = copy.deepcopy(model)
         merge_pairs_(merged, dense_model, kept)
+        onnx = {"dense": stage / "dense.onnx", "compressed": None if kept else stage / "model.onnx"}
         timing = _time_int8_nets(run, stage / ".int8-check", dense_model, merged, rt, h["threads"],
-                                 spec_of(decomposed), spec_of(kept))
+                                 spec_of(decomposed), spec_of(kept), onnx)
         if timing is None:
             continue
         timing.update(precision="int8", kept_dense=timing["latency_speedup"] <= 1.0)
@@ -281,13 +282,14 @@ def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: 
 
 
 def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, threads: int, dense_spec,
-                    spec) -> dict[str, Any] | None:
-    """The dense and `merged` nets as `runtime`'s INT8 artifacts (ORT: QDQ from ONNX; TFLite: converted from the
-    torch files), timed side by side here (profile.time_pair). None when TFLite's converter is missing."""
+                    spec, onnx: dict[str, Path | None]) -> dict[str, Any] | None:
+    """The dense and `merged` nets as `runtime`'s INT8 artifacts (ORT: QDQ from ONNX, the staged file where `onnx`
+    names one; TFLite: converted from the torch files), timed side by side here (profile.time_pair). None when
+    TFLite's converter is missing."""
     import numpy as np
 
     from .backends import tflite
-    from .backends.ort import quantize_int8
+    from .backends.ort import quantize_int8, weights_7bit
     from .errors import ConversionError, MissingTool
     from .export import export_onnx
     from .models import save_compressed
@@ -301,13 +303,13 @@ def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, th
     try:
         for name, net, net_spec in (("dense", dense_model, dense_spec), ("compressed", merged, spec)):
             if runtime == "ort":
-                export_onnx(net, run.example, work / f"{name}.onnx")
-                quantize_int8(work / f"{name}.onnx", work / f"{name}.int8.onnx", calib, work,
-                              reduce_range=load_target("host").cpu.triple.startswith(("x86_64", "i686")))
+                src = onnx[name] or work / f"{name}.onnx"
+                if onnx[name] is None:
+                    export_onnx(net, run.example, src)
                 files[name] = work / f"{name}.int8.onnx"
+                quantize_int8(src, files[name], calib, work, reduce_range=weights_7bit(load_target("host")))
             else:
-                if not tflite.converter_python().is_file():
-                    raise MissingTool(f"the TFLite converter environment is missing ({tflite.converter_python()})")
+                tflite.check_converter()
                 pt = work / save_compressed(work, name, net, net_spec, run.example)
                 tflite.convert(pt, work / f"{name}.tflite", shape, calib, work)
                 files[name] = work / f"{name}.int8.tflite"

@@ -101,6 +101,11 @@ def optimize(src_onnx: Path, dst: Path, level_all: bool) -> None:
         raise ConversionError(f"{src_onnx}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
 
 
+def weights_7bit(target: Target) -> bool:
+    """Whether INT8 weights keep 7 bits on `target` (quantize_int8): on x86 CPUs."""
+    return target.cpu.triple.startswith(("x86_64", "i686"))
+
+
 def quantize_int8(src_onnx: Path, dst: Path, calib: np.ndarray, workdir: Path, reduce_range: bool = False) -> None:
     """Static INT8, QDQ format, per-channel weights (s8), u8 activations, calibrated with MinMax. `reduce_range`:
     7-bit weights, for x86 CPUs, where u8 x s8 products can saturate without VNNI (measured on the demo's
@@ -147,7 +152,7 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
             try:  # the quantizer writes its scratch models into the working directory
                 os.chdir(work)
                 quantize_int8(src_onnx, dst, samples.calib, work,
-                              reduce_range=target.cpu.triple.startswith(("x86_64", "i686")))
+                              reduce_range=weights_7bit(target))
             finally:
                 os.chdir(cwd)
             arts.append(Artifact(v.name, q, "ort", precision="int8",

@@ -83,13 +83,18 @@ def converter_python() -> Path:
     return Path(env) if env else _REPO / ".venv-litert" / "bin" / "python"
 
 
+def check_converter() -> None:
+    """The converter's environment is here (else one MissingTool line)."""
+    if not converter_python().is_file():
+        raise MissingTool(f"the TFLite converter environment is missing ({converter_python()}): run tools/setup.sh "
+                           "or set TRP_EDGE_LITERT_PYTHON to a python with litert-torch==0.10.0 and trp-edge")
+
+
 def check_available(target: Target, src: Source) -> None:
     if any(v.torch is None for v in src.variants):
         raise InputError(f"{src.path}: TFLite is converted from the torch model; pass a trp-edge compress output "
                          "folder (an ONNX file alone cannot be converted without TensorFlow)")
-    if not converter_python().is_file():
-        raise MissingTool(f"the TFLite converter environment is missing ({converter_python()}): run tools/setup.sh "
-                           "or set TRP_EDGE_LITERT_PYTHON to a python with litert-torch==0.10.0 and trp-edge")
+    check_converter()
     try:
         import ai_edge_litert  # noqa: F401
     except ImportError:
