@@ -537,3 +537,30 @@ def test_tvm_tables_compile_one_library_per_layer_shape_and_compress_reads_them(
     res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--local", "--model", "resnet20", "--runtime",
                                     "tvm", "--precision", "int8", "--out", str(cal)])
     assert res.exit_code == 1 and "tvm is built at fp32 only" in res.output
+
+
+def test_a_multi_thread_table_measured_with_workers_run_another_way_is_stale(table, tmp_path):
+    from trp_edge.backends.ort import SPINNING, session
+    from trp_edge.device.bench import device_identity
+    from trp_edge.latency_table import stale
+
+    here = device_identity()
+    assert here["sessions"]["onnxruntime"] == SPINNING
+    opts = session(_tiny_onnx(tmp_path), 2).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    header = {**load_table(table).header, "device": here}
+    assert stale(header, here) is None
+    before = {**here, "sessions": {}}  # a table from a runner whose workers slept between ops
+    assert stale({**header, "device": before}, here) is None  # one thread: no workers, still good
+    why = stale({**header, "threads": 2, "device": before}, here)
+    assert why and "asleep between ops" in why and SPINNING in why
+    assert stale({**header, "threads": 2, "runtime": "tflite", "device": before}, here) is None
+
+
+def _tiny_onnx(folder):
+    import torch
+
+    path = folder / "conv.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False)
+    return path

@@ -162,7 +162,8 @@ def machine_path(path: Path, device: dict[str, Any]) -> tuple[Path, str | None]:
 
 def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
     """Why a table no longer describes `device` (an identity as trp_edge.device.bench reports it): another CPU,
-    core count or runtime version. None when it still does."""
+    core count or runtime version, or at several threads another way of running the runtime's workers (the
+    identity's "sessions"). None when it still does."""
     was = header.get("device") or {}
     for key in MACHINE_KEYS:
         if was.get(key) != device.get(key):
@@ -171,6 +172,9 @@ def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
     old, new = (was.get("runtimes") or {}).get(rkey), (device.get("runtimes") or {}).get(rkey)
     if rkey and old != new:
         return f"measured with {rkey} {old}, this device has {new}"
+    old, new = (was.get("sessions") or {}).get(rkey), (device.get("sessions") or {}).get(rkey)
+    if rkey and header.get("threads", 1) > 1 and old != new:  # one thread has no workers to run another way
+        return f"measured with {rkey}'s workers run {old or 'asleep between ops'!r}, this device runs them {new!r}"
     return None
 
 

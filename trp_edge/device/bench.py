@@ -29,11 +29,12 @@ import numpy as np
 from ..backends.base import get
 from ..config import ProfileConfig
 from ..profile import host_identity, time_alternating
-from .runner import load, runtime_versions, tvm_device_apis
+from .runner import load, runtime_versions, session_modes, tvm_device_apis
 
 
 def device_identity() -> dict[str, Any]:
-    return {**host_identity(), "runtimes": runtime_versions(), "tvm_devices": tvm_device_apis()}
+    return {**host_identity(), "runtimes": runtime_versions(), "sessions": session_modes(),
+            "tvm_devices": tvm_device_apis()}
 
 
 def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -42,6 +42,14 @@ def runtime_versions() -> dict[str, str | None]:
     return out
 
 
+def session_modes() -> dict[str, str]:
+    """How this runner runs each runtime's worker threads where that changes multi-thread latency (a table
+    measured another way is stale: latency_table.stale)."""
+    from ..backends.ort import SPINNING
+
+    return {"onnxruntime": SPINNING}
+
+
 def tvm_device_apis() -> list[str]:
     """The TVM device APIs this runtime can run kernels on (cpu, and opencl / vulkan / cuda where the TVM
     runtime was built with them and a device answers); [] without TVM."""
