@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from trp_edge.calibrate import rank_grid
 from trp_edge.cli import main
 from trp_edge.errors import InputError
-from trp_edge.latency_table import load_table
+from trp_edge.latency_table import load_table, stale
 from trp_edge.models import load_model
 
 
@@ -74,6 +74,7 @@ def test_calibrate_over_rpc_measures_the_same_grid(table, server, tmp_path):
         {(r["layer"], r["scheme"], r["rank"]) for r in local.rows if r["scheme"] != "channel"}
     assert remote.header["device"]["runtimes"]["onnxruntime"]
     assert all(r["median_ms"] > 0 and r["runs"] >= 9 for r in remote.rows)
+    assert remote.header["in_net"] is True  # the whole nets went over RPC too (device job in_net)
 
 
 def rewrite(src, dst, fn):
@@ -246,14 +247,18 @@ def test_a_table_for_another_precision_or_thread_count_is_refused(table, tmp_pat
         assert not (tmp_path / "x" / "report.json").exists()
 
 
-def test_every_layer_of_a_shape_is_measured_once_with_its_call_overhead(table):
+def test_every_layer_of_a_shape_is_measured_once_alone_then_each_in_place(table):
     t = load_table(table)
     same = [n for n, s in t.header["layers"].items() if s == t.header["layers"]["layer1.0.conv1"]]
     assert len(same) > 1  # resnet20's stage 1: six 16->16 convs of one shape
     rows = {n: {(r["scheme"], r["rank"]): r["median_ms"] for r in t.rows if r["layer"] == n} for n in same}
-    assert all(rows[n] == rows[same[0]] for n in same)
-    call, dense = t.latency(same[0], "call", 0), t.dense(same[0])
-    assert 0 < call < dense  # a near-empty model on the layer's input costs less than the conv
+    assert all(rows[n].keys() == rows[same[0]].keys() for n in same)
+    assert len({rows[n][("call", 0)] for n in same}) == 1  # the per-call overhead: one model, timed once
+    # ORT's convs and pairs are timed in place: each layer in the whole net, its kernels summed and scaled to
+    # the net's timed latency, so the dense convs together take less than the dense net
+    assert t.header["in_net"] is True
+    dense = [t.dense(n) for n in t.header["layers"]]
+    assert all(d > 0 for d in dense) and sum(dense) < t.header["net_ms"]
 
 
 def test_default_compress_picks_up_the_deployment_table(table, tmp_path, monkeypatch):
@@ -300,7 +305,8 @@ def test_compress_measures_a_missing_table_first_unless_told_not_to(tiny, tmp_pa
     assert made == ["tiny-int8.csv", "tiny.csv"]
     rep = json.loads((tmp_path / "c" / "report.json").read_text())
     assert {p["precision"] for p in rep["predictions"]} == {"fp32", "int8"}
-    assert load_table(cal / "host" / "ort" / "tiny-int8.csv").header["precision"] == "int8"
+    int8 = load_table(cal / "host" / "ort" / "tiny-int8.csv").header
+    assert int8["precision"] == "int8" and int8["in_net"] is True  # QDQ whole nets keep the layers' tags
 
 
 def test_int8_keeps_dense_the_pairs_slower_there_without_vetoing_fp32(table, tmp_path, monkeypatch):
@@ -542,7 +548,6 @@ def test_tvm_tables_compile_one_library_per_layer_shape_and_compress_reads_them(
 def test_a_multi_thread_table_measured_with_workers_run_another_way_is_stale(table, tmp_path):
     from trp_edge.backends.ort import SPINNING, session
     from trp_edge.device.bench import device_identity
-    from trp_edge.latency_table import stale
 
     here = device_identity()
     assert here["sessions"]["onnxruntime"] == SPINNING
@@ -556,6 +561,8 @@ def test_a_multi_thread_table_measured_with_workers_run_another_way_is_stale(tab
     why = stale({**header, "threads": 2, "device": before}, here)
     assert why and "asleep between ops" in why and SPINNING in why
     assert stale({**header, "threads": 2, "runtime": "tflite", "device": before}, here) is None
+    older = {k: v for k, v in header.items() if k != "in_net"}  # ORT layers timed alone only
+    assert "timed alone only" in stale(older, here)
 
 
 def _tiny_onnx(folder):
@@ -564,3 +571,28 @@ def _tiny_onnx(folder):
     path = folder / "conv.onnx"
     torch.onnx.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False)
     return path
+
+
+def test_a_net_whose_convs_cannot_be_found_in_place_keeps_them_as_timed_alone(tmp_path, caplog):
+    import torch
+    from torch import nn
+
+    from trp_edge.calibrate import calibrate_model
+    from trp_edge.config import CalibrateConfig
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.b(self.a(x)))  # one layer, two Conv nodes in the exported net
+
+    res = calibrate_model(CalibrateConfig(model="twice", local=True, out=str(tmp_path)), "twice", Twice().eval(),
+                          torch.zeros(1, 3, 16, 16))
+    t = load_table(res.csv)
+    assert t.header["in_net"] is False and t.header["net_ms"] > 0
+    assert "cannot find the layers in the exported net" in caplog.text
+    assert t.dense("b") > 0 and t.ranks("b", "spatial")
+    assert stale(t.header, t.header["device"]) is None  # tried: not measured again at every compress

@@ -16,6 +16,14 @@ Layers of the same shape are measured once. Each layer also times a near-empty m
 per-call overhead, scheme "call"), and the whole dense net is timed (header "net_ms"), so a whole-net
 latency can be predicted from the table: net_ms - sum(dense convs) + sum(chosen pairs).
 
+ONNX Runtime's rows are then timed again in place (header "in_net"): a layer alone is not the layer in the
+net (at 2 threads a pair alone took 1.30x its time in the net, a dense conv 1.18x: ResNet-18's 2-thread
+predictions missed by +20-31 %). The dense net, and per scheme and grid position j the net with every layer
+at its j-th measured rank (net_grid: about 20 nets per scheme for ResNet-18), are each timed and profiled
+(device job in_net; kernels summed per layer by the tags backends.ort.tag_layers puts in the node names),
+and every dense conv and pair gets its in-net time, scaled by its net's timed over profiled latency. Where
+the nets cannot be matched to the layers (a conv called twice) or do not run, the rows stay as timed alone.
+
 Stages: load the model and its input -> per layer shape, lower the dense conv and every pair of the grid ->
 time them on the device, one call per shape -> write the table."""
 
@@ -35,6 +43,7 @@ from .errors import ConfigError, DeviceError, InputError
 from .latency_table import (
     CALL,
     DENSE,
+    IN_NET_RUNTIMES,
     LatencyTable,
     built_at,
     layer_shape,
@@ -89,14 +98,15 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
     t0 = time.perf_counter()
     try:
         with open_session(target, local=cfg.local, conn=conn, timeout=cfg.timeout) as session:
-            rows, shapes, device, net_ms = measure_layers(net, example, cfg, session, target, threads, progress)
+            rows, shapes, device, net_ms, in_net = measure_layers(net, example, cfg, session, target, threads,
+                                                                  progress)
     except DeviceError as e:
         if target.native and conn is not None:
             raise type(e)(f"{e}; or measure this machine with --local") from e
         raise
     header = {"target": target.name, "runtime": cfg.runtime, "precision": cfg.precision, "threads": threads,
               "model": name, "input_shape": list(example.shape), "layers": shapes, "schemes": list(cfg.schemes),
-              "net_ms": net_ms, "device": device, "transport": session.transport,
+              "net_ms": net_ms, "in_net": in_net, "device": device, "transport": session.transport,
               "date": dt.datetime.now().isoformat(timespec="seconds"), "protocol": cfg.protocol.to_dict()}
     if path is None:
         path = table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads, name)
@@ -163,14 +173,35 @@ def layer_grids(net, example, cfg: CalibrateConfig) -> tuple[dict[str, dict[str,
             for k in rank_grid(full, max(cheaper)) if cheaper else []:
                 variants[f"{scheme}:{k}"] = make_pair(m, scheme, k, init=False)
         groups[key] = {"input_shape": [1, m.in_channels, *layer.in_hw], "variants": variants}
-    groups[NET] = {"input_shape": list(example.shape), "variants": {DENSE: net}}
+    groups[NET] = {"input_shape": list(example.shape), "variants": {DENSE: net}, "order": list(shapes)}
+    if cfg.runtime in IN_NET_RUNTIMES:
+        groups[NET]["grid"] = net_grid(groups, members)
     return groups, shapes, members
 
 
+def net_grid(groups: dict[str, dict[str, Any]], members: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, int]]]:
+    """The whole nets that time every measured pair in place: the dense net, then per scheme and grid position j
+    the net with every layer that has a j-th measured rank in that scheme as its pair at that rank (the others
+    dense). {variant: {layer: (scheme, rank)}}, "dense" first with no pairs."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for key, names in members.items():
+        for variant in groups[key]["variants"]:
+            scheme, _, k = variant.partition(":")
+            for name in names if k else ():
+                ranks.setdefault((name, scheme), []).append(int(k))
+    grid: dict[str, dict[str, tuple[str, int]]] = {DENSE: {}}
+    for scheme in dict.fromkeys(s for _, s in ranks):
+        mine = {n: sorted(r) for (n, s), r in ranks.items() if s == scheme}
+        for j in range(max(len(r) for r in mine.values())):
+            grid[f"{scheme}@{j}"] = {n: (scheme, r[j]) for n, r in mine.items() if j < len(r)}
+    return grid
+
+
 def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target: Target, threads: int,
-                   progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any], float | None]:
-    """Every conv's rows (one per measured variant), every conv's shape key, the device's identity and the
-    whole dense net's latency."""
+                   progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any],
+                                                    float | None, bool]:
+    """Every conv's rows (one per measured variant), every conv's shape key, the device's identity, the
+    whole dense net's latency, and whether the rows are as timed in place (in the whole nets of net_grid)."""
     from tqdm.auto import tqdm
 
     groups, shapes, members = layer_grids(net, example, cfg)
@@ -181,19 +212,78 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
         lowered = LOWER[cfg.runtime](groups, cfg, Path(tmp))
         bar = tqdm(lowered.items(), desc=f"calibrate {cfg.runtime} {cfg.precision}", unit="shape",
                    disable=not progress)
+        in_net: dict[tuple[str, str, int], dict[str, Any]] = {}
         for key, (arts, files) in bar:
             job = {"runtime": cfg.runtime, "threads": threads, "protocol": cfg.protocol.to_dict(),
                    "input_shape": groups[key]["input_shape"], "artifacts": arts}
+            if key == NET:
+                net_ms, in_net, device = _time_net(session, job, files, groups[NET], target)
+                continue
             res = session.call("calibrate", job, files)
             if res.get("error"):
                 raise DeviceError(f"{target.name}/{cfg.runtime}: {res['error']}")
             device = res["device"]
-            if key == NET:
-                net_ms = res["timing"].get(DENSE, {}).get("median_ms")
-                continue
             for name in members[key]:
                 rows += layer_rows(name, key, res)
-    return rows, shapes, device, net_ms
+    placed = place(rows, in_net)
+    return placed, shapes, device, net_ms, placed is not rows
+
+
+def _time_net(session: Session, job: dict[str, Any], files: dict[str, Path], g: dict[str, Any],
+              target: Target) -> tuple[float | None, dict[tuple[str, str, int], dict[str, Any]], dict[str, Any]]:
+    """The whole dense net's latency, each layer as timed in place (in_net_rows; {} without the nets of
+    net_grid, or when they did not run: a device whose trp-edge has no in_net job), and the device's identity."""
+    if len(job["artifacts"]) > 1:
+        try:
+            res = session.call("in_net", job, files)
+        except DeviceError as e:
+            res = {"error": str(e)}
+        in_net = in_net_rows(res, g)
+        net = (res.get("nets") or {}).get(DENSE)
+        if net is not None:
+            return net["timing"]["median_ms"], in_net, res["device"]
+        job = {**job, "artifacts": job["artifacts"][:1]}  # the dense net alone, as without the grid
+    res = session.call("calibrate", job, files)
+    if res.get("error"):
+        raise DeviceError(f"{target.name}/{job['runtime']}: {res['error']}")
+    return res["timing"].get(DENSE, {}).get("median_ms"), {}, res["device"]
+
+
+def in_net_rows(res: dict[str, Any], g: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(layer, scheme, rank) -> its row as timed in place: each net's per-layer profile, scaled by that net's
+    timed latency over its profiled one (the profiler's own cost taken out). A dense conv from the dense net, a
+    pair from its grid net. {} with a warning when a net failed: the table then keeps every layer as timed alone."""
+    nets = res.get("nets") or {}
+    failed = res.get("error") or "; ".join(f"{v}: {e}" for v, e in (res.get("errors") or {}).items())
+    if failed or set(nets) != set(g["grid"]):
+        log.warning("calibrate: the whole nets did not all run (%s): every layer is as timed alone",
+                    str(failed or "missing").splitlines()[0][:200])
+        return {}
+    out = {}
+    for variant, pairs in g["grid"].items():
+        net = nets[variant]
+        scale = net["timing"]["median_ms"] / net["total_ms"] if net["total_ms"] > 0 else 1.0
+        for tag, t in net["layers"].items():
+            name = g["order"][int(tag)]
+            scheme, rank = pairs.get(name, (DENSE, 0))
+            if (scheme == DENSE) == (variant == DENSE):
+                out[(name, scheme, rank)] = {"median_ms": round(t["median_ms"] * scale, 5),
+                                             "p10_ms": round(t["p10_ms"] * scale, 5),
+                                             "p90_ms": round(t["p90_ms"] * scale, 5), "runs": t["runs"]}
+    return out
+
+
+def place(rows: list[dict[str, Any]], in_net: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with every dense conv and pair as timed in place (in_net_rows), when the nets timed them all; the
+    per-call rows stay. Else the rows as timed alone, with a warning when there were nets."""
+    timed = [r for r in rows if r["scheme"] != CALL]
+    missing = [r for r in timed if (r["layer"], r["scheme"], r["rank"]) not in in_net]
+    if not in_net or missing:
+        if in_net:
+            log.warning("calibrate: %s %s:%s was not found in its whole net: every layer is as timed alone",
+                        missing[0]["layer"], missing[0]["scheme"], missing[0]["rank"])
+        return rows
+    return [r if r["scheme"] == CALL else {**r, **in_net[(r["layer"], r["scheme"], r["rank"])]} for r in rows]
 
 
 def _write_onnx(module, shape, path: Path) -> None:
@@ -217,6 +307,9 @@ def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
 
     out = {}
     for gi, (key, g) in enumerate(groups.items()):
+        if key == NET and "grid" in g:
+            out[key] = _lower_ort_nets(g, cfg, tmp)
+            continue
         arts, files = [], {}
         for vi, (variant, module) in enumerate(g["variants"].items()):
             name = f"{gi}-{vi}.onnx"
@@ -230,6 +323,44 @@ def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
             arts.append({"variant": variant, "file": name})
         out[key] = (arts, files)
     return out
+
+
+def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
+    """The whole nets of net_grid as ONNX models whose nodes are tagged with their layer (backends.ort.tag_layers;
+    INT8: quantized afterwards, as a layer's models are), one net built at a time. Only the dense net when the
+    tags do not fit the export (a conv called twice, say): the table then has the layers as timed alone."""
+    import copy
+
+    from .backends.ort import quantize_int8, tag_layers
+    from .errors import ConversionError
+    from .lowrank import make_pair
+
+    net, order, arts, files, tagged = g["variants"][DENSE], g["order"], [], {}, True
+    for vi, (variant, pairs) in enumerate(g["grid"].items()):
+        model = copy.deepcopy(net) if pairs else net
+        for name, (scheme, k) in pairs.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(name), scheme, k, init=False))
+        path = tmp / f"net{vi}.onnx"
+        _write_onnx(model, g["input_shape"], path)
+        try:
+            tag_layers(path, [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)])
+        except ConversionError as e:
+            log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
+            tagged = False
+            if vi > 0:
+                break  # the dense net, already lowered, is timed as the net
+        if cfg.precision == "int8":
+            quantize_int8(path, path.with_suffix(".int8.onnx"), _random_calib(g["input_shape"]), tmp)
+            path.unlink()
+            path = path.with_suffix(".int8.onnx")
+        files[path.name] = path
+        arts.append({"variant": variant, "file": path.name})
+        if not tagged:
+            break
+    if not tagged:
+        arts, files = arts[:1], {a["file"]: files[a["file"]] for a in arts[:1]}
+    return arts, files
 
 
 def _convs(module) -> list[dict[str, Any]]:

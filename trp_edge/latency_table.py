@@ -33,6 +33,8 @@ CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a 
 PRECISIONS = ("fp32", "int8")
 CALIBRATED_RUNTIMES = ("ort", "tflite", "tvm")
 INT8_RUNTIMES = ("ort", "tflite")  # the runtimes trp-edge builds (and so calibrates) INT8 for
+# runtimes whose rows are timed in place, in whole nets (calibrate.net_grid): their kernels can be summed per layer
+IN_NET_RUNTIMES = ("ort",)
 MACHINE_KEYS = ("cpu", "machine", "cores")  # what makes a device identity another kind of machine
 # the runtime's version in a device identity (trp_edge.device.runner.runtime_versions)
 RUNTIME_VERSION_KEY = {"ort": "onnxruntime", "tflite": "ai_edge_litert", "tvm": "tvm"}
@@ -162,8 +164,9 @@ def machine_path(path: Path, device: dict[str, Any]) -> tuple[Path, str | None]:
 
 def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
     """Why a table no longer describes `device` (an identity as trp_edge.device.bench reports it): another CPU,
-    core count or runtime version, or at several threads another way of running the runtime's workers (the
-    identity's "sessions"). None when it still does."""
+    core count or runtime version, layers of an IN_NET_RUNTIMES runtime never timed in the net (a table from
+    before that: header without "in_net"), or at several threads another way of running the runtime's workers
+    (the identity's "sessions"). None when it still does."""
     was = header.get("device") or {}
     for key in MACHINE_KEYS:
         if was.get(key) != device.get(key):
@@ -172,6 +175,8 @@ def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
     old, new = (was.get("runtimes") or {}).get(rkey), (device.get("runtimes") or {}).get(rkey)
     if rkey and old != new:
         return f"measured with {rkey} {old}, this device has {new}"
+    if header["runtime"] in IN_NET_RUNTIMES and "in_net" not in header:
+        return "its layers were timed alone only, not in the net"
     old, new = (was.get("sessions") or {}).get(rkey), (device.get("sessions") or {}).get(rkey)
     if rkey and header.get("threads", 1) > 1 and old != new:  # one thread has no workers to run another way
         return f"measured with {rkey}'s workers run {old or 'asleep between ops'!r}, this device runs them {new!r}"

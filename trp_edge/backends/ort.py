@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,81 @@ def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
         d["us"].append(float(e["dur"]))
     return [{"name": n, "op": d["op"], "weight": d["weight"], "output": d["output"],
              "ms": float(np.median(d["us"])) / 1000.0} for n, d in per.items()]
+
+
+LAYER_TAG = re.compile(r"__L(\d+)__")  # how tag_layers marks a node (and every tensor) with its layer
+CONV_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "QLinearConv", "ConvInteger"}
+
+
+def tag_layers(path: Path, tags: list[int]) -> None:
+    """Rename, in place, every node and tensor of an ONNX model after the layer it belongs to: the i-th Conv node
+    (graph order) gets layer `tags[i]` (a pair's two convs share one), any other node the latest layer among its
+    inputs'. onnxruntime names a fused or re-laid-out kernel after its node or output, so its profile can be
+    summed per layer (layer_profile) whatever it fuses: a Conv with its activation, NCHWc, QDQ into QLinearConv.
+    Refuses a model whose Conv count is not len(tags)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    n_convs = sum(n.op_type == "Conv" for n in g.node)
+    if n_convs != len(tags):
+        raise ConversionError(f"{path.name}: {n_convs} Conv nodes, {len(tags)} expected")
+    kept = {t.name for t in g.input} | {t.name for t in g.initializer} | {t.name for t in g.output}
+    owner: dict[str, int] = {}
+    renamed: dict[str, str] = {}
+    convs = iter(tags)
+    for i, node in enumerate(g.node):
+        for j, t in enumerate(node.input):
+            node.input[j] = renamed.get(t, t)
+        owners = [owner[t] for t in node.input if t in owner]
+        tag = next(convs) if node.op_type == "Conv" else max(owners) if owners else None
+        if tag is None:
+            continue
+        node.name = f"__L{tag}__n{i}"
+        for j, t in enumerate(node.output):
+            if t and t not in kept:
+                renamed[t] = node.output[j] = f"__L{tag}__t{i}_{j}"
+            owner[node.output[j]] = tag
+    onnx.save(model, str(path))
+
+
+def layer_profile(path: str, x: np.ndarray, threads: int = 1, runs: int = 2 * PROFILE_RUNS) -> dict[str, Any]:
+    """onnxruntime's profiler on a model tagged by tag_layers: per layer tag, the conv kernels' time summed per
+    run ("median_ms": the mean of the middle half of the runs; p10, p90), and each run's whole time ("total_ms",
+    every kernel, for scaling to the model's timed latency)."""
+    sess = session(path, threads, profile_prefix=os.path.join(tempfile.gettempdir(), f"trp-edge-ort-{os.getpid()}"))
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(runs + 2):
+        sess.run(None, feed)
+    prof = sess.end_profiling()
+    try:
+        events = json.loads(Path(prof).read_text())
+    finally:
+        Path(prof).unlink(missing_ok=True)
+    per_node: dict[str, tuple[str, list[float]]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node.setdefault(e["name"], (e.get("args", {}).get("op_name"), []))[1].append(e["dur"] / 1000.0)
+    total = np.zeros(runs)
+    layers: dict[str, np.ndarray] = {}
+    for name, (op, ms) in per_node.items():
+        last = np.asarray(ms[-runs:])  # the warm-up runs left out
+        total[-len(last):] += last
+        tag = LAYER_TAG.search(name)
+        if tag and op in CONV_KERNELS:
+            acc = layers.setdefault(tag.group(1), np.zeros(runs))
+            acc[-len(last):] += last
+    stats = {t: {"median_ms": _middle_mean(a), "p10_ms": float(np.percentile(a, 10)),
+                 "p90_ms": float(np.percentile(a, 90)), "runs": runs} for t, a in layers.items()}
+    return {"total_ms": _middle_mean(total), "layers": stats}
+
+
+def _middle_mean(a: np.ndarray) -> float:
+    """The mean of the middle half of the runs: the profiler counts whole microseconds, so the median of a thin
+    layer's few microseconds is that coarse; this is as robust and finer."""
+    lo, hi = np.percentile(a, [25, 75])
+    mid = a[(a >= lo) & (a <= hi)]
+    return float(mid.mean() if len(mid) else np.median(a))
 
 
 def optimize(src_onnx: Path, dst: Path, level_all: bool) -> None:

@@ -51,9 +51,10 @@ def tvm_device(device: str):
 
 
 def _threads(threads: int) -> None:
-    """The thread count, with TVM's workers sleeping rather than spinning between calls (as ONNX Runtime's are
-    set): a spinning pool took a core from the runtime timed next in the alternating protocol (measured: ORT at
-    2 threads 20.4-21.1 ms beside a spinning TVM, 13.5-16.6 ms beside a sleeping one; TVM itself 5-7 % slower).
+    """The thread count, with TVM's workers sleeping rather than spinning between calls (ONNX Runtime's spin
+    within a run and stop after it; TVM's pool has no such switch, so they sleep within a run too): a spinning
+    pool took a core from the runtime timed next in the alternating protocol (measured: ORT at 2 threads
+    20.4-21.1 ms beside a spinning TVM, 13.5-16.6 ms beside a sleeping one; TVM itself 5-7 % slower).
     Set before TVM starts its pool; a user's own TVM_THREAD_POOL_SPIN_COUNT wins."""
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     import tvm

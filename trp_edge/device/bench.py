@@ -124,7 +124,38 @@ def calibrate(job: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-JOBS = {"bench": bench, "calibrate": calibrate}
+def in_net(job: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The layers of `trp-edge calibrate` in place: whole nets whose layers are tagged (backends.ort.tag_layers),
+    one at a time (a net per grid position, too many to hold at once on a board): each timed by the protocol,
+    then profiled per layer (the backend's layer_profile). A net that fails is recorded, not raised.
+
+    JOB: as calibrate's, "artifacts" [{"variant": "dense", "file": "net0.onnx"}, {"variant": "spatial@3", ...}]"""
+    rt, threads = job["runtime"], int(job.get("threads", 1))
+    cfg = ProfileConfig(**job.get("protocol", {}))
+    x = np.random.default_rng(0).standard_normal(job["input_shape"]).astype(np.float32)
+    out: dict[str, Any] = {"runtime": rt, "threads": threads, "device": device_identity(), "errors": {}, "nets": {}}
+    profile = getattr(get(rt), "layer_profile", None)
+    if profile is None:
+        out["error"] = f"{rt}: no per-layer profile in a whole net"
+        return out
+    for a in job["artifacts"]:
+        path = str(base / a["file"])
+        try:
+            fn = load(path, rt, threads, a.get("device", "cpu"))
+            fn(x)
+            timing = time_alternating({a["variant"]: (lambda fn=fn: fn(x))}, cfg)[a["variant"]]
+            del fn
+            out["nets"][a["variant"]] = {"timing": timing.to_dict(), **profile(path, x, threads)}
+        except ImportError as e:
+            out["error"] = f"runtime missing on the device: {e}"
+            return out
+        except Exception as e:  # noqa: BLE001 - recorded, the others still run
+            out["errors"][a["variant"]] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    out["protocol"] = cfg.to_dict()
+    return out
+
+
+JOBS = {"bench": bench, "calibrate": calibrate, "in_net": in_net}
 
 
 def main(argv: list[str] | None = None) -> int:
