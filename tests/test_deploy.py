@@ -275,3 +275,19 @@ def test_compare_with_a_bad_folder(untrained_pair, tmp_path):
                   "--runtime", "ort"], tmp_path)
     assert res.exit_code == 1 and "nope: not a trp-edge compress output" in res.output
     assert not (tmp_path / "host").exists()
+
+
+def test_the_prediction_is_judged_as_made_and_anchored_on_the_dense_net_measured_now():
+    from types import SimpleNamespace
+
+    from trp_edge.deploy import _add_prediction
+
+    pr = {"target": "host", "runtime": "ort", "precision": "fp32", "threads": 1, "dense_ms": 10.0,
+          "compressed_ms": 4.0, "latency_speedup": 2.5, "deployment": "host/ort fp32, 1 thread(s)"}
+    src = SimpleNamespace(latency_table="t.csv", layers=[], predictions=[pr])
+    rep = {"target": "host", "runtime": "ort", "precision": "fp32", "threads": 1, "kept_dense_at_precision": []}
+    # the machine runs 20 % faster than when the table was made: both nets move, the speedup holds
+    _add_prediction(rep, src, {"median_ms": 8.0}, {"median_ms": 3.3})
+    got = rep["prediction"]
+    assert abs(got["error"] - (3.3 / 4.0 - 1)) < 1e-12 and abs(got["dense_error"] + 0.2) < 1e-12
+    assert abs(got["anchored_compressed_ms"] - 3.2) < 1e-12 and abs(got["anchored_error"] - (3.3 / 3.2 - 1)) < 1e-12

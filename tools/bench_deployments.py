@@ -6,8 +6,9 @@ MAC-based one (--no-calibrate) in one alternating run per runtime and thread cou
 take several values: each scheme and rank allocation gets its table-ranked models in the same run.
 
 Prints and saves one row per deployment: MAC speedup, dense and compressed ms, latency speedup, efficiency, the
-table's predicted whole-net latency and its error; and per thread count, the best compressed INT8 model against
-the fastest dense deployment of any runtime.
+table's predicted whole-net latency and its error, as predicted and anchored on the dense net measured in the
+run (the measured dense times the predicted speedup); and per thread count, the best compressed INT8 model
+against the fastest dense deployment of any runtime.
 
     python tools/bench_deployments.py --model resnet18 --speedup 3 --threads 1,2 --out bench-out/deployments
 """
@@ -86,6 +87,7 @@ def main() -> None:
                        "compressed_ms": r["compressed"]["median_ms"], "latency_speedup": r["latency_speedup"],
                        "efficiency": r["efficiency"], "predicted_ms": pr.get("compressed_ms"),
                        "prediction_error": pr.get("error"), "predicted_speedup": pr.get("latency_speedup"),
+                       "anchored_error": pr.get("anchored_error"),
                        "report": str(p)}
                 rows.append(row)
                 if made_for != "macs":
@@ -102,9 +104,11 @@ def main() -> None:
                          "fastest_dense_ms": fastest[1], "speedup": fastest[1] / ms, "mac_speedup": macs,
                          "ratio": fastest[1] / ms / macs})
     lines = ["| threads | runtime | precision | scheme | ranks | MAC speedup | dense ms | compressed ms | "
-             "latency speedup | efficiency | predicted ms (error) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "latency speedup | efficiency | predicted ms (error) | anchored error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pred = "-" if r["predicted_ms"] is None else f"{r['predicted_ms']:.2f} ({100 * r['prediction_error']:+.0f}%)"
+        pred += " | -" if r.get("anchored_error") is None else f" | {100 * r['anchored_error']:+.0f}%"
         lines.append(f"| {r['threads']} | {r['runtime']} | {r['precision']} | {r['scheme']} | {r['ranks']} | "
                      f"{r['mac_speedup']:.2f}x | "
                      f"{r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['latency_speedup']:.2f}x | "

@@ -341,7 +341,9 @@ def _add_layers(rep: dict[str, Any], model: Path, src: CompressReport, result: d
 
 def _add_prediction(rep: dict[str, Any], src: CompressReport, d: dict[str, Any], c: dict[str, Any]) -> None:
     """What the latency table of this deployment (target, runtime, precision, threads) predicted for the whole
-    net, against what was measured."""
+    net, against what was measured: as predicted ("error"), and anchored on the dense net measured now
+    ("anchored_error": the measured dense times the predicted speedup; a machine that runs faster or slower
+    than when the table was made moves both nets, which the table's own error should not include)."""
     rep["latency_table"] = src.latency_table
     # layers the calibration guard kept dense (their fastest pair was not faster than the dense conv)
     rep["kept_dense_by_guard"] = [la["name"] for la in src.layers if (la.get("reason") or "").startswith("calibrated")]
@@ -349,9 +351,11 @@ def _add_prediction(rep: dict[str, Any], src: CompressReport, d: dict[str, Any],
     key = (rep["target"], rep["runtime"], rep["precision"], rep["threads"])
     for pr in src.predictions or []:
         if (pr["target"], pr["runtime"], pr["precision"], pr["threads"]) == key:
+            anchored = d["median_ms"] * pr["compressed_ms"] / pr["dense_ms"]
             rep["prediction"] = {**pr, "measured_compressed_ms": c["median_ms"], "measured_dense_ms": d["median_ms"],
                                  "error": c["median_ms"] / pr["compressed_ms"] - 1.0,
-                                 "dense_error": d["median_ms"] / pr["dense_ms"] - 1.0}
+                                 "dense_error": d["median_ms"] / pr["dense_ms"] - 1.0,
+                                 "anchored_compressed_ms": anchored, "anchored_error": c["median_ms"] / anchored - 1.0}
 
 
 def summary_row(rep: dict[str, Any]) -> dict[str, Any]:

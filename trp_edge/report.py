@@ -276,7 +276,9 @@ def markdown(rep: dict[str, Any]) -> str:
         what = "the convs" if pr.get("convs_only") else "the whole net"
         lines += ["", f"Latency table for {pr['deployment']}: predicted {pr['compressed_ms']:.3f} ms for {what} "
                   f"(dense {pr['dense_ms']:.3f} ms, {pr['latency_speedup']:.2f}x); measured {c['median_ms']:.3f} ms "
-                  f"({100 * pr['error']:+.1f}% against the prediction; dense {100 * pr['dense_error']:+.1f}%)."]
+                  f"({100 * pr['error']:+.1f}% against the prediction; dense {100 * pr['dense_error']:+.1f}%"
+                  + (f"; {100 * pr['anchored_error']:+.1f}% against the prediction anchored on the dense net measured "
+                     "now" if "anchored_error" in pr else "") + ")."]
     if rep.get("comparison"):
         lines += ["", "Timed side by side in the same run (alternating blocks):", ""]
         lines += comparison_markdown(rep["comparison"])
