@@ -91,7 +91,7 @@ def test_the_python_api_compresses_any_module(tmp_path):
     before = {k: v.clone() for k, v in mine.state_dict().items()}
     out = tmp_path / "out"
     small = trp_edge.compress(mine, data="synthetic:1x28x28", scheme="channel", steps=4, batch=32, energy=0.3,
-                              out=str(out), latency=False)
+                              out=str(out), latency=False, calibrate=False)  # MAC-based: the same ranks on any CPU
     assert isinstance(small, UserNet) and all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
     assert {"dense.pt2", "compressed.pt2", "model.onnx", "report.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
@@ -128,7 +128,7 @@ def test_a_program_goes_through_compress_build_and_deploy(tmp_path, monkeypatch)
     _export(UserNet(), tmp_path / "net.pt2")
     run = CliRunner().invoke
     r = run(main, ["compress", "net.pt2", "--data", "fashion-mnist", "--steps", "3", "--batch", "32", "-e", "0.3",
-                   "-o", "out", "--no-latency", "-q"])
+                   "-o", "out", "--no-latency", "--no-calibrate", "-q"])  # MAC-based ranks, whatever this CPU
     assert r.exit_code == 0, r.output
     assert "dense.pt2, compressed.pt2" in r.output
     r = run(main, ["build", "out", "--target", "host", "--runtime", "ort", "--calib-images", "8",
