@@ -76,10 +76,8 @@ def load(path: str | bytes, threads: int = 1, device: str = "cpu") -> Run:
     return lambda x: sess.run(None, {name: x})[0]
 
 
-def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
-                runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
-    """onnxruntime's own profiler (enable_profiling), in a separate session after the timing: per kernel of
-    the optimized graph (fused node names), median over runs."""
+def _kernel_events(path: str, x: np.ndarray, threads: int, runs: int) -> list[dict[str, Any]]:
+    """`runs` calls of the model in a profiling session of its own; the profiler's kernel events, in order."""
     sess = session(path, threads, profile_prefix=os.path.join(tempfile.gettempdir(), f"trp-edge-ort-{os.getpid()}"))
     feed = {sess.get_inputs()[0].name: x}
     for _ in range(runs):
@@ -89,10 +87,15 @@ def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
         events = json.loads(Path(prof).read_text())
     finally:
         Path(prof).unlink(missing_ok=True)
+    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
+                runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
+    """onnxruntime's own profiler (enable_profiling), in a separate session after the timing: per kernel of
+    the optimized graph (fused node names), median over runs."""
     per: dict[str, dict[str, Any]] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
+    for e in _kernel_events(path, x, threads, runs):
         a = e.get("args", {})
         shapes = [next(iter(t.values())) for t in a.get("input_type_shape", [])]
         outs = [next(iter(t.values())) for t in a.get("output_type_shape", [])]
@@ -144,19 +147,9 @@ def layer_profile(path: str, x: np.ndarray, threads: int = 1, runs: int = 2 * PR
     """onnxruntime's profiler on a model tagged by tag_layers: per layer tag, the conv kernels' time summed per
     run ("median_ms": the mean of the middle half of the runs; p10, p90), and each run's whole time ("total_ms",
     every kernel, for scaling to the model's timed latency)."""
-    sess = session(path, threads, profile_prefix=os.path.join(tempfile.gettempdir(), f"trp-edge-ort-{os.getpid()}"))
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(runs + 2):
-        sess.run(None, feed)
-    prof = sess.end_profiling()
-    try:
-        events = json.loads(Path(prof).read_text())
-    finally:
-        Path(prof).unlink(missing_ok=True)
     per_node: dict[str, tuple[str, list[float]]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_node.setdefault(e["name"], (e.get("args", {}).get("op_name"), []))[1].append(e["dur"] / 1000.0)
+    for e in _kernel_events(path, x, threads, runs + 2):
+        per_node.setdefault(e["name"], (e.get("args", {}).get("op_name"), []))[1].append(e["dur"] / 1000.0)
     total = np.zeros(runs)
     layers: dict[str, np.ndarray] = {}
     for name, (op, ms) in per_node.items():

@@ -37,6 +37,11 @@ def device_identity() -> dict[str, Any]:
             "tvm_devices": tvm_device_apis()}
 
 
+def _failure(e: Exception) -> str:
+    """One artifact's failure, as recorded: the exception's type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     rt, threads = job["runtime"], int(job.get("threads", 1))
     cfg = ProfileConfig(**job.get("protocol", {}))
@@ -69,7 +74,7 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
         except ImportError as e:
             r["error"] = f"runtime missing on the device: {e}"
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
-            r["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            r["error"] = _failure(e)
     if not runners:
         out["error"] = "; ".join(f"{v}: {r.get('error') or r.get('skipped')}" for v, r in out["artifacts"].items())
         return out
@@ -118,7 +123,7 @@ def calibrate(job: dict[str, Any], base: Path) -> dict[str, Any]:
             out["error"] = f"runtime missing on the device: {e}"
             return out
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
-            out["errors"][a["variant"]] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            out["errors"][a["variant"]] = _failure(e)
     out["timing"] = {k: t.to_dict() for k, t in time_alternating(runners, cfg).items()} if runners else {}
     out["protocol"] = cfg.to_dict()
     return out
@@ -150,7 +155,7 @@ def in_net(job: dict[str, Any], base: Path) -> dict[str, Any]:
             out["error"] = f"runtime missing on the device: {e}"
             return out
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
-            out["errors"][a["variant"]] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            out["errors"][a["variant"]] = _failure(e)
     out["protocol"] = cfg.to_dict()
     return out
 
