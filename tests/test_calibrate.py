@@ -596,3 +596,29 @@ def test_a_net_whose_convs_cannot_be_found_in_place_keeps_them_as_timed_alone(tm
     assert "cannot find the layers in the exported net" in caplog.text
     assert t.dense("b") > 0 and t.ranks("b", "spatial")
     assert stale(t.header, t.header["device"]) is None  # tried: not measured again at every compress
+
+
+def test_the_whole_nets_are_lowered_one_at_a_time_and_removed_after_their_call(tiny):
+    """The host holds the dense net and the net being timed, never the whole grid (ResNet-18's 37 nets: 0.8 GB),
+    and a call uploads only its own net."""
+    import torch
+
+    from trp_edge.calibrate import measure_layers
+    from trp_edge.config import CalibrateConfig
+    from trp_edge.targets import load_target
+    from trp_edge.transport import Session, run_local
+
+    seen = []
+
+    def call(kind, job, files):
+        if kind == "in_net":
+            (path,) = files.values()
+            seen.append((path.name, sorted(p.name for p in path.parent.glob("net*.onnx"))))
+        return run_local(job, files, kind)
+
+    cfg = CalibrateConfig(model="tiny", local=True, schemes=("spatial",))
+    rows, _, _, net_ms, in_net = measure_layers(tiny.eval(), torch.zeros(1, 3, 16, 16), cfg, Session("local", call),
+                                                load_target("host"), 1)
+    assert in_net and net_ms > 0 and len(seen) >= 3
+    assert [name for name, _ in seen] == [f"net{i}.onnx" for i in range(len(seen))]
+    assert all(on_disk == sorted({"net0.onnx", name}) for name, on_disk in seen)

@@ -34,12 +34,13 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
-from .errors import ConfigError, DeviceError, InputError
+from .errors import ConfigError, ConversionError, DeviceError, InputError
 from .latency_table import (
     CALL,
     DENSE,
@@ -229,18 +230,26 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
     return placed, shapes, device, net_ms, placed is not rows
 
 
-def _time_net(session: Session, job: dict[str, Any], files: dict[str, Path], g: dict[str, Any],
-              target: Target) -> tuple[float | None, dict[tuple[str, str, int], dict[str, Any]], dict[str, Any]]:
+def _time_net(session: Session, job: dict[str, Any], files: dict[str, Path | Callable[[], Path]],
+              g: dict[str, Any], target: Target) -> tuple[float | None, dict[tuple[str, str, int], dict[str, Any]],
+                                                          dict[str, Any]]:
     """The whole dense net's latency, each layer as timed in place (in_net_rows; {} without the nets of
     net_grid, or when they did not run: a device whose trp-edge has no in_net job), and the device's identity.
-    One net per call, so that a board holds one net's file at a time."""
+    One net per call, so that a board holds one net's file at a time; a net that _lower_ort_nets left to lower
+    is lowered just before its call and removed after it."""
+    dense = job["artifacts"][0]["file"]
     if len(job["artifacts"]) > 1:
         res: dict[str, Any] = {"nets": {}, "errors": {}}
         for a in job["artifacts"]:
+            file, path = files[a["file"]], None
             try:
-                one = session.call("in_net", {**job, "artifacts": [a]}, {a["file"]: files[a["file"]]})
-            except DeviceError as e:
+                path = file() if callable(file) else file
+                one = session.call("in_net", {**job, "artifacts": [a]}, {a["file"]: path})
+            except (DeviceError, ConversionError) as e:
                 one = {"error": str(e)}
+            finally:
+                if callable(file) and path is not None:
+                    path.unlink(missing_ok=True)
             res["nets"].update(one.get("nets") or {})
             res["errors"].update(one.get("errors") or {})
             res.setdefault("device", one.get("device"))
@@ -252,7 +261,7 @@ def _time_net(session: Session, job: dict[str, Any], files: dict[str, Path], g: 
         if net is not None:
             return net["timing"]["median_ms"], in_net, res["device"]
         job = {**job, "artifacts": job["artifacts"][:1]}  # the dense net alone, as without the grid
-    res = session.call("calibrate", job, files)
+    res = session.call("calibrate", job, {dense: files[dense]})
     if res.get("error"):
         raise DeviceError(f"{target.name}/{job['runtime']}: {res['error']}")
     return res["timing"].get(DENSE, {}).get("median_ms"), {}, res["device"]
@@ -336,39 +345,44 @@ def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
 
 def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
     """The whole nets of net_grid as ONNX models whose nodes are tagged with their layer (backends.ort.tag_layers;
-    INT8: quantized afterwards, as a layer's models are), one net built at a time. Only the dense net when the
-    tags do not fit the export (a conv called twice, say): the table then has the layers as timed alone."""
+    INT8: quantized afterwards, as a layer's models are). The dense net is lowered now; every other net's file is a
+    function that lowers it when its call comes (_time_net), so the host holds one net at a time (ResNet-18's 37
+    nets took 0.8 GB of the host's disk at once). Only the dense net when the tags do not fit the export (a conv
+    called twice, say): the table then has the layers as timed alone."""
     import copy
+    from functools import partial
 
     from .backends.ort import quantize_int8, tag_layers
-    from .errors import ConversionError
     from .lowrank import make_pair
 
-    net, order, arts, files, tagged = g["variants"][DENSE], g["order"], [], {}, True
-    for vi, (variant, pairs) in enumerate(g["grid"].items()):
+    net, order = g["variants"][DENSE], g["order"]
+
+    def lower(vi: int, pairs: dict[str, tuple[str, int]], tag: bool = True) -> Path:
         model = copy.deepcopy(net) if pairs else net
         for name, (scheme, k) in pairs.items():
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(name), scheme, k, init=False))
         path = tmp / f"net{vi}.onnx"
         _write_onnx(model, g["input_shape"], path)
-        try:
+        if tag:
             tag_layers(path, [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)])
-        except ConversionError as e:
-            log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
-            tagged = False
-            if vi > 0:
-                break  # the dense net, already lowered, is timed as the net
         if cfg.precision == "int8":
             quantize_int8(path, path.with_suffix(".int8.onnx"), _random_calib(g["input_shape"]), tmp)
             path.unlink()
             path = path.with_suffix(".int8.onnx")
-        files[path.name] = path
-        arts.append({"variant": variant, "file": path.name})
-        if not tagged:
-            break
-    if not tagged:
-        arts, files = arts[:1], {a["file"]: files[a["file"]] for a in arts[:1]}
+        return path
+
+    grid = list(g["grid"].items())
+    try:
+        dense = lower(0, grid[0][1])
+    except ConversionError as e:
+        log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
+        dense = lower(0, grid[0][1], tag=False)
+        grid = grid[:1]
+    arts = [{"variant": variant, "file": f"net{vi}{'.int8' if cfg.precision == 'int8' else ''}.onnx"}
+            for vi, (variant, _) in enumerate(grid)]
+    files: dict[str, Path | Callable[[], Path]] = {arts[0]["file"]: dense}
+    files.update({a["file"]: partial(lower, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
     return arts, files
 
 
