@@ -126,3 +126,23 @@ def test_an_existing_out_needs_force(tmp_path):
     res = run(["compress", "resnet20", "--steps", "0", "--out", "o", "--force", "-q", "--no-latency"], tmp_path)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "report.json").read_text())["model"] == "resnet20"
+
+
+def test_a_full_disk_is_one_clear_line_and_keeps_what_was_written(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import trp_edge.compress
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "dense.onnx"))
+
+    monkeypatch.setattr(trp_edge.compress, "compress", full)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    res = run(["compress", "resnet20", "--steps", "0", "--out", "o", "--force"], tmp_path)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert lines[0].startswith("Error: the disk is full writing ") and "dense.onnx" in lines[0]
+    assert (out / "report.json").read_text() == "old"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -70,6 +71,12 @@ def library_errors(fn):
             if verbose > 0:
                 log.debug("the error, with its cause:", exc_info=e)
             raise click.ClickException(str(e)) from e
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            raise click.ClickException(f"the disk is full{where} ({e.strerror}): free some space and run again; "
+                                       "files written before are kept") from e
 
     return run
 
