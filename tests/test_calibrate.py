@@ -598,9 +598,9 @@ def test_a_net_whose_convs_cannot_be_found_in_place_keeps_them_as_timed_alone(tm
     assert stale(t.header, t.header["device"]) is None  # tried: not measured again at every compress
 
 
-def test_the_whole_nets_are_lowered_one_at_a_time_and_removed_after_their_call(tiny):
-    """The host holds the dense net and the net being timed, never the whole grid (ResNet-18's 37 nets: 0.8 GB),
-    and a call uploads only its own net."""
+def test_the_models_are_lowered_one_call_at_a_time_and_removed_after_it(tiny):
+    """The host holds the dense net and the models of the call it makes, never the whole grid (ResNet-18's 37 nets
+    and its layers' models: 0.8 GB), and a call uploads only its own models."""
     import torch
 
     from trp_edge.calibrate import measure_layers
@@ -611,14 +611,16 @@ def test_the_whole_nets_are_lowered_one_at_a_time_and_removed_after_their_call(t
     seen = []
 
     def call(kind, job, files):
-        if kind == "in_net":
-            (path,) = files.values()
-            seen.append((path.name, sorted(p.name for p in path.parent.glob("net*.onnx"))))
+        folder = next(iter(files.values())).parent
+        dense = {"net0.int8.onnx"}  # the dense net, kept for the fallback
+        seen.append((kind, set(files) - dense, {p.name for p in folder.glob("*.onnx")} - dense))
         return run_local(job, files, kind)
 
-    cfg = CalibrateConfig(model="tiny", local=True, schemes=("spatial",))
+    cfg = CalibrateConfig(model="tiny", local=True, schemes=("spatial",), precision="int8")
     rows, _, _, net_ms, in_net = measure_layers(tiny.eval(), torch.zeros(1, 3, 16, 16), cfg, Session("local", call),
                                                 load_target("host"), 1)
-    assert in_net and net_ms > 0 and len(seen) >= 3
-    assert [name for name, _ in seen] == [f"net{i}.onnx" for i in range(len(seen))]
-    assert all(on_disk == sorted({"net0.onnx", name}) for name, on_disk in seen)
+    assert in_net and net_ms > 0 and rows
+    nets = [files for kind, files, _ in seen if kind == "in_net"]
+    assert len(nets) >= 3 and nets[1:] == [{f"net{i}.int8.onnx"} for i in range(1, len(nets))]
+    assert sum(kind == "calibrate" for kind, _, _ in seen) == 3  # TinyNet's three conv shapes
+    assert all(on_disk == files for _, files, on_disk in seen), seen

@@ -34,7 +34,8 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,8 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
             if key == NET:
                 net_ms, in_net, device = _time_net(session, job, files, groups[NET], target)
                 continue
-            res = session.call("calibrate", job, files)
+            with _written(files) as paths:
+                res = session.call("calibrate", job, paths)
             if res.get("error"):
                 raise DeviceError(f"{target.name}/{cfg.runtime}: {res['error']}")
             device = res["device"]
@@ -230,26 +232,38 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
     return placed, shapes, device, net_ms, placed is not rows
 
 
-def _time_net(session: Session, job: dict[str, Any], files: dict[str, Path | Callable[[], Path]],
-              g: dict[str, Any], target: Target) -> tuple[float | None, dict[tuple[str, str, int], dict[str, Any]],
-                                                          dict[str, Any]]:
+Lowered = dict[str, Path | Callable[[], Path]]  # a file, or a function that writes it (_written)
+
+
+@contextmanager
+def _written(files: Lowered) -> Iterator[dict[str, Path]]:
+    """The files of one call as paths: a file that lower_ort left as a function is written now and removed when
+    the call is over, so the host holds one call's models at a time."""
+    paths = {}
+    try:
+        for name, file in files.items():
+            paths[name] = file() if callable(file) else file
+        yield paths
+    finally:
+        for name, file in files.items():
+            if callable(file) and name in paths:
+                paths[name].unlink(missing_ok=True)
+
+
+def _time_net(session: Session, job: dict[str, Any], files: Lowered, g: dict[str, Any],
+              target: Target) -> tuple[float | None, dict[tuple[str, str, int], dict[str, Any]], dict[str, Any]]:
     """The whole dense net's latency, each layer as timed in place (in_net_rows; {} without the nets of
     net_grid, or when they did not run: a device whose trp-edge has no in_net job), and the device's identity.
-    One net per call, so that a board holds one net's file at a time; a net that _lower_ort_nets left to lower
-    is lowered just before its call and removed after it."""
+    One net per call, so that a board holds one net's file at a time, and the host too (_written)."""
     dense = job["artifacts"][0]["file"]
     if len(job["artifacts"]) > 1:
         res: dict[str, Any] = {"nets": {}, "errors": {}}
         for a in job["artifacts"]:
-            file, path = files[a["file"]], None
             try:
-                path = file() if callable(file) else file
-                one = session.call("in_net", {**job, "artifacts": [a]}, {a["file"]: path})
+                with _written({a["file"]: files[a["file"]]}) as paths:
+                    one = session.call("in_net", {**job, "artifacts": [a]}, paths)
             except (DeviceError, ConversionError) as e:
                 one = {"error": str(e)}
-            finally:
-                if callable(file) and path is not None:
-                    path.unlink(missing_ok=True)
             res["nets"].update(one.get("nets") or {})
             res["errors"].update(one.get("errors") or {})
             res.setdefault("device", one.get("device"))
@@ -261,7 +275,8 @@ def _time_net(session: Session, job: dict[str, Any], files: dict[str, Path | Cal
         if net is not None:
             return net["timing"]["median_ms"], in_net, res["device"]
         job = {**job, "artifacts": job["artifacts"][:1]}  # the dense net alone, as without the grid
-    res = session.call("calibrate", job, {dense: files[dense]})
+    with _written({dense: files[dense]}) as paths:
+        res = session.call("calibrate", job, paths)
     if res.get("error"):
         raise DeviceError(f"{target.name}/{job['runtime']}: {res['error']}")
     return res["timing"].get(DENSE, {}).get("median_ms"), {}, res["device"]
@@ -318,10 +333,11 @@ def _random_calib(shape, n: int = 8):
     return np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
 
 
-def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
+def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path) -> dict[str, tuple[list, Lowered]]:
     """Each variant one small ONNX model (INT8: quantized to QDQ as build does, on random activations: the
-    latency of integer kernels does not depend on the values). {group: (artifacts, files)}."""
-    from .backends.ort import quantize_int8
+    latency of integer kernels does not depend on the values). {group: (artifacts, files)}, each file a function
+    that writes it when its group's call comes (_written)."""
+    from functools import partial
 
     out = {}
     for gi, (key, g) in enumerate(groups.items()):
@@ -330,17 +346,23 @@ def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
             continue
         arts, files = [], {}
         for vi, (variant, module) in enumerate(g["variants"].items()):
-            name = f"{gi}-{vi}.onnx"
-            _write_onnx(module, g["input_shape"], tmp / name)
-            if cfg.precision == "int8" and variant != CALL:
-                q = f"{gi}-{vi}.int8.onnx"
-                quantize_int8(tmp / name, tmp / q, _random_calib(g["input_shape"]), tmp)
-                (tmp / name).unlink()
-                name = q
-            files[name] = tmp / name
+            int8 = cfg.precision == "int8" and variant != CALL
+            name = f"{gi}-{vi}{'.int8' if int8 else ''}.onnx"
+            files[name] = partial(_lower_ort_model, module, g["input_shape"], tmp / name, int8)
             arts.append({"variant": variant, "file": name})
         out[key] = (arts, files)
     return out
+
+
+def _lower_ort_model(module, shape, path: Path, int8: bool) -> Path:
+    from .backends.ort import quantize_int8
+
+    fp32 = path.with_name(path.name.replace(".int8", "")) if int8 else path
+    _write_onnx(module, shape, fp32)
+    if int8:
+        quantize_int8(fp32, path, _random_calib(shape), path.parent)
+        fp32.unlink()
+    return path
 
 
 def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
@@ -381,7 +403,7 @@ def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
         grid = grid[:1]
     arts = [{"variant": variant, "file": f"net{vi}{'.int8' if cfg.precision == 'int8' else ''}.onnx"}
             for vi, (variant, _) in enumerate(grid)]
-    files: dict[str, Path | Callable[[], Path]] = {arts[0]["file"]: dense}
+    files: Lowered = {arts[0]["file"]: dense}
     files.update({a["file"]: partial(lower, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
     return arts, files
 
