@@ -347,18 +347,26 @@ def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
         arts, files = [], {}
         for vi, (variant, module) in enumerate(g["variants"].items()):
             int8 = cfg.precision == "int8" and variant != CALL
-            name = f"{gi}-{vi}{'.int8' if int8 else ''}.onnx"
+            name = _onnx_name(f"{gi}-{vi}", int8)
             files[name] = partial(_lower_ort_model, module, g["input_shape"], tmp / name, int8)
             arts.append({"variant": variant, "file": name})
         out[key] = (arts, files)
     return out
 
 
-def _lower_ort_model(module, shape, path: Path, int8: bool) -> Path:
-    from .backends.ort import quantize_int8
+def _onnx_name(stem: str, int8: bool) -> str:
+    return f"{stem}{'.int8' if int8 else ''}.onnx"
+
+
+def _lower_ort_model(module, shape, path: Path, int8: bool, tags: list[int] | None = None) -> Path:
+    """`module` exported to `path` (named by _onnx_name); with `tags`, its nodes tagged by layer first
+    (backends.ort.tag_layers); INT8: quantized to QDQ from the fp32 export, which goes."""
+    from .backends.ort import quantize_int8, tag_layers
 
     fp32 = path.with_name(path.name.replace(".int8", "")) if int8 else path
     _write_onnx(module, shape, fp32)
+    if tags is not None:
+        tag_layers(fp32, tags)
     if int8:
         quantize_int8(fp32, path, _random_calib(shape), path.parent)
         fp32.unlink()
@@ -374,25 +382,17 @@ def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
     import copy
     from functools import partial
 
-    from .backends.ort import quantize_int8, tag_layers
     from .lowrank import make_pair
 
-    net, order = g["variants"][DENSE], g["order"]
+    net, order, int8 = g["variants"][DENSE], g["order"], cfg.precision == "int8"
 
     def lower(vi: int, pairs: dict[str, tuple[str, int]], tag: bool = True) -> Path:
         model = copy.deepcopy(net) if pairs else net
         for name, (scheme, k) in pairs.items():
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(name), scheme, k, init=False))
-        path = tmp / f"net{vi}.onnx"
-        _write_onnx(model, g["input_shape"], path)
-        if tag:
-            tag_layers(path, [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)])
-        if cfg.precision == "int8":
-            quantize_int8(path, path.with_suffix(".int8.onnx"), _random_calib(g["input_shape"]), tmp)
-            path.unlink()
-            path = path.with_suffix(".int8.onnx")
-        return path
+        tags = [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)] if tag else None
+        return _lower_ort_model(model, g["input_shape"], tmp / _onnx_name(f"net{vi}", int8), int8, tags)
 
     grid = list(g["grid"].items())
     try:
@@ -401,8 +401,7 @@ def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
         log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
         dense = lower(0, grid[0][1], tag=False)
         grid = grid[:1]
-    arts = [{"variant": variant, "file": f"net{vi}{'.int8' if cfg.precision == 'int8' else ''}.onnx"}
-            for vi, (variant, _) in enumerate(grid)]
+    arts = [{"variant": variant, "file": _onnx_name(f"net{vi}", int8)} for vi, (variant, _) in enumerate(grid)]
     files: Lowered = {arts[0]["file"]: dense}
     files.update({a["file"]: partial(lower, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
     return arts, files
