@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from trp_edge.build import revalidate, sha256
 from trp_edge.cli import main
 from trp_edge.errors import ValidationError
+from trp_edge.workflows.build import revalidate, sha256
 
 
 def invoke(args):

@@ -7,11 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from trp_edge.calibrate import rank_grid
 from trp_edge.cli import main
 from trp_edge.errors import InputError
 from trp_edge.latency_table import load_table, stale
 from trp_edge.models import load_model
+from trp_edge.workflows.calibrate import rank_grid
 
 
 def test_rank_grid_stays_below_break_even():
@@ -375,8 +375,8 @@ def test_int8_models_per_runtime_when_their_tables_disagree(table, tmp_path, mon
     their own with it merged back, TFLite's quantize the compressed model as it is (no veto across runtimes);
     a build is reused while its sources are unchanged and rebuilt when ORT's INT8 model changes."""
     from trp_edge.config import DeployConfig
-    from trp_edge.deploy import ensure_built
     from trp_edge.targets import load_target
+    from trp_edge.workflows.deploy import ensure_built
 
     cal, header = tmp_path / "cal", {**json.loads(table.with_suffix(".json").read_text()), "net_ms": 1000.0}
 
@@ -577,8 +577,8 @@ def test_a_net_whose_convs_cannot_be_found_in_place_keeps_them_as_timed_alone(tm
     import torch
     from torch import nn
 
-    from trp_edge.calibrate import calibrate_model
     from trp_edge.config import CalibrateConfig
+    from trp_edge.workflows.calibrate import calibrate_model
 
     class Twice(nn.Module):
         def __init__(self):
@@ -603,10 +603,10 @@ def test_the_models_are_lowered_one_call_at_a_time_and_removed_after_it(tiny):
     and its layers' models: 0.8 GB), and a call uploads only its own models."""
     import torch
 
-    from trp_edge.calibrate import measure_layers
     from trp_edge.config import CalibrateConfig
     from trp_edge.targets import load_target
     from trp_edge.transport import Session, run_local
+    from trp_edge.workflows.calibrate import measure_layers
 
     seen = []
 

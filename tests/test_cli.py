@@ -132,12 +132,12 @@ def test_a_full_disk_is_one_clear_line_and_keeps_what_was_written(tmp_path, monk
     import errno
     import os
 
-    import trp_edge.compress
+    import trp_edge.workflows.compress
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "dense.onnx"))
 
-    monkeypatch.setattr(trp_edge.compress, "compress", full)
+    monkeypatch.setattr(trp_edge.workflows.compress, "compress", full)
     out = tmp_path / "o"
     out.mkdir()
     (out / "report.json").write_text("old")

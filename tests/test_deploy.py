@@ -280,7 +280,7 @@ def test_compare_with_a_bad_folder(untrained_pair, tmp_path):
 def test_the_prediction_is_judged_as_made_and_anchored_on_the_dense_net_measured_now():
     from types import SimpleNamespace
 
-    from trp_edge.deploy import _add_prediction
+    from trp_edge.workflows.deploy import _add_prediction
 
     pr = {"target": "host", "runtime": "ort", "precision": "fp32", "threads": 1, "dense_ms": 10.0,
           "compressed_ms": 4.0, "latency_speedup": 2.5, "deployment": "host/ort fp32, 1 thread(s)"}

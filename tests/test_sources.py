@@ -11,11 +11,11 @@ from torch import nn
 
 import trp_edge
 from trp_edge.cli import main
-from trp_edge.compress import load_stage
 from trp_edge.config import CompressConfig, TRPConfig
 from trp_edge.errors import ConfigError, InputError
 from trp_edge.models import build, builtin_spec, infer_spec, load_model
 from trp_edge.models.cifar import CifarResNet
+from trp_edge.workflows.compress import load_stage
 
 
 class UserNet(nn.Module):
@@ -90,9 +90,11 @@ def test_the_python_api_compresses_any_module(tmp_path):
     mine = UserNet()
     before = {k: v.clone() for k, v in mine.state_dict().items()}
     out = tmp_path / "out"
-    small = trp_edge.compress(mine, data="synthetic:1x28x28", scheme="channel", steps=4, batch=32, energy=0.3,
-                              out=str(out), latency=False, calibrate=False)  # MAC-based: the same ranks on any CPU
-    assert isinstance(small, UserNet) and all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
+    res = trp_edge.compress(mine, data="synthetic:1x28x28", scheme="channel", steps=4, batch=32, energy=0.3,
+                            out=str(out), latency=False, calibrate=False)  # MAC-based: the same ranks on any CPU
+    small = res.model
+    assert isinstance(res, trp_edge.CompressResult) and res.out == out and isinstance(small, UserNet)
+    assert all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
     assert {"dense.pt2", "compressed.pt2", "model.onnx", "report.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert report["arch"]["family"] == "export" and report["training"]["steps"] == 4

@@ -84,7 +84,7 @@ def test_the_walker_sees_function_level_imports_and_cycles():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
     # cli imports compress inside a function only: the walk must see it
-    assert "trp_edge.compress" in graph["trp_edge.cli"]
+    assert "trp_edge.workflows.compress" in graph["trp_edge.cli"]
     assert "trp_edge.errors" in graph["trp_edge.backends.ort"]
 
 

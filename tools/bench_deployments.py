@@ -40,10 +40,10 @@ def main() -> None:
 
     import torch
 
-    from trp_edge.compress import compress
     from trp_edge.config import CompressConfig, DecomposeConfig, DeployConfig, ProfileConfig, TRPConfig
-    from trp_edge.deploy import deploy
     from trp_edge.profile import host_identity
+    from trp_edge.workflows.compress import compress
+    from trp_edge.workflows.deploy import deploy
 
     out = Path(args.out)
     protocol = ProfileConfig(warmup=5, block=5, min_runs=args.min_runs, min_seconds=args.min_seconds, max_seconds=600)

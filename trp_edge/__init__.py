@@ -1,13 +1,19 @@
 """trp-edge: Trained Rank Pruning (Xu et al., IJCAI 2020) for CNNs, lowered to edge devices.
 
-The public API is imported lazily, so `import trp_edge` (and `trp-edge --help`) load no torch."""
+The public API is imported lazily, so `import trp_edge` (and `trp-edge --help`) load no torch. The four workflows
+are functions here, each taking a config or the CLI's options as keywords and returning a typed result:
+
+    trp_edge.compress(model, **options) -> CompressResult      trp_edge.build(cfg | **options) -> BuildResult
+    trp_edge.deploy(cfg | **options) -> DeployResult          trp_edge.calibrate(cfg | **options) -> CalibrationResult
+
+Their modules live in trp_edge.workflows, so the function trp_edge.compress and the module never collide."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "CompressConfig": "config", "DecomposeConfig": "config", "TRPConfig": "config", "BuildConfig": "config",
@@ -17,7 +23,11 @@ _EXPORTS = {
     "CompressReport": "report", "LatencyTable": "latency_table", "load_table": "latency_table",
     "load_model": "models", "load_data": "data",
     "decompose_": "lowrank", "SCHEMES": "lowrank", "energy_rank": "lowrank", "LowRankConv2d": "lowrank",
-    "TRPTrainer": "trp", "count_macs": "flops", "export_onnx": "export", "compress": "compress",
+    "TRPTrainer": "trp", "count_macs": "flops", "export_onnx": "export",
+    "compress": "workflows.compress", "CompressResult": "workflows.compress",
+    "build": "workflows.build", "BuildResult": "workflows.build",
+    "deploy": "workflows.deploy", "DeployResult": "workflows.deploy",
+    "calibrate": "workflows.calibrate", "CalibrationResult": "workflows.calibrate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -186,7 +186,7 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
     (mobilenet_v3_small, efficientnet_b0, ...), a .pt file (a state_dict or checkpoint dict of any of those,
     architecture inferred; with --trust-pickle a pickled nn.Module of any class) or a torch.export program
     (.pt2, loaded without running code from the file)."""
-    from .compress import compress as run
+    from .workflows.compress import compress as run
 
     cfg = CompressConfig(
         model=model, arch=arch, weights=weights, trust_pickle=trust_pickle, in_channels=in_channels,
@@ -284,7 +284,7 @@ def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, in
     and the dense model, per runtime, each artifact validated against torch. Writes OUT/<target>/<runtime>/
     with a manifest.json. --tune-trials tunes TVM on the device named by --host/--port or --tracker/--key (else
     the target's [rpc]; a native target without one tunes here)."""
-    from .build import build as run
+    from .workflows.build import build as run
 
     result = run(BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials,
                              tune_minutes=tune_minutes, tuning_db=tuning_db, int8=int8, calib=calib,
@@ -395,8 +395,8 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
     reports/<target>/<model>-<runtime>[-int8]-<time>.{json,md,png}. With --compare, every model is timed in the same
     alternating run and each report carries the side-by-side table."""
-    from .deploy import deploy as run
     from .report import comparison_markdown
+    from .workflows.deploy import deploy as run
 
     paths = run(DeployConfig(target=target, model=model, runtimes=runtimes, precision=precision, host=host, port=port,
                              tracker=tracker, key=key, local=local, emulate=emulate, threads=threads,
@@ -423,7 +423,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
 @library_errors
 def profile(artifact_dir, target, reports, min_runs, min_seconds, threads, quiet, verbose) -> None:
     """Time an existing build (OUT/<target>/<runtime>/) on this machine and write its report."""
-    from .deploy import profile_build
+    from .workflows.deploy import profile_build
 
     cfg = DeployConfig(target=target, local=True, threads=threads, reports=reports,
                        protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds))
@@ -465,7 +465,7 @@ def calibrate(target, model, schemes, runtime, precision, local, host, port, tra
     """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, on the
     device (over RPC, as deploy) or here (--local), and write calibration/<target>/<runtime>/<model>.csv with a
     JSON header (<model>-int8, <model>-<N>t for INT8 and N threads)."""
-    from .calibrate import calibrate as run
+    from .workflows.calibrate import calibrate as run
 
     r = run(CalibrateConfig(model=model, target=target, schemes=tuple(s for s in schemes.split(",") if s),
                             runtime=runtime, precision=precision, threads=threads, local=local, out=out,

@@ -22,6 +22,22 @@ def _check(cond: bool, message: str) -> None:
 
 
 class _JSONMixin:
+    @classmethod
+    def of(cls, cfg: Any = None, /, **options: Any):
+        """The config a workflow runs (the Python API): `cfg` as it is, or one made from keyword options named
+        as the config's fields (a string `cfg` is the model)."""
+        if isinstance(cfg, cls):
+            _check(not options, f"{cls.__name__} given: set {', '.join(sorted(options))} in it, not beside it")
+            return cfg
+        if isinstance(cfg, str | os.PathLike):
+            options = {"model": str(cfg), **options}
+        elif cfg is not None:
+            raise ConfigError(f"expected a {cls.__name__} or keyword options, got {type(cfg).__name__}")
+        try:
+            return cls.from_dict(options)
+        except TypeError as e:  # a required option missing
+            raise ConfigError(f"{cls.__name__}: {str(e).split('() ', 1)[-1]}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
-from .errors import ConfigError, ConversionError, DeviceError, InputError
-from .latency_table import (
+from ..config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
+from ..errors import ConfigError, ConversionError, DeviceError, InputError
+from ..latency_table import (
     CALL,
     DENSE,
     IN_NET_RUNTIMES,
@@ -54,8 +54,8 @@ from .latency_table import (
     stale,
     table_path,
 )
-from .targets import Target, load_target
-from .transport import Session, open_session, resolve
+from ..targets import Target, load_target
+from ..transport import Session, open_session, resolve
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,12 @@ class CalibrationResult:
     seconds: float
 
 
-def calibrate(cfg: CalibrateConfig, *, progress: bool = False) -> CalibrationResult:
+def calibrate(cfg: CalibrateConfig | str | None = None, /, *, progress: bool = False,
+              **options: Any) -> CalibrationResult:
     """Measure every eligible conv of cfg.model on the target (here with `local`, else over RPC on the target's
-    `trp-edge serve`) and write the table and its header; returns where."""
+    `trp-edge serve`) and write the table and its header; returns where. `cfg` a CalibrateConfig, or its options
+    as keywords."""
+    cfg = CalibrateConfig.of(cfg, **options)
     name, net, example = calibration_model(cfg)
     return calibrate_model(cfg, name, net, example, progress=progress)
 
@@ -123,8 +126,8 @@ def calibration_model(cfg: CalibrateConfig):
     """(name, model in eval mode, a zero input of the size the deployment feeds it)."""
     import torch
 
-    from .data import free_size, load_data
-    from .models import default_input_size, load_model
+    from ..data import free_size, load_data
+    from ..models import default_input_size, load_model
 
     ds = load_data(cfg.data) if cfg.data else None
     sized = ds is not None and not free_size(cfg.data)  # else the size is the model's, as compress makes it
@@ -152,7 +155,7 @@ def layer_grids(net, example, cfg: CalibrateConfig) -> tuple[dict[str, dict[str,
     """The modules to time, grouped per layer shape: {shape: {"input_shape", "variants": {variant: module}}}
     (variant "dense", "<scheme>:<rank>", "call"), plus the group NET (the whole dense net); every conv's shape
     key; and the layers of each shape."""
-    from .lowrank import conv_layers, get_scheme, make_pair
+    from ..lowrank import conv_layers, get_scheme, make_pair
 
     groups: dict[str, dict[str, Any]] = {}
     shapes: dict[str, str] = {}
@@ -361,7 +364,7 @@ def _onnx_name(stem: str, int8: bool) -> str:
 def _lower_ort_model(module, shape, path: Path, int8: bool, tags: list[int] | None = None) -> Path:
     """`module` exported to `path` (named by _onnx_name); with `tags`, its nodes tagged by layer first
     (backends.ort.tag_layers); INT8: quantized to QDQ from the fp32 export, which goes."""
-    from .backends.ort import quantize_int8, tag_layers
+    from ..backends.ort import quantize_int8, tag_layers
 
     fp32 = path.with_name(path.name.replace(".int8", "")) if int8 else path
     _write_onnx(module, shape, fp32)
@@ -382,7 +385,7 @@ def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
     import copy
     from functools import partial
 
-    from .lowrank import make_pair
+    from ..lowrank import make_pair
 
     net, order, int8 = g["variants"][DENSE], g["order"], cfg.precision == "int8"
 
@@ -420,7 +423,7 @@ def _convs(module) -> list[dict[str, Any]]:
 def lower_tflite(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
     """Each layer's grid one .tflite with a signature per variant, written directly (backends.tflite_grid:
     no conversion per grid point; INT8 full-integer). {group: (artifacts, files)}."""
-    from .backends.tflite_grid import grid_model
+    from ..backends.tflite_grid import grid_model
 
     out = {}
     for gi, (key, g) in enumerate(groups.items()):
@@ -443,8 +446,8 @@ def _tflite_net(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
     None with a warning when it does not convert: the table then predicts the convs only."""
     import torch
 
-    from .backends.tflite import convert
-    from .errors import TrpEdgeError
+    from ..backends.tflite import convert
+    from ..errors import TrpEdgeError
 
     pt, file = tmp / "net.pt2", tmp / "net.tflite"
     calib = _random_calib(g["input_shape"]) if cfg.precision == "int8" else None
@@ -465,8 +468,8 @@ def lower_tvm(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path
     (backends.tvm.grid_library: one compile per layer shape), for the target's CPU. {group: (artifacts, files)}."""
     import torch
 
-    from .backends.tvm import grid_library
-    from .export import export_onnx
+    from ..backends.tvm import grid_library
+    from ..export import export_onnx
 
     target, out = load_target(cfg.target), {}
     for gi, (key, g) in enumerate(groups.items()):
@@ -565,8 +568,8 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
     deployment flags that were given and used as it is."""
     from torch import nn
 
-    from .device.bench import device_identity
-    from .lowrank import conv_layers
+    from ..device.bench import device_identity
+    from ..lowrank import conv_layers
 
     shapes = {la.name: layer_shape(la) for la in conv_layers(net, example, cfg.decompose)
               if isinstance(la.module, nn.Conv2d)}

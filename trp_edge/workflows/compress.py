@@ -10,19 +10,17 @@ import datetime as dt
 import logging
 import os
 import shutil
-import sys
-import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import CompressConfig, DecomposeConfig
-from .errors import InputError
-from .flops import count_macs, param_count
-from .lowrank import LayerPlan, conv_layers, decompose_
-from .report import CompressReport
+from ..config import CompressConfig, DecomposeConfig
+from ..errors import InputError
+from ..flops import count_macs, param_count
+from ..lowrank import LayerPlan, conv_layers, decompose_
+from ..report import CompressReport
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +74,12 @@ class _Run:
 
 
 def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool = True, on_step=None,
-             **options: Any) -> CompressResult | torch.nn.Module:
-    """load -> TRP training -> decomposition -> ONNX export and report, each a stage below.
+             **options: Any) -> CompressResult:
+    """load -> TRP training -> decomposition -> ONNX export and report, each a stage below; returns the
+    CompressResult (`.model` is the compressed module, `.report` the report, `.out` the output folder).
 
-    Given a CompressConfig, returns the CompressResult. The Python API: given a model (any nn.Module, or a name
-    or file as on the command line) and keyword options named as the CLI's (`data=`, `scheme=`, `energy=`,
-    `epochs=`, `out=`, ...), writes the same output folder and returns the compressed module; the module
+    `cfg`: a CompressConfig, or (the Python API) a model (any nn.Module, or a name or file as on the command line)
+    with keyword options named as the CLI's (`data=`, `scheme=`, `energy=`, `epochs=`, `out=`, ...). A module
     passed in is left as it was."""
     module, api = None, not isinstance(cfg, CompressConfig)
     if api:
@@ -95,14 +93,14 @@ def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool =
     train_stage(run, progress=progress, on_step=on_step)
     dense_model, plans = decompose_stage(run)
     result = export_stage(run, dense_model, plans)
-    return result.model if api else result
+    return result
 
 
 def load_stage(cfg: CompressConfig, module: torch.nn.Module | None = None) -> _Run:
     """The data, the model (checked against the data) and its example input; prepares --out. `module`: a
     model object (the Python API) in place of cfg.model."""
-    from .data import free_size, load_data
-    from .models import default_input_size, load_model
+    from ..data import free_size, load_data
+    from ..models import default_input_size, load_model
 
     data = load_data(cfg.data, workers=cfg.trp.workers, seed=cfg.trp.seed) if cfg.data else None
     in_ch = cfg.in_channels or (data.in_channels if data else None)
@@ -157,7 +155,7 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
 
 def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
     """TRP training (when the config trains); the trainer decides the final decomposition's config."""
-    from .trp import TRPTrainer, evaluate, resolve_device
+    from ..trp import TRPTrainer, evaluate, resolve_device
 
     tcfg = run.cfg.trp
     if not tcfg.trains:
@@ -190,10 +188,10 @@ def decompose_stage(run: _Run) -> tuple[torch.nn.Module, list[LayerPlan]]:
 def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]) -> CompressResult:
     """ONNX export (validated), the latency check, the report and the weights, written to a staging folder
     that replaces the old artifacts only when everything is there."""
-    from .export import export_onnx, onnx_macs
-    from .lowrank import conv_layers, merge_pairs_, precision_dense, precision_models
-    from .models import compressed_spec, save_compressed, save_models
-    from .report import plot_ranks
+    from ..export import export_onnx, onnx_macs
+    from ..lowrank import conv_layers, merge_pairs_, precision_dense, precision_models
+    from ..models import compressed_spec, save_compressed, save_models
+    from ..report import plot_ranks
 
     cfg, model, stage = run.cfg, run.model, run.out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
@@ -205,7 +203,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
         comp_macs = count_macs(model, run.example)
         latency = None
         if cfg.latency is not None:  # what the MACs became in milliseconds, here, from day one
-            from .profile import time_onnx_pair
+            from ..profile import time_onnx_pair
 
             latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape),
                                      replace(cfg.latency, threads=cfg.latency.threads or cfg.threads))
@@ -256,8 +254,8 @@ def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: 
     Per-layer INT8 tables miss what the net adds around a pair (on the Intel host's ResNet-20, ORT pairs at
     0.72-0.96 of the dense conv alone left the INT8 net at 0.96x of dense: BENCHMARKS.md); when the compressed
     net is not faster, that runtime's INT8 builds keep every pair dense (kept_at updated). {runtime: timing}."""
-    from .latency_table import load_table
-    from .lowrank import merge_pairs_
+    from ..latency_table import load_table
+    from ..lowrank import merge_pairs_
 
     t = run.dcfg.latency_table
     decomposed, out = [p.name for p in plans if p.rank is not None], {}
@@ -288,13 +286,13 @@ def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, th
     TFLite's converter is missing."""
     import numpy as np
 
-    from .backends import tflite
-    from .backends.ort import quantize_int8, weights_7bit
-    from .errors import ConversionError, MissingTool
-    from .export import export_onnx
-    from .models import save_compressed
-    from .profile import time_pair
-    from .targets import load_target
+    from ..backends import tflite
+    from ..backends.ort import quantize_int8, weights_7bit
+    from ..errors import ConversionError, MissingTool
+    from ..export import export_onnx
+    from ..models import save_compressed
+    from ..profile import time_pair
+    from ..targets import load_target
 
     shape = tuple(run.example.shape)
     calib = np.random.default_rng(0).standard_normal((8, *shape[1:])).astype(np.float32)
@@ -324,7 +322,7 @@ def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, th
 
 def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency,
             precisions: dict[str, Any]) -> CompressReport:
-    from .trp import evaluate
+    from ..trp import evaluate
 
     cfg, dense_macs, model = run.cfg, run.dense_macs, run.model
     dcfg, tcfg, train = cfg.decompose, cfg.trp, run.train
@@ -369,8 +367,8 @@ def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
                  precisions: dict[str, Any]) -> list[dict[str, Any]] | None:
     """What each latency table predicts for the whole net, dense and compressed (as built at the table's
     precision: without the layers that precision keeps dense)."""
-    from .latency_table import load_table, predict
-    from .report import precision_entry
+    from ..latency_table import load_table, predict
+    from ..report import precision_entry
 
     t = dcfg.latency_table
     if not t:
@@ -382,15 +380,3 @@ def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
         kept = set(entry.get("dense_layers", []))
         preds.append(predict(table, [(p.name, p.scheme, None if p.name in kept else p.rank) for p in plans]))
     return [p for p in preds if p is not None]
-
-
-class _CallableModule(types.ModuleType):
-    """`trp_edge.compress(...)` is the Python API's entry point, but once this module is imported the package's
-    `compress` attribute is the module itself (Python sets submodules on their package): calling the module
-    calls `compress` so both spellings work."""
-
-    def __call__(self, *args, **kwargs):
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

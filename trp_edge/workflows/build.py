@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from .backends import base
-from .backends.base import Artifact, Samples, Source, Variant, sha256
-from .config import BuildConfig
-from .errors import ConfigError, InputError, ValidationError
-from .latency_table import INT8_RUNTIMES
-from .report import CompressReport
-from .targets import RUNTIMES, Target, load_target
+from ..backends import base
+from ..backends.base import Artifact, Samples, Source, Variant, sha256
+from ..config import BuildConfig
+from ..errors import ConfigError, InputError, ValidationError
+from ..latency_table import INT8_RUNTIMES
+from ..report import CompressReport
+from ..targets import RUNTIMES, Target, load_target
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ FORMAT = "trp-edge/build"
 
 def resolve_source(model: str | os.PathLike) -> Source:
     """A `trp-edge compress` output folder (dense + compressed) or a single ONNX file."""
-    from .export import onnx_macs
+    from ..export import onnx_macs
 
     p = Path(model)
     if p.is_dir():
@@ -43,7 +43,7 @@ def resolve_source(model: str | os.PathLike) -> Source:
             raise InputError(f"{p}: not a trp-edge compress output (no report.json); pass it or an .onnx file")
         report = CompressReport.read(p / "report.json")
         variants = []
-        from .models import model_file
+        from ..models import model_file
 
         for name, onnx_file in (("dense", "dense.onnx"), ("compressed", "model.onnx")):
             if not (p / onnx_file).is_file():
@@ -94,7 +94,7 @@ def reference(src: Source, x: np.ndarray) -> dict[str, np.ndarray]:
         if v.torch is not None:
             import torch
 
-            from .models import load_model
+            from ..models import load_model
 
             m = load_model(str(v.torch)).model.eval()
             with torch.no_grad():
@@ -113,7 +113,7 @@ def samples(src: Source, cfg: BuildConfig) -> Samples:
     if spec:
         import torch
 
-        from .data import load_data
+        from ..data import load_data
 
         data = load_data(spec, size=src.input_shape[-1])  # synthetic / imagefolder: at the model's size
         if tuple(data.example.shape[1:]) != tuple(src.input_shape[1:]):
@@ -138,7 +138,7 @@ def samples(src: Source, cfg: BuildConfig) -> Samples:
 def accuracy_vs_fp32(fp32_file: Path, q_file: Path, runtime: str, s: Samples) -> dict[str, Any]:
     """Top-1 of the fp32 and quantized artifacts on the evaluation images (run here: both formats are
     portable), and how often they agree."""
-    from .device.runner import load
+    from ..device.runner import load
 
     f, q = load(str(fp32_file), runtime), load(str(q_file), runtime)
     pf, pq = [], []
@@ -173,11 +173,11 @@ def validate(folder: Path, artifacts: list[Artifact], target: Target, ref_file: 
            "artifacts": [{"file": a.file, "runtime": a.runtime, "variant": a.variant, "device": a.device}
                          for a, _ in runnable]}
     if target.native:
-        from .device.runner import check
+        from ..device.runner import check
 
         results, where = check(job, folder), "native"
     else:
-        from .emulate import run_check
+        from ..emulate import run_check
 
         results, where = run_check(job, folder, target), f"emulated ({target.cpu.arch} under qemu-user)"
     failures = []
@@ -207,7 +207,7 @@ def compile_only_reason(a: Artifact, target: Target, emulate: bool) -> str | Non
     if a.extra.get("linked") is False:
         return "object files, not linked here: " + a.extra.get("link_note", "link them on the device")
     if a.device != "cpu":
-        from .backends.tvm import tvm_device
+        from ..backends.tvm import tvm_device
 
         try:
             if tvm_device(a.device).exist and target.native:
@@ -219,7 +219,7 @@ def compile_only_reason(a: Artifact, target: Target, emulate: bool) -> str | Non
         return None
     if not emulate:
         return "foreign CPU and emulation turned off"
-    from .emulate import can_emulate
+    from ..emulate import can_emulate
 
     return can_emulate(target)
 
@@ -247,7 +247,10 @@ class BuildResult:
     manifests: dict[str, dict[str, Any]]
 
 
-def build(cfg: BuildConfig) -> BuildResult:
+def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResult:
+    """`trp-edge build`: every runtime's artifacts of a compress output (or one ONNX file) for a target, each
+    validated against torch; `cfg` a BuildConfig, or its options as keywords. Returns where they are."""
+    cfg = BuildConfig.of(cfg, **options)
     target = load_target(cfg.target)
     runtimes = parse_runtimes(cfg.runtimes, target)
     src = resolve_source(cfg.model)

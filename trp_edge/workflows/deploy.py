@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import BuildConfig, DeployConfig
+from ..errors import ConfigError, DeviceError, InputError
+from ..latency_table import built_at
+from ..report import CompressReport, write_report
+from ..targets import Target, load_target
+from ..transport import open_session, resolve, run_local
 from .build import build, load_manifest, parse_runtimes, resolve_source, source_digests
-from .config import BuildConfig, DeployConfig
-from .errors import ConfigError, DeviceError, InputError
-from .latency_table import built_at
-from .report import CompressReport, write_report
-from .targets import Target, load_target
-from .transport import open_session, resolve, run_local
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,23 @@ def _model_dir(path: str | Path) -> Path:
     return model
 
 
-def deploy(cfg: DeployConfig) -> list[Path]:
+@dataclass(frozen=True)
+class DeployResult:
+    """What a deploy wrote: the report files, the deployed model's first for each runtime and precision."""
+
+    reports: tuple[Path, ...]
+
+    def __iter__(self):  # `for path in deploy(cfg)`, as when deploy returned the list
+        return iter(self.reports)
+
+    def __len__(self) -> int:
+        return len(self.reports)
+
+
+def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     """Deploy the model (and each --compare model, timed in the same alternating run) with every runtime;
-    returns the report files written, the deployed model's first for each runtime."""
+    `cfg` a DeployConfig, or its options as keywords. Returns the report files written."""
+    cfg = DeployConfig.of(cfg, **options)
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local runs on this machine, which is not {target.name} ({target.cpu.triple}): use "
@@ -211,7 +225,7 @@ def deploy(cfg: DeployConfig) -> list[Path]:
                 for r in reps:
                     r["comparison"] = comparison
             written += [write_report(r, Path(cfg.reports)) for r in reps]
-    return written
+    return DeployResult(tuple(written))
 
 
 def profile_build(folder: Path, target_name: str = "host", cfg: DeployConfig | None = None) -> Path:
@@ -327,7 +341,7 @@ def _accuracy(src: CompressReport, manifest: dict[str, Any], precision: str) -> 
 
 
 def _add_layers(rep: dict[str, Any], model: Path, src: CompressReport, result: dict[str, Any]) -> None:
-    from .layers import per_layer
+    from ..layers import per_layer
 
     if result.get("ops_note"):
         rep["layers_note"] = result["ops_note"]
