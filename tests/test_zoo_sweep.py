@@ -2,7 +2,7 @@
 torchvision.models: resnet, densenet, efficientnet, regnet, convnext, ...) its smallest convolutional builder
 up to 30M parameters,
 built with random init, decomposed exactly at full rank and to about 2x fewer MACs, exported to ONNX and
-checked in onnxruntime. The whole registry is in the README's table, from a run of the same script (about 20
+checked in onnxruntime. The whole registry is in docs/zoo.md's table, from a run of the same script (about 20
 minutes here: the ONNX exports dominate)."""
 
 import importlib.util
@@ -23,8 +23,8 @@ def _sweep():
 
 
 SWEEP = _sweep()
-MAX_PARAMS = 30.0  # alexnet, vgg11, vit_b_16 and maxvit_t are the smallest of their families: in the README table
-TRANSFORMERS = ("swin_t",)  # attention through F.linear and matmuls: no layer to factorize; in the README table
+MAX_PARAMS = 30.0  # alexnet, vgg11, vit_b_16 and maxvit_t are the smallest of their families: in docs/zoo.md's table
+TRANSFORMERS = ("swin_t",)  # attention through F.linear and matmuls: no layer to factorize; in docs/zoo.md's table
 NAMES = [n for n in SWEEP.smallest_per_family() if SWEEP.millions_of_params(n) <= MAX_PARAMS and n not in TRANSFORMERS]
 
 

@@ -8,9 +8,9 @@ For each model, at the smallest input of 32, 64, 128, 224 it runs at:
   alone hold less than half the MACs: ConvNeXt's pointwise layers and transformers' MLPs are Linears);
 - the decomposed model exported to ONNX and checked in onnxruntime against torch.
 
-    tools/zoo_sweep.py [--models a,b] [--max-params 30] [--json out.json] [--readme README.md]
+    tools/zoo_sweep.py [--models a,b] [--max-params 30] [--json out.json] [--readme docs/zoo.md]
 
-prints one row per model and with --readme writes them into the table between the README's zoo markers (rows of
+prints one row per model and with --readme writes them into the table between the zoo markers of docs/zoo.md (rows of
 models not run this time are kept). Models
 above --max-params million parameters are listed as not run (the test suite's budget); pass 0 for all."""
 
@@ -154,7 +154,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_readme(readme: Path, rows: list[dict], header: str) -> None:
-    """The table between the markers: these rows, and the README's rows for every model not run this time (a
+    """The table between the markers: these rows, and the table's rows for every model not run this time (a
     sweep in parts); the header's counts cover the merged table."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -203,7 +203,7 @@ def main() -> None:
     if args.readme:
         import torchvision
 
-        write_readme(args.readme, rows, f"`tools/zoo_sweep.py --readme README.md` on {time.strftime('%Y-%m-%d')}, "
+        write_readme(args.readme, rows, f"`tools/zoo_sweep.py --readme docs/zoo.md` on {time.strftime('%Y-%m-%d')}, "
                                         f"torch {torch.__version__}, torchvision {torchvision.__version__}")
 
 

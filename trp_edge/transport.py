@@ -27,7 +27,7 @@ from .targets import Connection
 if TYPE_CHECKING:
     from .targets import Target
 
-SERVE_HINT = ("start it on the device with `trp-edge serve --host 0.0.0.0 --port {port}` (see README: "
+SERVE_HINT = ("start it on the device with `trp-edge serve --host 0.0.0.0 --port {port}` (see docs/device-setup.md: "
               "serving from a Raspberry Pi)")
 
 Call = Callable[[str, dict[str, Any], dict[str, Path]], dict[str, Any]]

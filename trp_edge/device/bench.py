@@ -58,7 +58,7 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
             apis = tvm_device_apis() if apis is None else apis
             if api not in apis:  # a GPU build on a device without that TVM device API: not run, not an error
                 r["skipped"] = (f"this device's TVM runtime has no {api} device (it has: {', '.join(apis) or 'none'});"
-                                f" build the TVM runtime with {api} there (README: mobile GPUs)")
+                                f" build the TVM runtime with {api} there (docs/device-setup.md: mobile GPUs)")
                 continue
         try:
             ref_name = a.get("reference", job.get("reference"))
