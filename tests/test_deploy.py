@@ -291,3 +291,31 @@ def test_the_prediction_is_judged_as_made_and_anchored_on_the_dense_net_measured
     got = rep["prediction"]
     assert abs(got["error"] - (3.3 / 4.0 - 1)) < 1e-12 and abs(got["dense_error"] + 0.2) < 1e-12
     assert abs(got["anchored_compressed_ms"] - 3.2) < 1e-12 and abs(got["anchored_error"] - (3.3 / 3.2 - 1)) < 1e-12
+
+
+def test_a_tvm_deploy_without_onnxruntime_warns_instead_of_failing(compressed, tmp_path, monkeypatch, caplog):
+    """The ORT reference line of a TVM deploy: ONNX Runtime missing here raises MissingTool (the backend's
+    check), which deploy must turn into a warning, as it meant to (it caught ConfigError and InputError only)."""
+    import shutil
+
+    from trp_edge.backends import ort
+    from trp_edge.config import DeployConfig
+    from trp_edge.contracts import Manifest
+    from trp_edge.errors import MissingTool
+    from trp_edge.targets import load_target
+    from trp_edge.workflows.deploy import tvm_references
+
+    def missing(*args, **kwargs):
+        raise MissingTool("onnxruntime is not installed: pip install 'trp-edge[onnx]'")
+
+    monkeypatch.setattr(ort, "check_available", missing)
+    model = tmp_path / "resnet20"
+    shutil.copytree(compressed, model, ignore=shutil.ignore_patterns("build"))  # no ORT build to reuse
+    tvm = tmp_path / "tvm"
+    tvm.mkdir()
+    Manifest(model="resnet20", source=str(model), target="host", target_spec={}, runtime="tvm", created="",
+             config={}, input={}, reference={}, macs={}, mac_speedup=None, source_sha256={},
+             artifacts=[]).write(tvm / "manifest.json")
+    refs = tvm_references(model, load_target("host"), tvm, DeployConfig(target="host", local=True))
+    assert "ort" not in refs
+    assert "no ONNX Runtime reference" in caplog.text and "onnxruntime is not installed" in caplog.text

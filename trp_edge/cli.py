@@ -319,9 +319,9 @@ def _protocol_options(f):
 
 
 def _echo_report(path: Path) -> None:
-    from .report import tvm_line
+    from .report import read_report, tvm_line
 
-    r = json.loads(path.read_text())
+    r = read_report(path)
     em = " [EMULATED: not device latency]" if r["emulated"] else ""
     slower = sum(1 for la in r["layers"] if la.get("slower"))
     prec = r.get("precision", "fp32")
@@ -395,7 +395,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
     reports/<target>/<model>-<runtime>[-int8]-<time>.{json,md,png}. With --compare, every model is timed in the same
     alternating run and each report carries the side-by-side table."""
-    from .report import comparison_markdown
+    from .report import comparison_markdown, read_report
     from .workflows.deploy import deploy as run
 
     paths = run(DeployConfig(target=target, model=model, runtimes=runtimes, precision=precision, host=host, port=port,
@@ -406,7 +406,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
     shown = set()
     for p in paths:
         _echo_report(p)
-        r = json.loads(p.read_text())
+        r = read_report(p)
         if r.get("comparison") and (r["runtime"], r["target"]) not in shown:
             shown.add((r["runtime"], r["target"]))
             click.echo(f"side by side ({r['target']}/{r['runtime']}, one run):")

@@ -2,6 +2,7 @@
 
     TrpEdgeError            base of every error meant for the user (the CLI prints one line, exit code 1)
       InputError            a model file, architecture, data set or output directory that cannot be used
+        ContractError       a file or message of another format, or of a newer version than this trp-edge reads
       ConfigError           an option out of range, options that contradict each other
       ValidationError       a converted artifact does not match torch within tolerance
       ConversionError       a converter (ONNX export, TFLite, TVM import) failed on the model
@@ -18,6 +19,10 @@ class TrpEdgeError(Exception):
 
 class InputError(TrpEdgeError):
     """A model file, architecture, data set or output directory that cannot be used."""
+
+
+class ContractError(InputError):
+    """A file or message one stage hands the next is of another format, or of a newer version than this reads."""
 
 
 class ConfigError(TrpEdgeError, ValueError):

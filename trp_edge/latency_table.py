@@ -9,24 +9,21 @@ holds another kind of machine's table, this machine's lives beside it in <runtim
 `load_table` refuses a table made for another deployment or for layers whose shapes differ from the model's;
 `stale` says why a table no longer describes this device (another CPU or runtime version).
 
-A leaf module: no torch, nothing of trp_edge but errors and report's atomic writer, so lowrank and trp import
+A leaf module: no torch, nothing of trp_edge but errors and the contracts' atomic writer, so lowrank and trp import
 it and `calibrate` (which measures) sits on top."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contracts import CALIBRATION, read_json, write_json, write_text
 from .errors import InputError
-from .report import write_json, write_text
 
-FORMAT = "trp-edge/calibration"
-VERSION = 1
 COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", "runs"]
 DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
 CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a near-empty model on its input
@@ -107,7 +104,7 @@ class LatencyTable:
         w.writeheader()
         w.writerows(self.rows)
         write_text(stem.with_suffix(".csv"), buf.getvalue())
-        write_json(stem.with_suffix(".json"), {"format": FORMAT, "version": VERSION, **self.header})
+        write_json(stem.with_suffix(".json"), CALIBRATION.stamp(self.header))
         return stem.with_suffix(".csv"), stem.with_suffix(".json")
 
 
@@ -122,9 +119,7 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
     if not csv_path.is_file() or not json_path.is_file():
         raise InputError(f"{p}: a calibration table needs both {csv_path.name} and {json_path.name} "
                          "(made by trp-edge calibrate)")
-    header = json.loads(json_path.read_text())
-    if header.get("format") != FORMAT:
-        raise InputError(f"{json_path}: not a trp-edge calibration header")
+    header = read_json(json_path, CALIBRATION, legacy=False)
     if target and header["target"] != target:
         raise InputError(f"{p}: measured on target {header['target']}, not {target}: calibrate on {target}")
     if runtime and header["runtime"] != runtime:

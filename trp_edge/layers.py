@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .report import CompressReport
+    from .contracts import CompressReport
 
 CONV_OPS = {"conv", "Conv", "FusedConv", "QLinearConv", "NhwcFusedConv"}
 BLOCK = 16  # channel padding tolerated between torch and a blocked runtime layout

@@ -4,133 +4,17 @@ and `trp-edge report`'s summary across devices). Every file is written atomicall
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contracts import DEPLOY_REPORT, CompressReport, precision_entry, read_json, write_json, write_text  # noqa: F401 - where 0.1 code imported them from
 from .errors import InputError
 
 log = logging.getLogger(__name__)
-
-REPORT_FORMAT = "trp-edge/compress-report"
-REPORT_VERSION = 1
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def precision_entry(precisions: dict[str, Any] | None, precision: str,
-                    runtime: str | None = None) -> dict[str, Any] | None:
-    """A compress report's entry for the model built at `precision` for `runtime` (its own, "int8/ort", else
-    the one all runtimes share, "int8"), or None: that precision builds the compressed model as it is."""
-    p = precisions or {}
-    return p.get(f"{precision}/{runtime}") or p.get(precision)
-
-
-@dataclass
-class CompressReport:
-    """report.json of `trp-edge compress`: what was compressed, how, and what it gained. Written with "format"
-    and "version" keys; a report.json from before they existed reads as version 0 (the same fields)."""
-
-    model: str
-    arch: dict[str, Any]
-    scheme: str
-    energy: float
-    input_shape: list[int]
-    dense: dict[str, Any]  # macs, params, accuracy
-    compressed: dict[str, Any]
-    mac_speedup: float
-    layers: list[dict[str, Any]]  # one LayerPlan dict per conv, MACs as counted on the built modules
-    created: str = ""
-    torch: str | None = None
-    nuclear: float = 0.0
-    period: int = 0
-    target_speedup: float | None = None
-    allocate: str | None = None  # how ranks were spread at the target with a table: latency | uniform
-    data: str | None = None
-    initial_accuracy: float | None = None
-    param_ratio: float | None = None
-    onnx: dict[str, Any] | None = None
-    training: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None  # host ONNX Runtime timing (trp_edge.profile.time_onnx_pair)
-    # per latency table: the whole-net latency it predicts, dense and compressed (trp_edge.latency_table.predict)
-    predictions: list[dict[str, Any]] | None = None
-    trajectory: list[dict[str, Any]] = field(default_factory=list)
-    config: dict[str, Any] | None = None  # the CompressConfig it was made with
-    # per precision whose builds keep some decomposed layers dense (their pairs are slower there than the dense
-    # conv: lowrank.precision_dense): dense_layers, macs, mac_speedup and the onnx / model files they come from.
-    # Keyed "int8", or "int8/ort", "int8/tflite" when the runtimes disagree (a model per runtime)
-    precisions: dict[str, Any] | None = None
-
-    def at_precision(self, precision: str, runtime: str | None = None) -> dict[str, Any]:
-        """The compressed model as built at `precision` for `runtime`: macs, mac_speedup and the layers kept dense
-        there."""
-        p = precision_entry(self.precisions, precision, runtime)
-        if p is None:
-            return {"macs": self.compressed["macs"], "mac_speedup": self.mac_speedup, "dense_layers": []}
-        return p
-
-    @property
-    def latency_table(self) -> str | None:
-        """The (first) latency table the ranks were chosen with."""
-        t = self.latency_tables
-        return t[0] if t else None
-
-    @property
-    def latency_tables(self) -> list[str]:
-        t = ((self.config or {}).get("decompose") or {}).get("latency_table")
-        return [] if not t else [t] if isinstance(t, str) else list(t)
-
-    def __getitem__(self, key: str) -> Any:
-        """report["key"] as in the JSON, for code written against the plain dict of earlier releases."""
-        if key not in {f.name for f in dataclasses.fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "report.json") -> CompressReport:
-        if d.get("format", REPORT_FORMAT) != REPORT_FORMAT or not isinstance(d.get("version", 0), int):
-            raise InputError(f"{where}: not a trp-edge compress report")
-        if d.get("version", 0) > REPORT_VERSION:
-            raise InputError(f"{where}: report version {d['version']} is newer than this trp-edge reads "
-                             f"({REPORT_VERSION}): upgrade trp-edge")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise InputError(f"{where}: not a complete compress report (no {', '.join(missing)}); "
-                             "run trp-edge compress again")
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def read(cls, path: Path) -> CompressReport:
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: unreadable compress report ({e})") from e
-        if not isinstance(d, dict):
-            raise InputError(f"{path}: not a trp-edge compress report")
-        return cls.from_dict(d, str(path))
-
-    def write(self, path: Path) -> None:
-        write_json(path, self.to_dict())
-
 
 def plot_ranks(report: CompressReport, path: Path) -> None:
     """Left: each layer's rank over the TSVD iterations (the paper's Fig. 2). Right: MACs per layer,
@@ -224,6 +108,11 @@ def plot_latency(reports: list[dict[str, Any]], path: Path, per_layer: bool = Tr
 # ---- deploy reports ----------------------------------------------------------------------------------
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    """A deploy report (reports/<target>/*.json), checked: another format or a newer version is refused."""
+    return read_json(path, DEPLOY_REPORT)
+
+
 def write_report(rep: dict[str, Any], root: Path) -> Path:
     d = root / rep["target"]
     d.mkdir(parents=True, exist_ok=True)
@@ -236,7 +125,7 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
         n += 1
         stem = d / f"{rep['name']}-{kind}-{stamp}-{n}"
     rep["files"] = {"json": stem.name + ".json", "markdown": stem.name + ".md", "plot": stem.name + ".png"}
-    write_json(stem.with_suffix(".json"), rep)
+    write_json(stem.with_suffix(".json"), DEPLOY_REPORT.stamp(rep))
     write_text(stem.with_suffix(".md"), markdown(rep))
     plot_latency([rep], stem.with_suffix(".png"))
     return stem.with_suffix(".json")
@@ -351,8 +240,12 @@ def aggregate(root: Path) -> tuple[str, Path | None, list[dict[str, Any]]]:
             r = json.loads(f.read_text())
         except json.JSONDecodeError:
             continue
-        if not {"target", "runtime", "dense", "compressed", "latency_speedup"} <= r.keys():
+        if not isinstance(r, dict) or (r.get("format") is None and not {"target", "runtime", "dense", "compressed",
+                                                                        "latency_speedup"} <= r.keys()):
+            continue  # another file beside the reports (a report from before 0.2 has no format: read by its keys)
+        if r.get("format") is not None and r["format"] != DEPLOY_REPORT.format:
             continue
+        DEPLOY_REPORT.check(r, str(f))  # a newer report than this trp-edge reads is refused, not misread
         key = (r["target"], r["runtime"], r.get("precision", "fp32"), r.get("model_dir", r["model"]), r["threads"],
                r["emulated"])
         latest[key] = r

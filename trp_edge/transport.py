@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .contracts import DEVICE_JOB, DEVICE_RESULT
 from .errors import ConfigError, DeviceError, DeviceTimeout
 from .targets import Connection
 
@@ -183,12 +184,24 @@ def open_session(target: Target, *, local: bool = False, emulate: bool = False, 
                  timeout: float = 900.0) -> Iterator[Session]:
     """A session of the transport the options name: local, emulated, or RPC on `conn`."""
     if local:
-        yield Session("local", lambda kind, job, files: run_local(job, files, kind))
+        yield Session("local", _versioned("local", lambda kind, job, files: run_local(job, files, kind)))
     elif emulate:
-        yield Session("emulated (qemu-user)",
-                      lambda kind, job, files: run_emulated(job, files, target, timeout, kind), emulated=True)
+        yield Session("emulated (qemu-user)", _versioned("qemu", lambda kind, job, files: run_emulated(
+            job, files, target, timeout, kind)), emulated=True)
     else:
         if conn is None:
             raise ConfigError("open_session: an RPC session needs a connection (transport.resolve)")
         with rpc_session(conn, timeout) as call:
-            yield Session(f"rpc ({conn.describe()})", call)
+            yield Session(f"rpc ({conn.describe()})", _versioned(conn.describe(), call))
+
+
+def _versioned(where: str, call: Call) -> Call:
+    """Every job goes out as a DEVICE_JOB and every answer is read as a DEVICE_RESULT: a device whose trp-edge
+    answers in a newer version is refused in one line (an older one's answer, with no version, reads as 0)."""
+
+    def versioned(kind: str, job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+        result = call(kind, DEVICE_JOB.stamp(job), files)
+        DEVICE_RESULT.check(result, f"the {kind} result from {where}")
+        return result
+
+    return versioned

@@ -19,8 +19,10 @@ reference and its variant), so the models of several compress runs are timed sid
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ import numpy as np
 
 from ..backends.base import get
 from ..config import ProfileConfig
+from ..contracts import DEVICE_JOB, DEVICE_RESULT
+from ..errors import ContractError
 from ..profile import host_identity, time_alternating
 from .runner import load, runtime_versions, session_modes, tvm_device_apis
 
@@ -160,7 +164,21 @@ def in_net(job: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-JOBS = {"bench": bench, "calibrate": calibrate, "in_net": in_net}
+def _versioned(run: Callable[[dict[str, Any], Path], dict[str, Any]]) -> Callable[[dict[str, Any], Path], dict]:
+    """A job function behind the device-job contract: a job of a newer trp-edge is answered with one error line
+    (the host reads it as a failed run), and every answer carries the device-result format and version."""
+
+    def versioned(job: dict[str, Any], base: Path) -> dict[str, Any]:
+        try:
+            DEVICE_JOB.check(job, "the job sent to this device")
+        except ContractError as e:
+            return DEVICE_RESULT.stamp({"runtime": job.get("runtime"), "error": str(e), "artifacts": {}})
+        return DEVICE_RESULT.stamp(run(job, base))
+
+    return functools.wraps(run)(versioned)
+
+
+JOBS = {"bench": _versioned(bench), "calibrate": _versioned(calibrate), "in_net": _versioned(in_net)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contracts import COMPRESSED_MODEL
 from ..errors import InputError
 from . import exported
 from .registry import BUILTIN_NAMES, build, builtin_spec, infer_spec, is_known
@@ -25,7 +26,7 @@ from .zoo import io_channels
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_FORMAT = "trp-edge/compressed"
+COMPRESSED_FORMAT = COMPRESSED_MODEL.format
 # classes whose pickled modules are rebuilt from their state_dict (so outputs keep a JSON spec)
 _KNOWN_MODULES = ("torchvision.models.", "trp_edge.models.")
 
@@ -121,6 +122,7 @@ def load_model(source: str | nn.Module, *, arch: str | None = None, weights: str
     if isinstance(obj, nn.Module) and not type(obj).__module__.startswith(_KNOWN_MODULES):
         return _from_module(obj, name, in_channels, input_size)
     if isinstance(obj, dict) and obj.get("format") == COMPRESSED_FORMAT:
+        COMPRESSED_MODEL.check(obj, str(path))  # a newer trp-edge's file is refused, not misread
         return _rebuild_compressed(obj, name, path)
     sd = obj.state_dict() if isinstance(obj, nn.Module) else _unwrap_state_dict(obj, path)
     spec = _spec_for(sd, arch, in_channels, num_classes, path)
@@ -168,7 +170,7 @@ def model_file(folder: Path, stem: str) -> Path | None:
 def _recorded_spec(path: Path) -> dict[str, Any] | None:
     """The architecture a `trp-edge compress` output folder records for its weights (report.json's arch), so
     its dense.pt loads as it was built, whatever the family; None outside such a folder."""
-    from ..report import CompressReport
+    from ..contracts import CompressReport
 
     report = path.parent / "report.json"
     if path.name != "dense.pt" or not report.is_file():
@@ -245,7 +247,7 @@ def _payload(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
     sd = model.state_dict()
     weights = OrderedDict((k, v.detach().cpu()) for k, v in sd.items())
     weights._metadata = getattr(sd, "_metadata", None)  # module versions (MNASNet's loader needs its own)
-    return {"format": COMPRESSED_FORMAT, "version": 1, "spec": json.dumps(spec), "state_dict": weights}
+    return COMPRESSED_MODEL.stamp({"spec": json.dumps(spec), "state_dict": weights})
 
 
 def save_models(folder: Path, dense: nn.Module, compressed: nn.Module, spec: dict[str, Any],

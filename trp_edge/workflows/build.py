@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -23,14 +22,13 @@ import numpy as np
 from ..backends import base
 from ..backends.base import Artifact, Samples, Source, Variant, sha256
 from ..config import BuildConfig
+from ..contracts import CompressReport, Manifest
 from ..errors import ConfigError, InputError, ValidationError
 from ..latency_table import INT8_RUNTIMES
-from ..report import CompressReport
 from ..targets import RUNTIMES, Target, load_target
 
 log = logging.getLogger(__name__)
 
-FORMAT = "trp-edge/build"
 
 
 def resolve_source(model: str | os.PathLike) -> Source:
@@ -244,7 +242,7 @@ def parse_runtimes(value: str | tuple[str, ...], target: Target) -> tuple[str, .
 @dataclass
 class BuildResult:
     out: Path
-    manifests: dict[str, dict[str, Any]]
+    manifests: dict[str, Manifest]
 
 
 def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResult:
@@ -280,17 +278,15 @@ def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResul
             for a in arts:
                 if a.precision != "fp32" and smp is not None and a.extra.get("fp32_file"):
                     a.accuracy = accuracy_vs_fp32(stage / a.extra.pop("fp32_file"), stage / a.file, rt, smp)
-            manifest = {
-                "format": FORMAT, "version": 1, "model": src.name, "source": str(src.path), "target": target.name,
-                "target_spec": target.to_dict(), "runtime": rt,
-                "created": dt.datetime.now().isoformat(timespec="seconds"),
-                "config": cfg.to_dict(), "input": {"shape": list(src.input_shape), "dtype": "float32"},
-                "reference": {"file": "../reference.npz", "from": reference_source(src)},
-                "macs": {v.name: v.macs for v in src.variants}, "mac_speedup": src.mac_speedup,
-                "source_sha256": source_digests(src, rt),
-                "artifacts": [a.to_dict(stage) for a in arts], "build_seconds": None, **info}
-            manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
-            (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            manifest = Manifest(
+                model=src.name, source=str(src.path), target=target.name, target_spec=target.to_dict(), runtime=rt,
+                created=dt.datetime.now().isoformat(timespec="seconds"), config=cfg.to_dict(),
+                input={"shape": list(src.input_shape), "dtype": "float32"},
+                reference={"file": "../reference.npz", "from": reference_source(src)},
+                macs={v.name: v.macs for v in src.variants}, mac_speedup=src.mac_speedup,
+                source_sha256=source_digests(src, rt), artifacts=[a.to_dict(stage) for a in arts],
+                build_seconds=round(time.perf_counter() - t0, 2), extra=info)
+            manifest.write(stage / "manifest.json")
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
@@ -316,14 +312,10 @@ def _replace_dir(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_manifest(folder: Path) -> dict[str, Any]:
-    f = Path(folder) / "manifest.json"
-    if not f.is_file():
-        raise InputError(f"{folder}: no manifest.json (not a trp-edge build folder)")
-    m = json.loads(f.read_text())
-    if m.get("format") != FORMAT:
-        raise InputError(f"{f}: not a trp-edge build manifest")
-    return m
+def load_manifest(folder: Path) -> Manifest:
+    """The build folder's manifest.json, read through its contract (another format or a newer version: one
+    error line)."""
+    return Manifest.read(folder)
 
 
 def revalidate(folder: Path, *, emulate: bool = True) -> dict[str, Any]:

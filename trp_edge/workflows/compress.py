@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ..config import CompressConfig, DecomposeConfig
+from ..contracts import CompressReport
 from ..errors import InputError
 from ..flops import count_macs, param_count
 from ..lowrank import LayerPlan, conv_layers, decompose_
-from ..report import CompressReport
 
 log = logging.getLogger(__name__)
 

@@ -5,16 +5,16 @@ trp_edge.transport, how the device runs it trp_edge.device.bench, how a report i
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import BuildConfig, DeployConfig
-from ..errors import ConfigError, DeviceError, InputError
+from ..contracts import CompressReport
+from ..errors import ConfigError, ContractError, DeviceError, InputError, MissingTool
 from ..latency_table import built_at
-from ..report import CompressReport, write_report
+from ..report import write_report
 from ..targets import Target, load_target
 from ..transport import open_session, resolve, run_local
 from .build import build, load_manifest, parse_runtimes, resolve_source, source_digests
@@ -35,22 +35,34 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
     """The runtime folder of MODEL/build/<target>/, reused when it was built from the same ONNX files with
     the same tuning budget (and INT8 artifacts when `int8`), else built now."""
     folder = model / "build" / target.name / runtime
-    try:
-        m = load_manifest(folder)
-        same = (m["source_sha256"] == source_digests(resolve_source(model), runtime)
-                and m["config"]["tune_trials"] == cfg.tune_trials
-                and m["config"].get("tune_minutes", 0.0) == cfg.tune_minutes and (m["config"]["int8"] or not int8))
-        if same and all((folder / a["file"]).is_file() for a in m["artifacts"]):
-            log.info("%s/%s: reusing the build in %s", target.name, runtime, folder)
-            return folder
-    except (InputError, KeyError, json.JSONDecodeError):
-        pass
+    if _reusable(folder, model, runtime, cfg, int8):
+        log.info("%s/%s: reusing the build in %s", target.name, runtime, folder)
+        return folder
     # INT8 accuracy on the whole test set the model was compressed with (capped by its size)
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
                       tune_minutes=cfg.tune_minutes, tuning_db=cfg.tuning_db, int8=int8, eval_images=10000,
                       emulate=cfg.emulate or target.native, host=cfg.host, port=cfg.port, tracker=cfg.tracker,
                       key=cfg.key, tune_emulated=cfg.emulate))
     return folder
+
+
+def _reusable(folder: Path, model: Path, runtime: str, cfg: DeployConfig, int8: bool) -> bool:
+    """Whether the build in `folder` was made from the same ONNX files with the same tuning budget (and INT8
+    artifacts when `int8`). A folder with no build, or an incomplete one, is built again; a manifest of a newer
+    trp-edge is refused (ContractError), not built over."""
+    if not (folder / "manifest.json").is_file():
+        return False
+    try:
+        m = load_manifest(folder)
+    except ContractError:
+        raise
+    except InputError:
+        return False
+    c = m.config
+    same = (m.source_sha256 == source_digests(resolve_source(model), runtime)
+            and c.get("tune_trials") == cfg.tune_trials and c.get("tune_minutes", 0.0) == cfg.tune_minutes
+            and (c.get("int8") or not int8))
+    return bool(same) and all((folder / a["file"]).is_file() for a in m.artifacts)
 
 
 def precisions(cfg: DeployConfig, runtime: str) -> tuple[str, ...]:
@@ -162,7 +174,7 @@ def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig)
             (a,) = [a for a in load_manifest(ort)["artifacts"]
                     if (a["variant"], a["precision"], a["device"]) == ("compressed", "fp32", "cpu")]
             refs["ort"] = (ort / a["file"], "ort")
-        except (ConfigError, InputError) as e:  # ORT not installed here: the line says so
+        except (ConfigError, InputError, MissingTool) as e:  # ORT not installed here: the line says so
             log.warning("%s/tvm: no ONNX Runtime reference (%s)", target.name, e)
     return {k: v for k, v in refs.items() if v[0].is_file()}
 

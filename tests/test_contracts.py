@@ -1,0 +1,145 @@
+"""Every file and message one stage hands the next has a format and a version; a newer version than this
+trp-edge reads is refused in one line naming the file (trp_edge.contracts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trp_edge.cli import main
+from trp_edge.contracts import (
+    BUILD_MANIFEST,
+    CALIBRATION,
+    COMPRESS_REPORT,
+    COMPRESSED_MODEL,
+    CONTRACTS,
+    DEPLOY_REPORT,
+    DEVICE_JOB,
+    DEVICE_RESULT,
+    CompressReport,
+    Manifest,
+)
+from trp_edge.errors import ContractError
+
+NEWER = 99
+
+
+def _one_line_newer(e: pytest.ExceptionInfo, where: str) -> None:
+    msg = str(e.value)
+    assert "\n" not in msg and where in msg and f"version {NEWER} is newer" in msg and "upgrade trp-edge" in msg
+
+
+def _report(**over) -> dict:
+    r = {"model": "m", "arch": {}, "scheme": "spatial", "energy": 0.02, "input_shape": [1, 3, 16, 16],
+         "dense": {"macs": 10}, "compressed": {"macs": 5}, "mac_speedup": 2.0, "layers": []}
+    return {**r, **over}
+
+
+def _manifest() -> Manifest:
+    return Manifest(model="m", source="s", target="host", target_spec={}, runtime="ort", created="now", config={},
+                    input={"shape": [1, 3, 16, 16]}, reference={"file": "../reference.npz"}, macs={}, mac_speedup=None,
+                    source_sha256={}, artifacts=[], extra={"runtime_version": {"onnxruntime": "x"}})
+
+
+def test_every_contract_has_its_own_format_and_a_version():
+    assert len({c.format for c in CONTRACTS}) == len(CONTRACTS)
+    assert all(c.version >= 1 for c in CONTRACTS)
+    stamped = DEVICE_JOB.stamp({"format": "old", "version": 0, "runtime": "ort"})
+    assert stamped == {"format": DEVICE_JOB.format, "version": DEVICE_JOB.version, "runtime": "ort"}
+
+
+def test_a_newer_compress_report_is_refused(tmp_path):
+    p = tmp_path / "report.json"
+    CompressReport(**_report()).write(p)
+    assert CompressReport.read(p).model == "m" and json.loads(p.read_text())["version"] == COMPRESS_REPORT.version
+    p.write_text(json.dumps({**json.loads(p.read_text()), "version": NEWER}))
+    with pytest.raises(ContractError) as e:
+        CompressReport.read(p)
+    _one_line_newer(e, str(p))
+    legacy = tmp_path / "old.json"  # a report from before the contract had a version reads as version 0
+    legacy.write_text(json.dumps(_report()))
+    assert CompressReport.read(legacy).mac_speedup == 2.0
+
+
+def test_a_newer_build_manifest_is_refused_and_extra_keys_round_trip(tmp_path):
+    from trp_edge.workflows.build import load_manifest
+
+    _manifest().write(tmp_path / "manifest.json")
+    m = load_manifest(tmp_path)
+    assert m.runtime == "ort" and m["runtime_version"] == {"onnxruntime": "x"} and m.get("tuning") is None
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    assert (d["format"], d["version"]) == (BUILD_MANIFEST.format, BUILD_MANIFEST.version)
+    (tmp_path / "manifest.json").write_text(json.dumps({**d, "version": NEWER}))
+    with pytest.raises(ContractError) as e:
+        load_manifest(tmp_path)
+    _one_line_newer(e, "manifest.json")
+
+
+def test_a_newer_calibration_header_is_refused(tmp_path):
+    from trp_edge.latency_table import LatencyTable, load_table
+
+    header = {"target": "host", "runtime": "ort", "precision": "fp32", "threads": 1, "layers": {}}
+    row = {"layer": "c", "scheme": "dense", "rank": 0, "shape": "s", "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0,
+           "runs": 3}
+    csv, header_file = LatencyTable(header, [row]).write(tmp_path / "t")
+    assert load_table(csv).dense("c") == 1.0
+    assert json.loads(header_file.read_text())["format"] == CALIBRATION.format
+    header_file.write_text(json.dumps({**json.loads(header_file.read_text()), "version": NEWER}))
+    with pytest.raises(ContractError) as e:
+        load_table(csv)
+    _one_line_newer(e, "t.json")
+
+
+def test_a_newer_deploy_report_is_refused_by_report_and_one_line_in_the_cli(tmp_path):
+    from trp_edge.report import read_report
+
+    d = tmp_path / "host"
+    d.mkdir()
+    rep = DEPLOY_REPORT.stamp({"target": "host", "runtime": "ort", "dense": {}, "compressed": {}, "latency_speedup": 1})
+    (d / "m-ort.json").write_text(json.dumps({**rep, "version": NEWER}))
+    with pytest.raises(ContractError) as e:
+        read_report(d / "m-ort.json")
+    _one_line_newer(e, "m-ort.json")
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and f"version {NEWER} is newer" in lines[0], res.output
+
+
+def test_a_newer_device_job_is_answered_with_one_error_line():
+    from trp_edge.device.bench import JOBS
+
+    for kind, run in JOBS.items():
+        out = run(DEVICE_JOB.stamp({"runtime": "ort", "artifacts": []}) | {"version": NEWER}, Path("."))
+        assert out["format"] == DEVICE_RESULT.format and f"version {NEWER} is newer" in out["error"], kind
+        assert "\n" not in out["error"]
+
+
+def test_a_newer_device_result_is_refused_and_every_job_goes_out_versioned():
+    from trp_edge.transport import _versioned
+
+    sent = []
+
+    def device(kind, job, files):
+        sent.append(job)
+        return {"format": DEVICE_RESULT.format, "version": NEWER, "artifacts": {}}
+
+    with pytest.raises(ContractError) as e:
+        _versioned("rpc (127.0.0.1:9090)", device)("bench", {"runtime": "ort"}, {})
+    _one_line_newer(e, "127.0.0.1:9090")
+    assert sent == [{"format": DEVICE_JOB.format, "version": DEVICE_JOB.version, "runtime": "ort"}]
+    old = _versioned("x", lambda kind, job, files: {"runtime": "ort", "artifacts": {}})  # a 0.1 device: version 0
+    assert old("bench", {}, {})["runtime"] == "ort"
+
+
+def test_a_newer_compressed_model_is_refused(tmp_path):
+    from trp_edge.models import load_model
+
+    p = tmp_path / "compressed.pt"
+    torch.save({"format": COMPRESSED_MODEL.format, "version": NEWER, "spec": "{}", "state_dict": {}}, p)
+    with pytest.raises(ContractError) as e:
+        load_model(str(p))
+    _one_line_newer(e, "compressed.pt")
