@@ -67,10 +67,11 @@ def check_report(r: dict, runtime: str, precision: str = "fp32") -> None:
 
 
 def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
-    res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(server)], tmp_path)
+    res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(server), "--precision",
+                  "fp32,int8"], tmp_path)
     assert res.exit_code == 0, res.output
     every = {(r["runtime"], r["precision"]): r for r in reports_in(tmp_path)}
-    # INT8 by default where the runtime builds it: over RPC, INT8 dense against INT8 compressed
+    # INT8 where the runtime builds it: over RPC, INT8 dense against INT8 compressed
     assert set(every) == {("tvm", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("tflite", "fp32"), ("tflite", "int8")}
     for (rt, prec), r in every.items():
         check_report(r, rt, prec)
@@ -151,7 +152,7 @@ def test_local_deploy_profile_and_report(compressed, tmp_path):
 @pytest.mark.slow
 def test_emulated_deploy_is_labelled(compressed, tmp_path):
     res = CliRunner().invoke(main, ["deploy", "--target", "rpi4", "--emulate", "--model", str(compressed), "--runtime",
-                                    "ort", "--reports", str(tmp_path), *FAST])
+                                    "ort", "--precision", "fp32,int8", "--reports", str(tmp_path), *FAST])
     assert res.exit_code == 0, res.output
     reports = {r["precision"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "rpi4").glob("*.json"))}
     assert sorted(reports) == ["fp32", "int8"]
@@ -319,3 +320,16 @@ def test_a_tvm_deploy_without_onnxruntime_warns_instead_of_failing(compressed, t
     refs = tvm_references(model, load_target("host"), tvm, DeployConfig(target="host", local=True))
     assert "ort" not in refs
     assert "no ONNX Runtime reference" in caplog.text and "onnxruntime is not installed" in caplog.text
+
+
+def test_deploy_times_by_default_the_precisions_compress_planned(compressed, tmp_path, caplog):
+    """Stages agree by default: a model compressed for fp32 (compress's default) is deployed at fp32 only, and
+    deploy says why INT8 was not timed; --precision still asks for INT8."""
+    import logging
+
+    assert json.loads((compressed / "report.json").read_text())["config"]["precision"] == "fp32"
+    with caplog.at_level(logging.INFO, logger="trp_edge"):
+        res = deploy(["--model", str(compressed), "--local", "--runtime", "ort"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert [(r["runtime"], r["precision"]) for r in reports_in(tmp_path)] == [("ort", "fp32")]
+    assert "compressed for fp32" in caplog.text and "--precision" in caplog.text

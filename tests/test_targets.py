@@ -59,3 +59,36 @@ def test_bad_file_names_file_and_key(tmp_path, monkeypatch, body, key):
 def test_unknown_target_lists_known():
     with pytest.raises(ConfigError, match="unknown target 'rpi9'.*rpi4"):
         load_target("rpi9")
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_target_and_an_install_outside_the_checkout_lists_them(tmp_path):
+    """`pip install .` outside the checkout: the wheel carries targets/ as trp_edge/_targets, and the installed
+    package, run from another folder, lists every target of the checkout."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (repo / f).is_file() and not f.startswith((".venv", "tests/", "tools/", "calibration/", "docs/")):
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            (src / f).write_bytes((repo / f).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    shipped = {Path(n).stem for n in zipfile.ZipFile(wheel).namelist() if n.startswith("trp_edge/_targets/")}
+    assert shipped == {p.stem for p in (repo / "targets").glob("*.toml")} and REQUIRED <= shipped
+    site = tmp_path / "site"  # the wheel unpacked as pip installs it; its dependencies come from this environment
+    zipfile.ZipFile(wheel).extractall(site)
+    out = subprocess.run([sys.executable, "-c", "from trp_edge.cli import main; main()", "targets", "--json"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, check=True).stdout
+    import json
+
+    listed = {t["name"] for t in json.loads(out)}
+    assert listed == shipped

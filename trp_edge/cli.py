@@ -373,7 +373,8 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @opt(Dp, "model", "--model", "-m", help="a trp-edge compress output [default: the latest in trp-edge-out/]")
 @opt(Dp, "runtimes", "--runtime", "-r", "runtimes")
 @opt(Dp, "precision", "--precision", help="fp32, int8 or both comma-separated (INT8 for ORT and TFLite; INT8 "
-     "dense against INT8 compressed, with the fp32 dense model as the reference line)")
+     "dense against INT8 compressed, with the fp32 dense model as the reference line) [default: the precisions "
+     "the model was compressed for, compress --precision]")
 @_connection_options
 @click.option("--local", is_flag=True, help="run on this machine (target host)")
 @click.option("--emulate", is_flag=True, help="run aarch64 artifacts under qemu here (correctness only)")

@@ -323,11 +323,13 @@ class DeployConfig(_JSONMixin):
     layers: bool = True
     protocol: ProfileConfig = ProfileConfig()
     compare: tuple[str, ...] = ()  # other compress outputs timed in the same run, side by side
-    precision: str = "fp32,int8"  # INT8 where the runtime builds it (ORT, TFLite)
+    # None: the precisions compress chose the ranks for (its --precision, recorded in report.json), so the default
+    # path never times INT8 pairs nobody checked; INT8 only where the runtime builds it (ORT, TFLite)
+    precision: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "compare", tuple(self.compare))
-        bad = [p for p in self.precision.split(",") if p not in PRECISIONS]
+        bad = [p for p in (self.precision or "").split(",") if p and p not in PRECISIONS]
         _check(not bad, f"--precision: unknown {bad[0] if bad else ''!r}: use fp32, int8 or fp32,int8")
         _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
         _check(not ((self.local or self.emulate) and (self.host or self.tracker)),

@@ -19,7 +19,10 @@ from .errors import ConfigError
 
 RUNTIMES = ("tvm", "ort", "tflite")
 GPU_APIS = ("opencl", "cuda", "vulkan")
-_BUNDLED = Path(__file__).resolve().parent.parent / "targets"
+# the targets shipped with trp-edge: inside an installed package (setup.py copies targets/ there), else the
+# checkout's targets/ beside the package
+_BUNDLED = next((d for d in (Path(__file__).resolve().parent / "_targets", Path(__file__).resolve().parent.parent /
+                             "targets") if d.is_dir()), Path(__file__).resolve().parent.parent / "targets")
 _MACHINE_TRIPLES = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # Debian package and emulator per foreign architecture: what the host needs to build for and check it.
 EMULATORS = {"aarch64": ("qemu-aarch64-static", "qemu-user-static")}

@@ -65,9 +65,12 @@ def _reusable(folder: Path, model: Path, runtime: str, cfg: DeployConfig, int8: 
     return bool(same) and all((folder / a["file"]).is_file() for a in m.artifacts)
 
 
-def precisions(cfg: DeployConfig, runtime: str) -> tuple[str, ...]:
-    """The precisions deploy times with `runtime`: INT8 only where the runtime builds it (ORT, TFLite)."""
-    return tuple(p for p in cfg.precision.split(",") if p and built_at(runtime, p))
+def precisions(cfg: DeployConfig, runtime: str, model: Path) -> tuple[str, ...]:
+    """The precisions deploy times with `runtime`: --precision, else those compress chose `model`'s ranks for
+    (report.json), so stages agree by default; INT8 only where the runtime builds it (ORT, TFLite)."""
+    planned = CompressReport.read(model / "report.json").planned_precisions
+    chosen = cfg.precision.split(",") if cfg.precision else planned
+    return tuple(p for p in chosen if p and built_at(runtime, p))
 
 
 def stage(precision: str, api: str = "cpu") -> str:
@@ -217,7 +220,11 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     threads = cfg.threads or target.run_threads
     written = []
     for rt in runtimes:
-        precs = precisions(cfg, rt)
+        precs = precisions(cfg, rt, models[0])
+        if cfg.precision is None:
+            log.info("%s/%s: timing %s: %s was compressed for %s (compress --precision); pass --precision to time "
+                     "others", target.name, rt, ", ".join(precs), models[0].name, ", ".join(
+                         CompressReport.read(models[0] / "report.json").planned_precisions))
         folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs)) for m in models]
         refs = tvm_references(folders[0][0], target, folders[0][1], cfg) if rt == "tvm" else None
         job, files, parts = plan_job(folders, threads, cfg, precs, refs)
