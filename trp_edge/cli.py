@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import functools
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .cli_options import connection_options, default, library_errors, opt, parse_ranks, protocol_options
 from .config import (
     ALLOCATIONS,
     NUCLEAR_SOLVERS,
@@ -25,81 +22,8 @@ from .config import (
     ProfileConfig,
     TRPConfig,
 )
-from .errors import TrpEdgeError
 from .latency_table import CALIBRATED_RUNTIMES, PRECISIONS
-
-log = logging.getLogger("trp_edge.cli")
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 0 else logging.INFO if verbose == 0 else logging.WARNING
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    ours = logging.getLogger("trp_edge")
-    for h in [h for h in ours.handlers if h.get_name() == "trp-edge.cli"]:  # an earlier command in this process
-        ours.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.set_name("trp-edge.cli")
-    handler.setFormatter(logging.Formatter("trp-edge: %(message)s"))
-    ours.addHandler(handler)
-    ours.setLevel(level)
-    ours.propagate = False
-
-
-def default(cls, name: str):
-    """The default of a config field: the CLI states no default of its own."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def opt(cls, name: str, *decls: str, **kw):
-    """click.option with the default of `cls.name` (shown in --help)."""
-    d = default(cls, name)
-    kw.setdefault("show_default", d is not None)
-    return click.option(*decls, default=d, **kw)
-
-
-def library_errors(fn):
-    """Set up logging from -q/-v, then run the command; a library error (TrpEdgeError) becomes one line and exit
-    code 1, with its traceback and cause on stderr under -v. Unexpected errors keep their traceback."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        verbose = kwargs.get("verbose", 0) - kwargs.get("quiet", 0)
-        _setup_logging(verbose)
-        try:
-            return fn(*args, **kwargs)
-        except TrpEdgeError as e:
-            if verbose > 0:
-                log.debug("the error, with its cause:", exc_info=e)
-            raise click.ClickException(str(e)) from e
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            where = f" writing {e.filename}" if e.filename else ""
-            raise click.ClickException(f"the disk is full{where} ({e.strerror}): free some space and run again; "
-                                       "files written before are kept") from e
-
-    return run
-
-
-def _parse_ranks(value: str | None) -> dict[str, int] | None:
-    """--ranks 'layer1.0.conv1=8,layer1.0.conv2=6' or a JSON file {name: rank}."""
-    if not value:
-        return None
-    if Path(value).is_file():
-        try:
-            d = json.loads(Path(value).read_text())
-        except json.JSONDecodeError as e:
-            raise click.BadParameter(f"{value}: not JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise click.BadParameter(f"{value}: expected a JSON object {{layer: rank}}")
-        return {str(k): v for k, v in d.items()}
-    out = {}
-    for item in value.split(","):
-        name, sep, k = item.partition("=")
-        if not sep or not k.strip().isdigit():
-            raise click.BadParameter(f"expected NAME=RANK[,NAME=RANK...] or a JSON file, got {item!r}")
-        out[name.strip()] = int(k)
-    return out
+from .summary import artifact_status, compress_lines, deploy_lines
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,7 +117,7 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
         num_classes=num_classes, input_size=input_size, data=data, out=out, force=force, resume=resume,
         latency=ProfileConfig() if latency else None, target=target, runtime=runtime, precision=precision,
         threads=threads, calibrate=calibrate, calibration=calibration,
-        decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=_parse_ranks(ranks), skip_stem=skip_stem,
+        decompose=DecomposeConfig(scheme=scheme, energy=energy, ranks=parse_ranks(ranks), skip_stem=skip_stem,
                                   linear=linear, target_speedup=target_speedup, latency_table=latency_table,
                                   allocate=allocate),
         trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
@@ -201,58 +125,7 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
                       seed=seed, workers=workers, svd_device=svd_device,
                       nuclear_solver=nuclear_solver))
     result = run(cfg, progress=quiet == 0 and sys.stderr.isatty())
-    _echo_compress(result)
-
-
-def _echo_compress(result) -> None:
-    r = result.report
-
-    def acc(v):
-        return "n/a" if v is None else f"{v:.2f}%"
-
-    left = sum(1 for la in r.layers if la["rank"] is None)
-    scheme = r.scheme
-    if scheme == "auto":
-        chosen = [la["scheme"] if la["rank"] is not None else "dense" for la in r.layers]
-        scheme += " (" + ", ".join(f"{n} {chosen.count(n)}" for n in (*SCHEME_NAMES, "dense") if n in chosen) + ")"
-    click.echo(f"{r.model}: {scheme} scheme, e={r.energy:.4g}: {r.mac_speedup:.2f}x fewer MACs "
-               f"({r.dense['macs'] / 1e6:.1f}M -> {r.compressed['macs'] / 1e6:.1f}M), "
-               f"{len(r.layers) - left}/{len(r.layers)} convs decomposed")
-    click.echo(f"accuracy: dense {acc(r.dense['accuracy'])}, decomposed {acc(r.compressed['accuracy'])}; "
-               f"ONNX max abs diff {r.onnx['max_abs_diff']:.2g}")
-    tables = r.latency_tables
-    spread = " (spread over layers for latency at the MAC target)" if r.allocate == "latency" else ""
-    click.echo(f"ranks from latency table{'s' if len(tables) > 1 else ''} {', '.join(tables)}{spread}" if tables else
-               "ranks are MAC-based (no latency table): a pair may be slower than its dense conv")
-    for key, p in (r.precisions or {}).items():
-        prec, _, rt = key.partition("/")  # "int8", or "int8/ort": one runtime's model
-        up, where = prec.upper(), f" {rt}" if rt else ""
-        click.echo(f"{up}{where} builds keep {len(p['dense_layers'])} of the {len(r.layers) - left} pairs dense (not "
-                   f"faster than the dense conv in{where} {up} on this table's device): {p['mac_speedup']:.2f}x fewer "
-                   f"MACs at {up}, from {p['onnx']}")
-    for pr in r.predictions or []:
-        click.echo(f"predicted for {pr['deployment']}: dense {pr['dense_ms']:.3f} ms, compressed "
-                   f"{pr['compressed_ms']:.3f} ms ({pr['latency_speedup']:.2f}x)")
-    if r.latency:
-        lat = r.latency
-        click.echo(f"latency here (onnxruntime, {lat['threads']} thread{'s' if lat['threads'] > 1 else ''}, batch 1): "
-                   f"dense {lat['dense']['median_ms']:.2f} ms, compressed {lat['compressed']['median_ms']:.2f} ms: "
-                   f"{lat['latency_speedup']:.2f}x for {r.mac_speedup:.2f}x fewer MACs "
-                   f"(efficiency {lat['efficiency']:.2f})")
-        for rt, q in (lat.get("int8") or {}).items():
-            click.echo(f"{rt} INT8 here, whole net ({q['threads']} thread{'s' if q['threads'] > 1 else ''}): dense "
-                       f"{q['dense']['median_ms']:.3f} ms, compressed {q['compressed']['median_ms']:.3f} ms: "
-                       f"{q['latency_speedup']:.2f}x" + (": its INT8 builds keep every pair dense" if q["kept_dense"]
-                                                        else ""))
-    click.echo(f"artifacts in {result.out}/ ({', '.join(result.artifacts)})")
-
-
-def _connection_options(f):
-    f = click.option("--host", default=None, help="the device's trp-edge serve address")(f)
-    f = click.option("--port", type=int, default=None)(f)
-    f = click.option("--tracker", default=None, help="a TVM RPC tracker HOST:PORT")(f)
-    f = click.option("--key", default=None, help="the device key at the tracker [default: the target's]")(f)
-    return f
+    click.echo("\n".join(compress_lines(result)))
 
 
 @main.command()
@@ -274,7 +147,7 @@ def _connection_options(f):
 @opt(B, "eval_images", "--eval-images", type=int)
 @opt(B, "gpu", "--gpu/--no-gpu", help="also build for the target's GPU (TVM)")
 @opt(B, "emulate", "--emulate/--no-emulate", help="validate foreign-CPU artifacts under qemu-user (correctness only)")
-@_connection_options
+@connection_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
@@ -293,52 +166,7 @@ def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, in
     for rt, m in result.manifests.items():
         click.echo(f"{m['target']}/{rt}: {result.out / rt}/ ({m['build_seconds']:.1f} s)")
         for a in m["artifacts"]:
-            click.echo(f"  {a['file']:<28} {a['precision']:<5} {a['device']:<7} {_artifact_status(a)}")
-
-
-def _artifact_status(a: dict) -> str:
-    v = a["validation"]
-    what = v["status"]
-    if "max_abs_diff" in v:
-        what += f" ({v['where']}, max abs diff {v['max_abs_diff']:.2g})"
-    elif v.get("reason"):
-        what += f" ({v['reason']})"
-    acc = a.get("accuracy")
-    if acc and "quantized_top1" in acc:
-        what += f"; top-1 {acc['fp32_top1']:.2f}% fp32 -> {acc['quantized_top1']:.2f}% {a['precision']}"
-    elif acc:
-        what += f"; agrees with fp32 on {acc['agreement'] * 100:.1f}% of {acc['images']} inputs"
-    return what
-
-
-def _protocol_options(f):
-    f = opt(P, "min_runs", "--min-runs", type=int, help="timed runs per model, at least")(f)
-    f = opt(P, "min_seconds", "--min-seconds", type=float, help="timed seconds per model, at least")(f)
-    f = opt(Dp, "threads", "--threads", type=int, help="runtime threads [default: the target's]")(f)
-    return f
-
-
-def _echo_report(path: Path) -> None:
-    from .report import read_report, tvm_line
-
-    r = read_report(path)
-    em = " [EMULATED: not device latency]" if r["emulated"] else ""
-    slower = sum(1 for la in r["layers"] if la.get("slower"))
-    prec = r.get("precision", "fp32")
-    api = "" if r.get("device_api", "cpu") == "cpu" else f" {r['device_api']}"
-    click.echo(f"{r['target']}/{r['runtime']}{api} {prec} ({r['threads']} thread{'s' if r['threads'] > 1 else ''}): "
-               f"dense {r['dense']['median_ms']:.3f} ms, compressed {r['compressed']['median_ms']:.3f} ms: "
-               f"{r['latency_speedup']:.2f}x for {r['mac_speedup']:.2f}x fewer MACs (efficiency {r['efficiency']:.2f})"
-               + (f"; {slower} layer(s) slower than dense" if slower else "")
-               + (f"; {len(kept)} pair(s) kept dense at {prec}" if (kept := r.get("kept_dense_at_precision")) else "")
-               + (f"; {r['fp32_dense']['speedup']:.2f}x against fp32 dense" if r.get("fp32_dense") else "") + em)
-    acc = r.get("accuracy")
-    if acc:
-        click.echo(f"  top-1: trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
-                   + "".join(f", {prec} {k} {v:.2f}%" for k, v in acc.get("quantized", {}).items()))
-    if tvm_line(r):
-        click.echo(f"  {tvm_line(r)}")
-    click.echo(f"  report: {path} (+ .md, .png)")
+            click.echo(f"  {a['file']:<28} {a['precision']:<5} {a['device']:<7} {artifact_status(a)}")
 
 
 @main.command()
@@ -375,7 +203,7 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @opt(Dp, "precision", "--precision", help="fp32, int8 or both comma-separated (INT8 for ORT and TFLite; INT8 "
      "dense against INT8 compressed, with the fp32 dense model as the reference line) [default: the precisions "
      "the model was compressed for, compress --precision]")
-@_connection_options
+@connection_options
 @click.option("--local", is_flag=True, help="run on this machine (target host)")
 @click.option("--emulate", is_flag=True, help="run aarch64 artifacts under qemu here (correctness only)")
 @opt(Dp, "tune_trials", "--tune-trials", type=int, help="MetaSchedule trials when TVM is built")
@@ -387,7 +215,7 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
 @click.option("--compare", "-c", multiple=True, metavar="MODEL_DIR",
               help="another compress output to time side by side in the same run (repeatable), e.g. the same "
                    "model compressed without --latency-table")
-@_protocol_options
+@protocol_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
@@ -406,7 +234,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
                              protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)))
     shown = set()
     for p in paths:
-        _echo_report(p)
+        click.echo("\n".join(deploy_lines(p)))
         r = read_report(p)
         if r.get("comparison") and (r["runtime"], r["target"]) not in shown:
             shown.add((r["runtime"], r["target"]))
@@ -418,7 +246,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
 @click.argument("artifact_dir")
 @click.option("--target", "-t", default="host", show_default=True)
 @opt(Dp, "reports", "--reports")
-@_protocol_options
+@protocol_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
@@ -428,7 +256,7 @@ def profile(artifact_dir, target, reports, min_runs, min_seconds, threads, quiet
 
     cfg = DeployConfig(target=target, local=True, threads=threads, reports=reports,
                        protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds))
-    _echo_report(profile_build(Path(artifact_dir), target, cfg))
+    click.echo("\n".join(deploy_lines(profile_build(Path(artifact_dir), target, cfg))))
 
 
 @main.command()
@@ -451,7 +279,7 @@ def report(reports) -> None:
 @opt(Ca, "precision", "--precision", type=click.Choice(PRECISIONS),
      help="int8: quantized layers (ORT: static QDQ; TFLite: full-integer)")
 @click.option("--local", is_flag=True, help="measure on this machine (target host)")
-@_connection_options
+@connection_options
 @opt(Ca, "timeout", "--timeout", type=float, help="seconds for the device session")
 @opt(Ca, "threads", "--threads", type=int, help="runtime threads [default: the target's]")
 @opt(Ca, "input_size", "--input-size", type=int)
