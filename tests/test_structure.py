@@ -4,6 +4,9 @@ function over 60 lines."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "trp_edge"
@@ -102,3 +105,22 @@ def test_no_long_functions():
                 if n > MAX_LINES:
                     long.append(f"{module_name(path)}.{node.name} ({n} lines)")
     assert not long, f"functions over {MAX_LINES} lines: {', '.join(long)}"
+
+
+def test_backends_reach_no_device_and_run_no_workflow():
+    """A backend is given what it needs from above (TVM's tuning measurer: trp_edge.tuning_device), never imports
+    it, even inside a function."""
+    above = ("trp_edge.transport", "trp_edge.emulate", "trp_edge.profile", "trp_edge.device", "trp_edge.workflows",
+             "trp_edge.tuning_device")
+    graph = import_graph()
+    bad = {m: sorted(d for d in deps if d.startswith(above)) for m, deps in graph.items()
+           if m.startswith("trp_edge.backends")}
+    assert not {m: d for m, d in bad.items() if d}, bad
+
+
+def test_modules_stay_short_and_the_tvm_package_imports_no_tvm():
+    long = [f"{module_name(p)} ({n})" for p in sorted((PKG / "backends").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 400]
+    assert not long, f"backend modules over 400 lines: {', '.join(long)}"
+    code = "import sys, trp_edge.backends.tvm as t; t.build, t.load, t.tune; assert 'tvm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(PKG.parent)})

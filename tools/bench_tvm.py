@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # before TVM starts its pool
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")  # as trp-edge times TVM (backends.tvm._threads)
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")  # as trp-edge times TVM (backends.tvm.runtime._threads)
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     from trp_edge.config import BuildConfig, CompressConfig, DecomposeConfig, ProfileConfig, TRPConfig
     from trp_edge.device.runner import load
     from trp_edge.profile import host_identity, time_alternating
-    from trp_edge.targets import load_target
+    from trp_edge.targets import load_target, resolve_threads
     from trp_edge.workflows.build import build
     from trp_edge.workflows.compress import compress
 
@@ -95,7 +95,7 @@ def main() -> None:
             tb.import_onnx(d / "model.onnx", shape))
     files["tvm default schedule, NHWC"] = compile_to("nhwc", tb.default_schedule(tb.prepare(nhwc, cpu_t, packed=False),
                                                                                          cpu_t))
-    lanes = tb._lanes(cpu_t)
+    lanes = tb.lowering._lanes(cpu_t)
     packed = tb.prepare(tb.import_onnx(d / "model.onnx", shape), cpu_t)  # trp-edge's build: convs packed
     files[f"tvm default schedule, NCHW{lanes}c"] = compile_to("nchwc", tb.default_schedule(packed, cpu_t))
     tuned_graph = packed if args.tune_layout == "nchwc" else base
@@ -118,8 +118,9 @@ def main() -> None:
 
     watcher = threading.Thread(target=snapshot)
     watcher.start()
-    info = tb.tune(tuned_graph, cpu_t, db, tb.UNCAPPED, tb.Measurer("local", host_identity(), threads=target.threads),
-                   seconds=60 * args.minutes, scheduler=args.task_scheduler)
+    measurer = tb.Measurer("local", host_identity(), threads=resolve_threads(None, target))
+    info = tb.tune(tuned_graph, cpu_t, db, tb.UNCAPPED, measurer, seconds=60 * args.minutes,
+                   scheduler=args.task_scheduler)
     done.set()
     watcher.join()
     for s in snaps:

@@ -147,12 +147,14 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
 @opt(B, "eval_images", "--eval-images", type=int)
 @opt(B, "gpu", "--gpu/--no-gpu", help="also build for the target's GPU (TVM)")
 @opt(B, "emulate", "--emulate/--no-emulate", help="validate foreign-CPU artifacts under qemu-user (correctness only)")
+@opt(B, "threads", "--threads", type=int, help="the threads the model will run at, which TVM tuning measures at "
+     "[default: the target's]")
 @connection_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, int8, calib, calib_images, eval_images,
-          gpu, emulate, host, port, tracker, key, quiet, verbose) -> None:
+          gpu, emulate, threads, host, port, tracker, key, quiet, verbose) -> None:
     """Build MODEL (a `trp-edge compress` output folder, or an .onnx file) for a device target: the compressed
     and the dense model, per runtime, each artifact validated against torch. Writes OUT/<target>/<runtime>/
     with a manifest.json. --tune-trials tunes TVM on the device named by --host/--port or --tracker/--key (else
@@ -162,7 +164,7 @@ def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, in
     result = run(BuildConfig(model=model, target=target, runtimes=runtimes, out=out, tune_trials=tune_trials,
                              tune_minutes=tune_minutes, tuning_db=tuning_db, int8=int8, calib=calib,
                              calib_images=calib_images, eval_images=eval_images, gpu=gpu, emulate=emulate,
-                             host=host, port=port, tracker=tracker, key=key))
+                             threads=threads, host=host, port=port, tracker=tracker, key=key))
     for rt, m in result.manifests.items():
         click.echo(f"{m['target']}/{rt}: {result.out / rt}/ ({m['build_seconds']:.1f} s)")
         for a in m["artifacts"]:

@@ -254,6 +254,7 @@ class BuildConfig(_JSONMixin):
     host/port, tracker/key: the device MetaSchedule measures on (a `trp-edge serve`; default: the target's
     [rpc], else this machine for a native target); tune_emulated: an aarch64 `trp-edge serve` under qemu
     (checks the flow only: the tuning is qemu's).
+    threads: the threads the model will run at, which TVM tuning measures at (default: the target's).
     int8: also build INT8 artifacts (ORT QDQ, TFLite), calibrated on `calib` (default: the data the
     model was compressed with) and evaluated against fp32 on `eval_images` test images.
     """
@@ -276,8 +277,10 @@ class BuildConfig(_JSONMixin):
     tracker: str | None = None
     key: str | None = None
     tune_emulated: bool = False
+    threads: int | None = None  # default the target's
 
     def __post_init__(self):
+        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")
         _check(self.tune_minutes >= 0, f"--tune-minutes must be >= 0, got {self.tune_minutes}")
         _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")

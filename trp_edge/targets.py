@@ -195,6 +195,12 @@ class _Reader:
             raise self.fail(unknown[0], f"unknown key (known: {', '.join(sorted(keys))})")
 
 
+def resolve_threads(threads: int | None, target: Target) -> int:
+    """The thread count a deployment runs at, and TVM tunes at: `threads` when given, else the target's (0 in
+    its file: every core of its CPU). Resolved once per workflow and passed down."""
+    return threads or target.run_threads
+
+
 def parse_target(path: Path) -> Target:
     path = Path(path)
     try:

@@ -3,7 +3,11 @@
 Every runtime (tvm, ort, tflite) is a module of this package with the same functions:
 
     check_available(target, source)                  -> None, or one clear error before any work
-    build(source, target, folder, cfg, samples)      -> (list[Artifact], extra manifest keys)
+    build(source, target, folder, cfg, samples, measurer=None)
+                                                     -> (list[Artifact], extra manifest keys); `measurer`:
+                                                        where tuning times candidates, made by the caller
+                                                        (trp_edge.tuning_device; a runtime that tunes
+                                                        nothing ignores it)
     load(path, threads=1, device="cpu")              -> run(x: np.ndarray) -> np.ndarray
     profile_ops(path, x, threads=1, device="cpu")    -> [{name, op, weight, output, ms}] per kernel, or None
     OPS_NOTE                                         -> why profile_ops gives None (no op profiler), or None
@@ -132,8 +136,8 @@ class Runtime(Protocol):
 
     def check_available(self, target: Target, src: Source) -> None: ...
 
-    def build(self, src: Source, target: Target, folder: Path, cfg: BuildConfig,
-              samples: Samples | None) -> tuple[list[Artifact], dict[str, Any]]: ...
+    def build(self, src: Source, target: Target, folder: Path, cfg: BuildConfig, samples: Samples | None,
+              measurer: Any = None) -> tuple[list[Artifact], dict[str, Any]]: ...
 
     def load(self, path: str, threads: int = 1, device: str = "cpu") -> Run: ...
 

@@ -213,8 +213,9 @@ def quantize_int8(src_onnx: Path, dst: Path, calib: np.ndarray, workdir: Path, r
             f.unlink()
 
 
-def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
-          samples: Samples | None) -> tuple[list[Artifact], dict[str, Any]]:
+def build(src: Source, target: Target, folder: Path, cfg: BuildConfig, samples: Samples | None,
+          measurer: Any = None) -> tuple[list[Artifact], dict[str, Any]]:
+    """`measurer` (where TVM tuning times kernels) is not used: nothing here is tuned."""
     arts = []
     level = "all" if target.native else "extended"
     for v in src.variants:

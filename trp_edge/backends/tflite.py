@@ -122,8 +122,9 @@ def convert(model_pt: Path, out: Path, shape: tuple[int, ...], calib: np.ndarray
         calib_file.unlink(missing_ok=True)
 
 
-def build(src: Source, target: Target, folder: Path, cfg: BuildConfig,
-          samples: Samples | None) -> tuple[list[Artifact], dict[str, Any]]:
+def build(src: Source, target: Target, folder: Path, cfg: BuildConfig, samples: Samples | None,
+          measurer: Any = None) -> tuple[list[Artifact], dict[str, Any]]:
+    """`measurer` (where TVM tuning times kernels) is not used: nothing here is tuned."""
     arts = []
     int8 = cfg.int8 and samples is not None
     for v in src.variants:

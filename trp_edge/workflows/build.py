@@ -7,25 +7,29 @@ and replaces the old one only when every artifact has been written and validated
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import importlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import tuning_device
 from ..backends import base
 from ..backends.base import Artifact, Samples, Source, Variant, sha256
 from ..config import BuildConfig
 from ..contracts import CompressReport, Manifest
 from ..errors import ConfigError, InputError, ValidationError
 from ..latency_table import INT8_RUNTIMES
-from ..targets import RUNTIMES, Target, load_target
+from ..targets import RUNTIMES, Target, load_target, resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +254,9 @@ def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResul
     validated against torch; `cfg` a BuildConfig, or its options as keywords. Returns where they are."""
     cfg = BuildConfig.of(cfg, **options)
     target = load_target(cfg.target)
+    # the threads the model will run at, resolved once: TVM tuning measures at them, the manifest records them
+    cfg = dataclasses.replace(cfg, threads=resolve_threads(cfg.threads, target))
+    measurer = functools.partial(tuning_device.measurer, target, cfg, cfg.threads)
     runtimes = parse_runtimes(cfg.runtimes, target)
     src = resolve_source(cfg.model)
     out = Path(cfg.out) if cfg.out else default_out(src)
@@ -266,35 +273,43 @@ def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResul
     _atomic_npz(ref_file, reference(src, x))
     manifests = {}
     for rt, mod in backends.items():
-        t0 = time.perf_counter()
-        final = tdir / rt
-        stage = tdir / f".{rt}.staging"
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir()
-        try:
-            log.info("%s: building %s for %s", src.name, rt, target.name)
-            arts, info = mod.build(src, target, stage, cfg, smp)
-            validate(stage, arts, target, ref_file, emulate=cfg.emulate)
-            for a in arts:
-                if a.precision != "fp32" and smp is not None and a.extra.get("fp32_file"):
-                    a.accuracy = accuracy_vs_fp32(stage / a.extra.pop("fp32_file"), stage / a.file, rt, smp)
-            manifest = Manifest(
-                model=src.name, source=str(src.path), target=target.name, target_spec=target.to_dict(), runtime=rt,
-                created=dt.datetime.now().isoformat(timespec="seconds"), config=cfg.to_dict(),
-                input={"shape": list(src.input_shape), "dtype": "float32"},
-                reference={"file": "../reference.npz", "from": reference_source(src)},
-                macs={v.name: v.macs for v in src.variants}, mac_speedup=src.mac_speedup,
-                source_sha256=source_digests(src, rt), artifacts=[a.to_dict(stage) for a in arts],
-                build_seconds=round(time.perf_counter() - t0, 2), extra=info)
-            manifest.write(stage / "manifest.json")
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        _replace_dir(stage, final)
-        manifests[rt] = manifest
-        status = ", ".join(f"{a['file']} {a['validation'].get('status')}" for a in manifest["artifacts"])
-        log.info("%s/%s: %s (%.1f s)", target.name, rt, status, manifest["build_seconds"])
+        manifests[rt] = _build_runtime(rt, mod, src, target, tdir, cfg, smp, measurer)
     return BuildResult(tdir, manifests)
+
+
+def _build_runtime(rt: str, mod: base.Runtime, src: Source, target: Target, tdir: Path, cfg: BuildConfig,
+                   smp: Samples, measurer: Callable[[], Any]) -> Manifest:
+    """One runtime's folder: built in a staging folder, validated against the reference, its manifest
+    written, and put in place of the old one. Returns the manifest."""
+    ref_file = tdir / "reference.npz"
+    t0 = time.perf_counter()
+    final = tdir / rt
+    stage = tdir / f".{rt}.staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        log.info("%s: building %s for %s", src.name, rt, target.name)
+        arts, info = mod.build(src, target, stage, cfg, smp, measurer=measurer)
+        validate(stage, arts, target, ref_file, emulate=cfg.emulate)
+        for a in arts:
+            if a.precision != "fp32" and smp is not None and a.extra.get("fp32_file"):
+                a.accuracy = accuracy_vs_fp32(stage / a.extra.pop("fp32_file"), stage / a.file, rt, smp)
+        manifest = Manifest(
+            model=src.name, source=str(src.path), target=target.name, target_spec=target.to_dict(), runtime=rt,
+            created=dt.datetime.now().isoformat(timespec="seconds"), config=cfg.to_dict(),
+            input={"shape": list(src.input_shape), "dtype": "float32"},
+            reference={"file": "../reference.npz", "from": reference_source(src)},
+            macs={v.name: v.macs for v in src.variants}, mac_speedup=src.mac_speedup,
+            source_sha256=source_digests(src, rt), artifacts=[a.to_dict(stage) for a in arts],
+            build_seconds=round(time.perf_counter() - t0, 2), extra=info)
+        manifest.write(stage / "manifest.json")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _replace_dir(stage, final)
+    status = ", ".join(f"{a['file']} {a['validation'].get('status')}" for a in manifest["artifacts"])
+    log.info("%s/%s: %s (%.1f s)", target.name, rt, status, manifest["build_seconds"])
+    return manifest
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backends.tvm import lower_calibration
 from ..config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
 from ..errors import ConfigError, ConversionError, DeviceError, InputError
 from ..latency_table import (
@@ -463,35 +464,7 @@ def _tflite_net(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
     return [{"variant": DENSE, "file": file.name}], {file.name: file}
 
 
-def lower_tvm(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
-    """Each layer's grid one TVM library with a function per variant, lowered as build lowers a model untuned
-    (backends.tvm.grid_library: one compile per layer shape), for the target's CPU. {group: (artifacts, files)}."""
-    import torch
-
-    from ..backends.tvm import grid_library
-    from ..export import export_onnx
-
-    target, out = load_target(cfg.target), {}
-    for gi, (key, g) in enumerate(groups.items()):
-        models = {f"v{vi}": tmp / f"{gi}-{vi}.onnx" for vi in range(len(g["variants"]))}
-        if key == NET:  # the whole net as compress exports it (the legacy exporter's pads are dynamic), as built
-            models = {"main": models["v0"]}
-            export_onnx(g["variants"][DENSE], torch.zeros(g["input_shape"]), models["main"])
-        else:
-            for module, f in zip(g["variants"].values(), models.values()):
-                _write_onnx(module, g["input_shape"], f)
-        file, t0 = tmp / f"grid{gi}.so", time.perf_counter()
-        if grid_library(models, tuple(g["input_shape"]), target, file).get("linked") is False:
-            raise ConfigError(f"{target.name}: no compiler to link TVM libraries for it ({target.cpu.cross_compiler}"
-                              "): put it on PATH to calibrate TVM there")
-        log.info("calibrate: tvm: %s compiled, %d function(s) (%d of %d, %.1f s)", key, len(models), gi + 1,
-                 len(groups), time.perf_counter() - t0)
-        arts = [{"variant": v, "file": file.name, "signature": name} for v, name in zip(g["variants"], models)]
-        out[key] = (arts, {file.name: file})
-    return out
-
-
-LOWER = {"ort": lower_ort, "tflite": lower_tflite, "tvm": lower_tvm}
+LOWER = {"ort": lower_ort, "tflite": lower_tflite, "tvm": lower_calibration}
 
 
 def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from ..contracts import CompressReport
 from ..errors import ConfigError, ContractError, DeviceError, InputError, MissingTool
 from ..latency_table import built_at
 from ..report import write_report
-from ..targets import Target, load_target
+from ..targets import Target, load_target, resolve_threads
 from ..transport import open_session, resolve, run_local
 from .build import build, load_manifest, parse_runtimes, resolve_source, source_digests
 
@@ -31,25 +31,28 @@ def latest_model(root: Path = Path("trp-edge-out")) -> Path:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, int8: bool = False) -> Path:
+def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, int8: bool = False,
+                 threads: int | None = None) -> Path:
     """The runtime folder of MODEL/build/<target>/, reused when it was built from the same ONNX files with
-    the same tuning budget (and INT8 artifacts when `int8`), else built now."""
+    the same tuning budget (and INT8 artifacts when `int8`) and, when tuned, tuned at the `threads` deploy runs
+    at (default: cfg's, resolved); else built now, tuning at `threads`."""
+    threads = resolve_threads(cfg.threads, target) if threads is None else threads
     folder = model / "build" / target.name / runtime
-    if _reusable(folder, model, runtime, cfg, int8):
+    if _reusable(folder, model, runtime, cfg, int8, threads):
         log.info("%s/%s: reusing the build in %s", target.name, runtime, folder)
         return folder
     # INT8 accuracy on the whole test set the model was compressed with (capped by its size)
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
                       tune_minutes=cfg.tune_minutes, tuning_db=cfg.tuning_db, int8=int8, eval_images=10000,
                       emulate=cfg.emulate or target.native, host=cfg.host, port=cfg.port, tracker=cfg.tracker,
-                      key=cfg.key, tune_emulated=cfg.emulate))
+                      key=cfg.key, tune_emulated=cfg.emulate, threads=threads))
     return folder
 
 
-def _reusable(folder: Path, model: Path, runtime: str, cfg: DeployConfig, int8: bool) -> bool:
-    """Whether the build in `folder` was made from the same ONNX files with the same tuning budget (and INT8
-    artifacts when `int8`). A folder with no build, or an incomplete one, is built again; a manifest of a newer
-    trp-edge is refused (ContractError), not built over."""
+def _reusable(folder: Path, model: Path, runtime: str, cfg: DeployConfig, int8: bool, threads: int) -> bool:
+    """Whether the build in `folder` was made from the same ONNX files with the same tuning budget, tuned at
+    `threads` when tuned (reusable), and with INT8 artifacts when `int8`. A folder with no build, or an
+    incomplete one, is built again; a manifest of a newer trp-edge is refused (ContractError), not built over."""
     if not (folder / "manifest.json").is_file():
         return False
     try:
@@ -60,9 +63,17 @@ def _reusable(folder: Path, model: Path, runtime: str, cfg: DeployConfig, int8: 
         return False
     c = m.config
     same = (m.source_sha256 == source_digests(resolve_source(model), runtime)
-            and c.get("tune_trials") == cfg.tune_trials and c.get("tune_minutes", 0.0) == cfg.tune_minutes
-            and (c.get("int8") or not int8))
+            and reusable(c, cfg, threads) and (c.get("int8") or not int8))
     return bool(same) and all((folder / a["file"]).is_file() for a in m.artifacts)
+
+
+def reusable(built: dict[str, Any], cfg: DeployConfig, threads: int) -> bool:
+    """Whether a build made with config `built` (its manifest's) serves a deploy at `threads`: the same tuning
+    budget, and a tuned build tuned at those threads (an untuned one runs at any)."""
+    trials, minutes = built.get("tune_trials"), built.get("tune_minutes", 0.0)
+    if (trials, minutes) != (cfg.tune_trials, cfg.tune_minutes):
+        return False
+    return (trials == 0 and minutes == 0) or built.get("threads") == threads
 
 
 def precisions(cfg: DeployConfig, runtime: str, model: Path) -> tuple[str, ...]:
@@ -163,7 +174,8 @@ def _sameness(m: dict[str, Any], variant: str, prec: str, api: str) -> tuple:
             m["config"].get("tune_trials"), m["config"].get("tune_minutes"))
 
 
-def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig) -> dict[str, tuple[Path, str]]:
+def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig,
+                   threads: int) -> dict[str, tuple[Path, str]]:
     """What a TVM deploy times its compressed model against, in the same run: the untuned module (kept by a tuned
     build) and the ONNX Runtime build (made now where the target has ORT), for the report's untuned / tuned /
     ORT line."""
@@ -173,7 +185,7 @@ def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig)
         refs["untuned"] = (folder / untuned["file"], "tvm")
     if "ort" in target.runtimes:
         try:
-            ort = ensure_built(model, target, "ort", cfg)
+            ort = ensure_built(model, target, "ort", cfg, threads=threads)
             (a,) = [a for a in load_manifest(ort)["artifacts"]
                     if (a["variant"], a["precision"], a["device"]) == ("compressed", "fp32", "cpu")]
             refs["ort"] = (ort / a["file"], "ort")
@@ -217,7 +229,7 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     runtimes = parse_runtimes(cfg.runtimes, target)
     conn = None if cfg.local or cfg.emulate else resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker,
                                                          key=cfg.key)
-    threads = cfg.threads or target.run_threads
+    threads = resolve_threads(cfg.threads, target)
     written = []
     for rt in runtimes:
         precs = precisions(cfg, rt, models[0])
@@ -225,8 +237,8 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
             log.info("%s/%s: timing %s: %s was compressed for %s (compress --precision); pass --precision to time "
                      "others", target.name, rt, ", ".join(precs), models[0].name, ", ".join(
                          CompressReport.read(models[0] / "report.json").planned_precisions))
-        folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs)) for m in models]
-        refs = tvm_references(folders[0][0], target, folders[0][1], cfg) if rt == "tvm" else None
+        folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs, threads)) for m in models]
+        refs = tvm_references(folders[0][0], target, folders[0][1], cfg, threads) if rt == "tvm" else None
         job, files, parts = plan_job(folders, threads, cfg, precs, refs)
         # one session per runtime: --timeout bounds each runtime's run
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:
@@ -259,7 +271,7 @@ def profile_build(folder: Path, target_name: str = "host", cfg: DeployConfig | N
                           "machine cannot run natively: use trp-edge deploy --target "
                           f"{m['target']} with a device, or --emulate")
     cfg = cfg or DeployConfig(target=target_name, local=True)
-    job, files, parts = plan_job([(Path(m["source"]), folder)], cfg.threads or target.run_threads, cfg)
+    job, files, parts = plan_job([(Path(m["source"]), folder)], resolve_threads(cfg.threads, target), cfg)
     return write_report(make_report(parts[0], target, run_local(job, files), transport="local", emulated=False),
                         Path(cfg.reports))
 
