@@ -281,7 +281,7 @@ def test_compare_with_a_bad_folder(untrained_pair, tmp_path):
 def test_the_prediction_is_judged_as_made_and_anchored_on_the_dense_net_measured_now():
     from types import SimpleNamespace
 
-    from trp_edge.workflows.deploy import _add_prediction
+    from trp_edge.workflows.deploy_report import _add_prediction
 
     pr = {"target": "host", "runtime": "ort", "precision": "fp32", "threads": 1, "dense_ms": 10.0,
           "compressed_ms": 4.0, "latency_speedup": 2.5, "deployment": "host/ort fp32, 1 thread(s)"}
@@ -317,7 +317,7 @@ def test_a_tvm_deploy_without_onnxruntime_warns_instead_of_failing(compressed, t
     Manifest(model="resnet20", source=str(model), target="host", target_spec={}, runtime="tvm", created="",
              config={}, input={}, reference={}, macs={}, mac_speedup=None, source_sha256={},
              artifacts=[]).write(tvm / "manifest.json")
-    refs = tvm_references(model, load_target("host"), tvm, DeployConfig(target="host", local=True))
+    refs = tvm_references(model, load_target("host"), tvm, DeployConfig(target="host", local=True), 1)
     assert "ort" not in refs
     assert "no ONNX Runtime reference" in caplog.text and "onnxruntime is not installed" in caplog.text
 

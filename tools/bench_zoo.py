@@ -93,7 +93,7 @@ def run_one(name: str, args, root: Path) -> dict:
            "input": report["input_shape"], "decomposed": sum(la["rank"] is not None for la in report["layers"]),
            "convs": len(report["layers"]), "accuracy": [report["dense"]["accuracy"], report["compressed"]["accuracy"]]}
     for rt in ("ort", "tflite"):
-        from trp_edge.workflows.deploy import summary_row
+        from trp_edge.workflows.deploy_report import summary_row
 
         row[rt] = summary_row(json.loads(max((d / "reports" / "host").glob(f"*-{rt}-*.json")).read_text()))
     row["seconds"] = time.perf_counter() - t0
