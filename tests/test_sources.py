@@ -86,6 +86,8 @@ def test_a_state_dict_that_matches_nothing_names_the_nearest():
     assert "--trust-pickle" in msg and ".pt2" in msg
 
 
+# about 17 s of CPU: TRP steps, ONNX exports and torch.export of a 28x28 net
+@pytest.mark.slow
 def test_the_python_api_compresses_any_module(tmp_path):
     torch.manual_seed(0)
     mine = UserNet()
@@ -176,6 +178,8 @@ def test_a_pickle_whose_class_cannot_be_imported_says_why(tmp_path, monkeypatch)
         load_model(str(tmp_path / "g.pt"), trust_pickle=True)
 
 
+# about 24 s of CPU: a compress whose accuracy runs at batch 1
+@pytest.mark.slow
 def test_a_program_with_a_fixed_batch_is_refused_for_training(tmp_path):
     program = torch.export.export(UserNet().eval(), (torch.randn(1, 1, 28, 28),))  # batch fixed at 1
     torch.export.save(program, str(tmp_path / "fixed.pt2"))
