@@ -69,6 +69,8 @@ def test_a_state_dict_with_arch(tmp_path):
     assert m.spec["num_classes"] == 7 and m.spec["in_channels"] == 3  # from the weights' shapes
 
 
+# SqueezeNet through compress and an ORT build with its checks
+@pytest.mark.slow
 def test_a_torchvision_model_goes_through_compress_and_build(tmp_path):
     """The output folder records the architecture, so its dense.pt (a plain state_dict) builds and validates
     with no --arch, as for the ResNets whose architecture is inferred."""
