@@ -287,8 +287,8 @@ def test_compare_times_models_side_by_side_in_one_run(untrained_pair, server, tm
     assert "side by side" in res.output and "| spatial2 | spatial |" in res.output
 
 
-def test_compare_with_a_bad_folder(untrained_pair, tmp_path):
-    res = deploy(["--model", str(untrained_pair[0]), "--compare", str(tmp_path / "nope"), "--local",
+def test_compare_with_a_bad_folder(compressed, tmp_path):  # the session's model: no pair compressed for a refusal
+    res = deploy(["--model", str(compressed), "--compare", str(tmp_path / "nope"), "--local",
                   "--runtime", "ort"], tmp_path)
     assert res.exit_code == 1 and "nope: not a trp-edge compress output" in res.output
     assert not (tmp_path / "host").exists()

@@ -25,6 +25,8 @@ def test_the_names_come_from_torchvision_registry():
     assert set(SMALL) <= set(names) and "resnet18" in names and len(names) >= 60
 
 
+# 32x32 torchvision nets decomposed, exported and checked in onnxruntime (5-7 s of CPU each)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RELOADED)
 def test_a_torchvision_model_decomposes_exports_and_reloads(name, tmp_path):
     torch.manual_seed(0)
