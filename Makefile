@@ -1,8 +1,9 @@
-# The two README commands: `make demo` and `make test` (each sets up first).
+# The two README commands: `make demo` and `make test` (each sets up first). `make test-fast` is the
+# inner loop: the unit and contract tests, without those marked slow (whole pipelines, real data, the zoo).
 VENV := .venv/bin
 PYTEST_ARGS ?= -n auto --maxprocesses=4
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-fast clean
 
 setup:
 	@bash tools/setup.sh
@@ -20,6 +21,10 @@ demo: setup
 test: setup
 	$(VENV)/ruff check trp_edge tests tools
 	$(VENV)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/ruff check trp_edge tests tools
+	$(VENV)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf trp-edge-out .pytest_cache

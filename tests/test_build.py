@@ -103,6 +103,8 @@ def test_rpi4_artifacts_are_checked_under_emulation(compressed, tmp_path):
             assert v["max_abs_diff"] <= 1e-4
 
 
+# TVM compiles and TFLite conversions of the dense and compressed nets
+@pytest.mark.slow
 def test_tvm_and_tflite_builds_on_host(compressed, tmp_path):
     res = invoke(["build", str(compressed), "--target", "host", "--runtime", "tvm,tflite", "--out", str(tmp_path),
                   "--calib-images", "16", "--eval-images", "32", "-q"])

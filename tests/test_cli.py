@@ -27,6 +27,8 @@ REPORT_KEYS = {"scheme", "energy", "nuclear", "period", "dense", "compressed", "
                "trajectory"}
 
 
+# full-size ResNet-18 at 224x224: decomposed, exported and timed (about 60 s of CPU)
+@pytest.mark.slow
 def test_compress_a_torchvision_resnet18_state_dict(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
     # MAC-based here (the default measures ResNet-18's latency table first: about 100 s; tests/test_calibrate.py
@@ -60,6 +62,8 @@ def test_compress_a_torchvision_resnet18_state_dict(tmp_path):
     assert "latency here (onnxruntime" in res.output
 
 
+# TRP training, exports and the report through the CLI (about 40 s of CPU)
+@pytest.mark.slow
 def test_train_decompose_and_report_on_synthetic_data(tmp_path):
     res = run(["compress", "resnet20", "--data", "synthetic:1x16x16", "--steps", "24", "--period", "4", "--batch", "32",
                "--nuclear", "3e-4", "--scheme", "channel", "--lr", "0.05", "--out", "o", "-q", "--no-latency",
@@ -80,6 +84,8 @@ def test_train_decompose_and_report_on_synthetic_data(tmp_path):
     assert abs(onnx_macs(tmp_path / "o" / "model.onnx") - r["compressed"]["macs"]) <= 0.01 * r["compressed"]["macs"]
 
 
+# ResNet-20 at 32x32 through compress and its ONNX exports (about 10 s of CPU)
+@pytest.mark.slow
 def test_target_speedup_is_met(tmp_path):
     res = run(["compress", "resnet20", "--steps", "0", "--target-speedup", "2.5", "--scheme", "channel",
                "--out", "o", "-q", "--no-latency", "--no-calibrate"], tmp_path)
@@ -116,6 +122,8 @@ def test_bad_input_is_one_clear_line_and_keeps_what_was_written(tmp_path, args, 
     assert (out / "report.json").read_text() == '{"keep": true}'
 
 
+# a whole compress of ResNet-20 at 32x32 (about 10 s of CPU; it measured a latency table too, now not)
+@pytest.mark.slow
 def test_an_existing_out_needs_force(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -123,7 +131,8 @@ def test_an_existing_out_needs_force(tmp_path):
     res = run(["compress", "resnet20", "--steps", "0", "--out", "o"], tmp_path)
     assert res.exit_code != 0 and "--force" in res.output
     assert (out / "report.json").read_text() == "old"
-    res = run(["compress", "resnet20", "--steps", "0", "--out", "o", "--force", "-q", "--no-latency"], tmp_path)
+    res = run(["compress", "resnet20", "--steps", "0", "--out", "o", "--force", "-q", "--no-latency",
+               "--no-calibrate"], tmp_path)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "report.json").read_text())["model"] == "resnet20"
 

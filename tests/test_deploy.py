@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -53,6 +54,14 @@ def reports_in(d: Path) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted((d / "host").glob("*.json"))]
 
 
+def int8_bound(r: dict, side: str) -> float:
+    """An INT8 model's largest error on the reference input: a fifth of the largest fp32 output there (torch's,
+    build/<target>/reference.npz). The tiny ResNet-20's INT8 artifacts are at 3-6% of it (ORT and TFLite); an
+    artifact whose outputs were zeros, or another net's, would be at 100% or about."""
+    ref = np.load(Path(r["build"]).parent / "reference.npz")[side]
+    return 0.2 * float(np.abs(ref).max())
+
+
 def check_report(r: dict, runtime: str, precision: str = "fp32") -> None:
     assert TOP_KEYS <= r.keys() and r["runtime"] == runtime and r["target"] == "host" and not r["emulated"]
     assert r["precision"] == precision
@@ -60,12 +69,14 @@ def check_report(r: dict, runtime: str, precision: str = "fp32") -> None:
         assert {"median_ms", "p10_ms", "p90_ms", "runs"} <= r[side].keys() and r[side]["runs"] >= 5
         assert r[side]["p10_ms"] <= r[side]["median_ms"] <= r[side]["p90_ms"]
         # the device's outputs match torch (INT8: near it, on a random input the ranges were not calibrated for)
-        assert r[side]["max_abs_diff"] <= (1e-4 if precision == "fp32" else 1.0)
+        assert r[side]["max_abs_diff"] <= (1e-4 if precision == "fp32" else int8_bound(r, side))
     assert r["latency_speedup"] == pytest.approx(r["dense"]["median_ms"] / r["compressed"]["median_ms"])
     assert r["efficiency"] == pytest.approx(r["latency_speedup"] / r["mac_speedup"])
     assert r["device"]["cores"] >= 1 and r["device"]["runtimes"]["numpy"]
 
 
+# builds for TVM, ORT and TFLite (fp32 and INT8) and times them all over RPC
+@pytest.mark.slow
 def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
     res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(server), "--precision",
                   "fp32,int8"], tmp_path)
@@ -126,6 +137,8 @@ def test_a_gpu_artifact_is_skipped_on_a_device_without_that_api(tmp_path, tiny):
     assert list(out["timing"]) == ["ref:ort"]
 
 
+# a build and a timed deploy through the tracker
+@pytest.mark.slow
 def test_deploy_through_the_tracker(compressed, tracked, tracker, tmp_path):
     res = deploy(["--model", str(compressed), "--tracker", tracker, "--key", "tinybox", "--runtime", "ort",
                   "--precision", "fp32"], tmp_path)
@@ -135,6 +148,8 @@ def test_deploy_through_the_tracker(compressed, tracked, tracker, tmp_path):
     assert "tracker" in r["transport"]
 
 
+# ORT and TVM builds, timed, profiled and aggregated
+@pytest.mark.slow
 def test_local_deploy_profile_and_report(compressed, tmp_path):
     res = deploy(["--model", str(compressed), "--local", "--runtime", "ort,tvm", "--precision", "fp32"], tmp_path)
     assert res.exit_code == 0, res.output
@@ -161,7 +176,7 @@ def test_emulated_deploy_is_labelled(compressed, tmp_path):
         assert "EMULATED" in (tmp_path / "rpi4" / r["files"]["markdown"]).read_text()
     # fp32 under qemu matches the host's torch output; INT8 is compared with the fp32 model, so only loosely
     assert reports["fp32"]["compressed"]["max_abs_diff"] <= 1e-4
-    assert 0 < reports["int8"]["compressed"]["max_abs_diff"] < 1.0
+    assert 0 < reports["int8"]["compressed"]["max_abs_diff"] <= int8_bound(reports["int8"], "compressed")
     assert "[EMULATED" in res.output
 
 
@@ -250,6 +265,8 @@ def untrained_pair(tmp_path_factory) -> tuple[Path, Path]:
     return outs[0], outs[1]
 
 
+# two models built and timed over RPC
+@pytest.mark.slow
 def test_compare_times_models_side_by_side_in_one_run(untrained_pair, server, tmp_path):
     a, b = untrained_pair
     res = deploy(["--model", str(a), "--compare", str(b), "--host", "127.0.0.1", "--port", str(server),
@@ -271,8 +288,8 @@ def test_compare_times_models_side_by_side_in_one_run(untrained_pair, server, tm
     assert "side by side" in res.output and "| spatial2 | spatial |" in res.output
 
 
-def test_compare_with_a_bad_folder(untrained_pair, tmp_path):
-    res = deploy(["--model", str(untrained_pair[0]), "--compare", str(tmp_path / "nope"), "--local",
+def test_compare_with_a_bad_folder(compressed, tmp_path):  # the session's model: no pair compressed for a refusal
+    res = deploy(["--model", str(compressed), "--compare", str(tmp_path / "nope"), "--local",
                   "--runtime", "ort"], tmp_path)
     assert res.exit_code == 1 and "nope: not a trp-edge compress output" in res.output
     assert not (tmp_path / "host").exists()

@@ -1,9 +1,12 @@
 """Targets are data: the bundled files load, a new board is a new file, a bad file names file and key."""
 
+import os
+
 import pytest
 from click.testing import CliRunner
 
 from trp_edge.cli import main
+from trp_edge.config import CompressConfig, DeployConfig
 from trp_edge.errors import ConfigError
 from trp_edge.targets import all_targets, host_triple, load_target
 
@@ -92,3 +95,24 @@ def test_the_wheel_ships_every_target_and_an_install_outside_the_checkout_lists_
 
     listed = {t["name"] for t in json.loads(out)}
     assert listed == shipped
+
+
+@pytest.mark.parametrize("cpu, expected", [
+    ('triple = "aarch64-linux-gnu"\nmcpu = "cortex-a76"\ncores = 6\n', 6),  # a board: its cores from the file
+    ('triple = "native"\nmcpu = "native"\ncores = 0\n', os.cpu_count() or 1),  # this machine: detected
+])
+def test_threads_zero_in_a_target_file_means_all_its_cores(tmp_path, cpu, expected):
+    f = tmp_path / "allcores.toml"
+    f.write_text(f"threads = 0\n[cpu]\n{cpu}")
+    t = load_target(f)
+    assert t.threads == 0 and t.cpu.cores == expected and t.run_threads == expected
+    f.write_text(f"[cpu]\n{cpu}")  # without threads: one
+    assert load_target(f).run_threads == 1
+
+
+def test_threads_zero_is_refused_in_a_config():
+    """0 = all cores is a target file's spelling only; an option of a run is a count."""
+    with pytest.raises(ConfigError, match="--threads must be >= 1, got 0"):
+        DeployConfig(target="host", threads=0)
+    with pytest.raises(ConfigError, match="--threads must be >= 1, got 0"):
+        CompressConfig(model="resnet20", threads=0)

@@ -15,6 +15,8 @@ from trp_edge.trp import Interrupted, TRPTrainer
 from trp_edge.workflows.compress import compress
 
 
+# 60 TRP steps of ResNet-20 per scheme (about 70 s of CPU each)
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_rank_never_increases_across_tsvd_iterations(scheme):
     """Theorem 2's regime: with a small step size the rank after each projection never rises."""
@@ -136,6 +138,8 @@ def _cfg(out, **kw):
                           latency=None, **kw)
 
 
+# three compresses with TRP training
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     straight = compress(_cfg(tmp_path / "a"), progress=False)
 
@@ -155,6 +159,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert straight.report["trajectory"] == resumed.report["trajectory"]
 
 
+# a compress with TRP training first
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path):
     compress(_cfg(tmp_path / "a"), progress=False)
     cfg = _cfg(tmp_path / "a", resume=True)
@@ -163,6 +169,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         compress(cfg, progress=False)
 
 
+# three compresses with TRP training
+@pytest.mark.slow
 def test_a_python_api_checkpoint_resumes_from_the_cli(tmp_path):
     """The CLI's defaults are the config's: a run interrupted through the API goes on with `--resume`, and the
     data loader's workers (which change no number) may differ."""

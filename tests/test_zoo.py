@@ -25,6 +25,8 @@ def test_the_names_come_from_torchvision_registry():
     assert set(SMALL) <= set(names) and "resnet18" in names and len(names) >= 60
 
 
+# 32x32 torchvision nets decomposed, exported and checked in onnxruntime (5-7 s of CPU each)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RELOADED)
 def test_a_torchvision_model_decomposes_exports_and_reloads(name, tmp_path):
     torch.manual_seed(0)
@@ -69,6 +71,8 @@ def test_a_state_dict_with_arch(tmp_path):
     assert m.spec["num_classes"] == 7 and m.spec["in_channels"] == 3  # from the weights' shapes
 
 
+# SqueezeNet through compress and an ORT build with its checks
+@pytest.mark.slow
 def test_a_torchvision_model_goes_through_compress_and_build(tmp_path):
     """The output folder records the architecture, so its dense.pt (a plain state_dict) builds and validates
     with no --arch, as for the ResNets whose architecture is inferred."""

@@ -12,6 +12,9 @@ import pytest
 
 from trp_edge.models import torchvision_builders
 
+# every family's smallest builder at full size, decomposed and exported twice: minutes per model on one core
+pytestmark = pytest.mark.slow
+
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "zoo_sweep.py"
 
 
