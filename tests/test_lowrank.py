@@ -12,13 +12,12 @@ from trp_edge.lowrank import (
     SCHEMES,
     LowRankConv2d,
     conv_layers,
-    decompose_,
     energy_rank,
     kept_energy,
     make_pair,
-    plan_layers,
     singular_values,
 )
+from trp_edge.planning import decompose_, plan_layers
 
 CASES = [
     # kernel, stride, padding, dilation

@@ -71,7 +71,8 @@ class CompressReport:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] | None = None  # the CompressConfig it was made with
     # per precision whose builds keep some decomposed layers dense (their pairs are slower there than the dense
-    # conv: lowrank.precision_dense): dense_layers, macs, mac_speedup and the onnx / model files they come from.
+    # conv: planning_latency.precision_dense): dense_layers, macs, mac_speedup and the onnx / model files they
+    # come from.
     # Keyed "int8", or "int8/ort", "int8/tflite" when the runtimes disagree (a model per runtime)
     precisions: dict[str, Any] | None = None
 
