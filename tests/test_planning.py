@@ -88,5 +88,5 @@ def test_several_runtimes_read_as_their_worst_case():
 
 def test_tables_named_in_the_config_must_be_passed_loaded(tiny):
     x = torch.randn(1, 3, 16, 16)
-    with pytest.raises(ConfigError, match="load_tables"):
+    with pytest.raises(ConfigError, match="latency_table.load_tables"):
         decompose_(tiny, DecomposeConfig(latency_table="somewhere.csv"), x)

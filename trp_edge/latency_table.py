@@ -19,11 +19,12 @@ import csv
 import io
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .report import write_json, write_text
 
 FORMAT = "trp-edge/calibration"
@@ -150,6 +151,24 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
         rows = [{**r, "rank": int(r["rank"]), "median_ms": float(r["median_ms"]), "runs": int(r["runs"])}
                 for r in csv.DictReader(f)]
     return LatencyTable(header, rows)
+
+
+def load_tables(paths: str | Sequence[str] | None, *, layers: dict[str, str] | None = None,
+                schemes: Sequence[str] = ()) -> tuple[LatencyTable, ...]:
+    """The tables a DecomposeConfig.latency_table names (one path, several, or None: none), each checked against
+    the model's conv shapes (`layers`, as load_table) and refused when it did not measure every one of `schemes`
+    (the config's: lowrank.scheme_names). Rank planning takes what this returns (planning_latency.LatencyModel)."""
+    tables = []
+    for path in [paths] if isinstance(paths, str | Path) else paths or []:
+        table = load_table(path, layers=layers)
+        measured = table.header.get("schemes", [])
+        missing = [s for s in schemes if s not in measured]
+        if missing:
+            raise ConfigError(f"{path}: measured {', '.join(measured)} only, not {', '.join(missing)} (scheme "
+                              f"{schemes[0] if len(schemes) == 1 else 'auto'}): calibrate with --schemes "
+                              f"{','.join(schemes)}")
+        tables.append(table)
+    return tuple(tables)
 
 
 def machine_path(path: Path, device: dict[str, Any]) -> tuple[Path, str | None]:

@@ -283,10 +283,10 @@ def plan_for_speedup(views: dict[str, SchemeView], config: DecomposeConfig, othe
 def rank_model(config: DecomposeConfig, tables: Sequence[LatencyModel]) -> LatencyModel | None:
     """The latency model ranks are chosen with, from the loaded `tables` (planning_latency.lead_model); None
     without. A config that names tables (config.latency_table) with none passed is refused: they are loaded once,
-    by the workflow (trp_edge.workflows.compress.load_tables), and handed down."""
+    by the workflow (compress's tables_stage, with trp_edge.latency_table.load_tables), and handed down."""
     if config.latency_table and not tables:
         raise ConfigError(f"the config names latency tables ({config.latency_table}) but none were passed: load "
-                          "them with trp_edge.workflows.compress.load_tables and pass tables=")
+                          "them with trp_edge.latency_table.load_tables and pass tables=")
     return lead_model(list(tables))
 
 

@@ -3,7 +3,7 @@ models read as one (the leading precision's, worst case over its runtimes), roun
 and which pairs another precision keeps dense.
 
 trp_edge.latency_table.LatencyTable (a measured calibration table) is the model trp-edge loads; the loading is
-the workflow's (trp_edge.workflows.compress.load_tables). Nothing here reads a file or imports torch."""
+the workflow's (compress's tables_stage, with latency_table.load_tables). Nothing here reads a file or imports torch."""
 
 from __future__ import annotations
 

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ..config import CompressConfig, DecomposeConfig
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..flops import count_macs, param_count
-from ..lowrank import conv_layers
+from ..latency_table import layer_shape, load_tables
+from ..lowrank import conv_layers, scheme_names
 from ..planning import LayerPlan, decompose_
 from ..planning_latency import precision_dense, precision_models
 from ..report import CompressReport
@@ -73,7 +74,7 @@ class _Run:
     train: Any = None
     dcfg: DecomposeConfig | None = None
     energy: float | None = None  # the energy of TRP's last TSVD (None: the decomposition finds it)
-    tables: tuple = ()  # the latency tables of dcfg.latency_table, loaded once (load_tables)
+    tables: tuple = ()  # the latency tables of dcfg.latency_table, loaded once (tables_stage)
 
 
 def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool = True, on_step=None,
@@ -151,31 +152,12 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
                       precision=cfg.precision or dep.precision,
                       decompose=replace(cfg.decompose, latency_table=tables or None))
     run.dcfg = run.cfg.decompose
-    run.tables = load_tables(run.dcfg, run.model, run.example)
+    shapes = {la.name: layer_shape(la) for la in conv_layers(run.model, run.example, run.dcfg)
+              if isinstance(la.module, torch.nn.Conv2d)}  # the tables, loaded once: planning and TRP take these
+    run.tables = load_tables(run.dcfg.latency_table, layers=shapes, schemes=scheme_names(run.dcfg))
     if not tables and cfg.calibrate:  # with --no-calibrate the user asked for it (and the summary says so)
         log.warning("no latency table for %s: ranks are MAC-based, and a pair may be slower than its dense conv "
                     "(calibrate, or drop --no-calibrate)", ", ".join(map(str, deployments(cfg))))
-
-
-def load_tables(dcfg: DecomposeConfig, model: torch.nn.Module, example: torch.Tensor) -> tuple:
-    """The latency tables dcfg.latency_table names, loaded once for the whole run (planning and TRP get these
-    objects, never the paths), each checked against the model's conv shapes and the config's schemes."""
-    from ..latency_table import layer_shape, load_table
-    from ..lowrank import scheme_names
-
-    t = dcfg.latency_table
-    shapes = {la.name: layer_shape(la) for la in conv_layers(model, example, dcfg)
-              if isinstance(la.module, torch.nn.Conv2d)}
-    tables = []
-    for path in [t] if isinstance(t, str) else t or []:
-        table = load_table(path, layers=shapes)
-        missing = [s for s in scheme_names(dcfg) if s not in table.header.get("schemes", [])]
-        if missing:
-            raise ConfigError(f"{path}: measured {', '.join(table.header.get('schemes', []))} only, not "
-                              f"{', '.join(missing)} (scheme {dcfg.scheme}): calibrate with --schemes "
-                              f"{','.join(scheme_names(dcfg))}")
-        tables.append(table)
-    return tuple(tables)
 
 
 def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
