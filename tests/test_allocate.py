@@ -10,7 +10,7 @@ from trp_edge.config import DecomposeConfig
 from trp_edge.errors import ConfigError
 from trp_edge.flops import count_macs
 from trp_edge.latency_table import LatencyTable, predict
-from trp_edge.lowrank import plan_for_speedup, planned_macs, scheme_views
+from trp_edge.planning import plan_for_speedup, planned_macs, scheme_views
 
 
 def _instance(rng: random.Random, layers: int = 4, options: int = 4) -> list[list[Choice]]:

@@ -233,7 +233,7 @@ def test_trp_reaches_the_target_speedup_on_the_plan_it_ships(table, tmp_path):
 
 def test_latency_rank_rounds_up_only_to_a_pair_faster_than_dense():
     from trp_edge.latency_table import LatencyTable
-    from trp_edge.lowrank import latency_rank
+    from trp_edge.planning_latency import latency_rank
 
     ms = {0: 1.0, 8: 0.4, 16: 0.4, 23: 1.2}  # rank 0: the dense conv; 23 is slower than dense
     rows = [{"layer": "c", "scheme": "dense" if r == 0 else "spatial", "rank": r, "median_ms": v}

@@ -1,5 +1,8 @@
 import copy
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +15,12 @@ from trp_edge.lowrank import (
     SCHEMES,
     LowRankConv2d,
     conv_layers,
-    decompose_,
     energy_rank,
     kept_energy,
     make_pair,
-    plan_layers,
     singular_values,
 )
+from trp_edge.planning import decompose_, plan_layers
 
 CASES = [
     # kernel, stride, padding, dilation
@@ -177,6 +179,44 @@ def test_target_speedup_is_reached_by_bisection(tiny):
                                                                   x)[0]]
 
 
+def test_target_speedup_needs_no_other_macs():
+    """decompose_ counts the MACs outside the convs itself when the caller does not (as compress's load_stage)."""
+    torch.manual_seed(0)  # a Linear about as costly as the convs: the MAC target depends on counting it
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(),
+                        nn.Linear(16 * 8 * 8, 64))
+    x = torch.randn(1, 3, 8, 8)
+    layers = conv_layers(net, x, DecomposeConfig())
+    other = count_macs(net, x).total - sum(la.macs_dense for la in layers)
+    assert other == 16 * 8 * 8 * 64
+    cfg = DecomposeConfig(target_speedup=1.4)
+    given, e_given = decompose_(copy.deepcopy(net), cfg, x, other_macs=other)
+    model = copy.deepcopy(net)
+    counted, e_counted = decompose_(model, cfg, x)
+    assert e_counted == e_given and [p.to_dict() for p in counted] == [p.to_dict() for p in given]
+    assert count_macs(net, x).total / count_macs(model, x).total >= 1.4
+    # leaving the Linear out would reach the target with less energy dropped
+    assert decompose_(copy.deepcopy(net), cfg, x, other_macs=0)[1] < e_counted
+
+
+def test_lowrank_is_maths_only():
+    """lowrank reads no files and plans nothing: importing it loads neither the latency tables nor the allocation
+    (nor the config, whose validation pulls latency_table in); planning loads no table module either."""
+    code = ("import sys, trp_edge.{0}; print(' '.join(m for m in sys.modules if m.startswith('trp_edge')))")
+    for module, banned in (("lowrank", {"trp_edge.latency_table", "trp_edge.allocate", "trp_edge.planning",
+                                        "trp_edge.config"}),
+                           ("planning", {"trp_edge.latency_table"})):
+        out = subprocess.run([sys.executable, "-c", code.format(module)], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        loaded = set(out.stdout.split())
+        assert f"trp_edge.{module}" in loaded and not loaded & banned, (module, sorted(loaded & banned))
+
+
+def test_the_registry_names_the_configs_schemes():
+    from trp_edge.config import SCHEME_NAMES
+
+    assert tuple(SCHEMES) == SCHEME_NAMES
+
+
 def test_unreachable_target_speedup_is_a_clear_error(tiny):
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ConfigError, match="out of reach"):
@@ -212,12 +252,20 @@ def test_linear_layers_factorize_with_the_flag(tmp_path):
     full = copy.deepcopy(model)
     full.set_submodule("classifier.0", make_pair(model.classifier[0], "channel", 128))
     assert torch.allclose(full(x), model(x), atol=1e-5)  # full rank: the same function
-    ref = model(x)
+    dense, h = model.classifier[0], model.features(x).flatten(1)  # the Linear and its input
+    with torch.no_grad():
+        ref = dense(h)
+        errs = {k: ((make_pair(dense, "channel", k)(h) - ref).norm() / ref.norm()).item()
+                for k in (1, 2, 4, 8, 16, 32, 64, 128)}
+    # ||(W - W_k) h||^2 = sum_{j>k} s_j^2 (v_j . h)^2: the relative error falls with every rank added, to none
+    assert all(a > b for a, b in itertools.pairwise(errs.values())), errs
+    assert errs[1] > 0.1 and errs[128] < 1e-5, errs
     plans, _ = decompose_(model, DecomposeConfig(ranks={"classifier.0": 8}, linear=True), x)
     lin = model.get_submodule("classifier.0")
     assert type(lin).__name__ == "LowRankLinear" and lin.first.weight.shape == (8, 256)
     assert next(p for p in plans if p.name == "classifier.0").macs_lowrank == 8 * 256 + 128 * 8
-    assert (model(x) - ref).abs().max() < ref.abs().max()  # a rank-8 approximation, not garbage
+    with torch.no_grad():  # the decomposed model's Linear is that rank-8 truncation
+        assert ((lin(h) - ref).norm() / ref.norm()).item() == pytest.approx(errs[8], rel=1e-4)
     ranks = {p.name: p.rank for p in plans if p.rank is not None}
     exported.save(model, x[:1], tmp_path / "c.pt2", {"arch": module_spec(model, "v", x), "layers": {
         n: {"scheme": "channel", "rank": k} for n, k in ranks.items()}})

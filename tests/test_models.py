@@ -5,8 +5,8 @@ from torch import nn
 
 from trp_edge.config import DecomposeConfig
 from trp_edge.errors import InputError
-from trp_edge.lowrank import decompose_
 from trp_edge.models import build, builtin_spec, compressed_payload, infer_spec, load_model
+from trp_edge.planning import decompose_
 
 
 @pytest.mark.parametrize("name,ctor", [("resnet18", torchvision.models.resnet18),

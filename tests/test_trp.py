@@ -48,7 +48,7 @@ def test_nuclear_term_is_lambda_u_vt(tiny):
 
 def test_newton_schulz_gives_the_svd_polar_factor_for_every_shape_in_one_batch():
     """U V^T by matrix products, for matrices of several shapes (wide and tall) padded into one batch."""
-    from trp_edge.trp import polar_factors
+    from trp_edge.trp_nuclear import polar_factors
 
     g = torch.Generator().manual_seed(0)
     mats = [torch.randn(3, 48, 96, generator=g), torch.randn(2, 96, 48, generator=g),
@@ -62,7 +62,7 @@ def test_newton_schulz_gives_the_svd_polar_factor_for_every_shape_in_one_batch()
 def test_newton_schulz_on_a_low_rank_matrix_is_a_nuclear_sub_gradient():
     """Right after a projection the weights are rank-deficient: on the non-zero singular directions the result is
     U_k V_k^T exactly, and no singular value of it exceeds 1 (a sub-gradient of the nuclear norm)."""
-    from trp_edge.trp import polar_factors
+    from trp_edge.trp_nuclear import polar_factors
 
     g = torch.Generator().manual_seed(1)
     m = torch.randn(2, 40, 5, generator=g) @ torch.randn(2, 5, 72, generator=g)

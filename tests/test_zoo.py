@@ -13,8 +13,9 @@ from torch import nn
 from trp_edge.config import DecomposeConfig
 from trp_edge.export import export_onnx
 from trp_edge.flops import count_macs
-from trp_edge.lowrank import conv_layers, decompose_, get_scheme, make_pair
+from trp_edge.lowrank import conv_layers, get_scheme, make_pair
 from trp_edge.models import build, builtin_spec, compressed_payload, load_model, torchvision_builders
+from trp_edge.planning import decompose_
 
 SMALL = ["mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5", "mnasnet0_5"]
 RELOADED = ["shufflenet_v2_x0_5", "mnasnet0_5"]  # grouped convs; versioned state_dict loading (the rest: the sweep)

@@ -88,7 +88,7 @@ def planner(table, model, example, schemes: list[str], other: int, speedup: floa
     """trp-edge's own plan at that MAC target with the table (compress --target-speedup --allocate A):
     {layer: (scheme, rank)}, rank 0 for dense; and the singular values it planned with ({scheme: {layer: s}})."""
     from trp_edge.config import DecomposeConfig
-    from trp_edge.lowrank import plan_for_speedup, scheme_views
+    from trp_edge.planning import plan_for_speedup, scheme_views
 
     cfg = DecomposeConfig(scheme=schemes[0] if len(schemes) == 1 else "auto", target_speedup=speedup,
                           allocate=allocate)

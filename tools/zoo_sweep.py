@@ -33,10 +33,11 @@ from trp_edge.config import DecomposeConfig
 from trp_edge.errors import TrpEdgeError
 from trp_edge.export import export_onnx
 from trp_edge.flops import count_macs, param_count
-from trp_edge.lowrank import conv_layers, decompose_, make_pair
+from trp_edge.lowrank import conv_layers, make_pair
 from trp_edge.models import build, builtin_spec, torchvision_builders
 from trp_edge.models.zoo import build as build_builder
 from trp_edge.models.zoo import builder_spec, signature_of
+from trp_edge.planning import decompose_
 
 SIZES = (32, 64, 128, 224)
 CLASSES = 10

@@ -22,7 +22,7 @@ _EXPORTS = {
     "DeviceError": "errors", "DeviceTimeout": "errors", "MissingTool": "errors", "ConversionError": "errors",
     "CompressReport": "report", "LatencyTable": "latency_table", "load_table": "latency_table",
     "load_model": "models", "load_data": "data",
-    "decompose_": "lowrank", "SCHEMES": "lowrank", "energy_rank": "lowrank", "LowRankConv2d": "lowrank",
+    "decompose_": "planning", "SCHEMES": "lowrank", "energy_rank": "lowrank", "LowRankConv2d": "lowrank",
     "TRPTrainer": "trp", "count_macs": "flops", "export_onnx": "export",
     "compress": "workflows.compress", "CompressResult": "workflows.compress",
     "build": "workflows.build", "BuildResult": "workflows.build",

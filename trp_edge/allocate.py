@@ -6,7 +6,7 @@ whatever its pairs cost on the device. At the same MACs and the same energy drop
 layers, each layer's dropped share of its own energy), a layer whose pairs are fast per MAC saved can give
 up more and one whose pairs are slow less. This is a multiple-choice knapsack: dynamic programming over MAC
 bins, with a Lagrange multiplier on the dropped energy found by bisection. Pure numbers (numpy): the
-choices come from lowrank.allocate_plans."""
+choices come from planning.allocate_plans."""
 
 from __future__ import annotations
 

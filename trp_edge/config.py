@@ -60,7 +60,7 @@ class DecomposeConfig(_JSONMixin):
     with latency_table, else fewer MACs); layer_schemes fixes the scheme of named layers.
     latency_table: a calibration table, or several (one per deployment): ranks come from the fp32 ones (a pair
     must be faster than dense in each runtime's); an INT8 table only keeps dense, in the INT8 builds, the pairs
-    slower there (lowrank.precision_dense).
+    slower there (planning_latency.precision_dense).
     linear: also factorize nn.Linear layers into two Linears (the channel scheme's form; same energy rule and
     TRP projection); the spatial scheme leaves them dense.
     allocate: with target_speedup and a latency table, "latency" (default) re-allocates the ranks of the

@@ -9,20 +9,22 @@ holds another kind of machine's table, this machine's lives beside it in <runtim
 `load_table` refuses a table made for another deployment or for layers whose shapes differ from the model's;
 `stale` says why a table no longer describes this device (another CPU or runtime version).
 
-A leaf module: no torch, nothing of trp_edge but errors and the contracts' atomic writer, so lowrank and trp import
-it and `calibrate` (which measures) sits on top."""
+A leaf module: no torch, nothing of trp_edge but errors and the contracts' atomic writer, so the workflows load tables
+with it and `calibrate` (which measures) sits on top. A LatencyTable is a planning_latency.LatencyModel: rank
+planning reads it through that interface (several read as one there: planning_latency.worst_case)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .contracts import CALIBRATION, read_json, write_json, write_text
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", "runs"]
 DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
@@ -93,6 +95,10 @@ class LatencyTable:
         return self.header.get("precision", "fp32")
 
     @property
+    def runtime(self) -> str:
+        return self.header["runtime"]
+
+    @property
     def deployment(self) -> str:
         """target/runtime precision, N threads: the configuration the table was measured in."""
         h = self.header
@@ -143,6 +149,24 @@ def load_table(path: str | Path, *, target: str | None = None, runtime: str | No
     return LatencyTable(header, rows)
 
 
+def load_tables(paths: str | Sequence[str] | None, *, layers: dict[str, str] | None = None,
+                schemes: Sequence[str] = ()) -> tuple[LatencyTable, ...]:
+    """The tables a DecomposeConfig.latency_table names (one path, several, or None: none), each checked against
+    the model's conv shapes (`layers`, as load_table) and refused when it did not measure every one of `schemes`
+    (the config's: lowrank.scheme_names). Rank planning takes what this returns (planning_latency.LatencyModel)."""
+    tables = []
+    for path in [paths] if isinstance(paths, str | Path) else paths or []:
+        table = load_table(path, layers=layers)
+        measured = table.header.get("schemes", [])
+        missing = [s for s in schemes if s not in measured]
+        if missing:
+            raise ConfigError(f"{path}: measured {', '.join(measured)} only, not {', '.join(missing)} (scheme "
+                              f"{schemes[0] if len(schemes) == 1 else 'auto'}): calibrate with --schemes "
+                              f"{','.join(schemes)}")
+        tables.append(table)
+    return tuple(tables)
+
+
 def machine_path(path: Path, device: dict[str, Any]) -> tuple[Path, str | None]:
     """Where `device`'s table of a deployment lives: `path` (its table_path), or, when `path` holds a table of
     another kind of machine (CPU, architecture or cores), <runtime>/<cpu slug>/ beside it, so that one checkout
@@ -177,39 +201,6 @@ def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
     if rkey and header.get("threads", 1) > 1 and old != new:  # one thread has no workers to run another way
         return f"measured with {rkey}'s workers run {old or 'asleep between ops'!r}, this device runs them {new!r}"
     return None
-
-
-def combine(tables: list[LatencyTable]) -> LatencyTable:
-    """One table for a model deployed in several configurations (runtimes of one precision): each pair's latency is
-    the first table's dense conv times the worst ratio pair/dense over the tables, so a pair counts as faster
-    than dense only when it is faster in every configuration, and ranks are rounded to the best worst case.
-    Only (layer, scheme, rank) measured in every table are kept."""
-    if len(tables) == 1:
-        return tables[0]
-    first, rows = tables[0], []
-    for r in first.rows:
-        if r["scheme"] in (DENSE, CALL):
-            rows.append(r)
-            continue
-        ratios = []
-        for t in tables:
-            ms, dense = t.latency(r["layer"], r["scheme"], r["rank"]), t.dense(r["layer"])
-            if ms is None or not dense:
-                break
-            ratios.append(ms / dense)
-        else:
-            rows.append({**r, "median_ms": first.dense(r["layer"]) * max(ratios)})
-    header = {**first.header, "combined": [t.deployment for t in tables]}
-    return LatencyTable(header, rows)
-
-
-def lead_precision(tables: list[LatencyTable]) -> str:
-    """The precision whose tables choose the ranks when a model is compressed for several: fp32 when it is among
-    them. The tables of another precision only decide which pairs that precision's builds keep dense, so a
-    precision where pairs never pay off (INT8 on a CPU whose dense INT8 convs are fast) does not veto the
-    pairs that pay off in fp32."""
-    precisions = [t.precision for t in tables]
-    return "fp32" if "fp32" in precisions else precisions[0]
 
 
 def predict(table: LatencyTable, chosen: list[tuple[str, str, int | None]]) -> dict[str, Any] | None:

@@ -6,6 +6,9 @@ Two schemes (the SCHEMES registry) map a conv weight W of shape (n, c, kh, kw) t
   conv. Stride, padding and dilation split per axis: the vertical half takes the H parts, the
   horizontal half the W parts.
 The bias always goes to the second conv.
+
+Maths only: which rank each layer takes is trp_edge.planning's choice (apply_plan_ carries it out); nothing here
+reads a file or times anything.
 """
 
 from __future__ import annotations
@@ -13,15 +16,16 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from .allocate import Choice, allocate
-from .config import SCHEME_NAMES, DecomposeConfig
 from .errors import ConfigError
-from .latency_table import LatencyTable, combine, layer_shape, lead_precision, load_table
+
+if TYPE_CHECKING:
+    from .config import DecomposeConfig
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +184,6 @@ SCHEMES: dict[str, Scheme] = {
     "spatial": Scheme("spatial", _spatial_to_matrix, _spatial_from_matrix, _spatial_halves,
                       _spatial_pair_weights, _spatial_factors, _spatial_ineligible, _spatial_pair_macs),
 }
-assert tuple(SCHEMES) == SCHEME_NAMES, "config.SCHEME_NAMES names the registry's schemes"
 
 
 def scheme_names(config: DecomposeConfig) -> tuple[str, ...]:
@@ -329,189 +332,11 @@ def batched_svd(mats: Iterable[torch.Tensor], device: torch.device | str | None 
     return out
 
 
-# ---- planning: which rank for which layer ----------------------------------------------------------
-
-@dataclass
-class LayerPlan:
-    """The decision for one conv: a low-rank pair at `rank`, or dense with the `reason`."""
-
-    name: str
-    scheme: str
-    rank: int | None
-    full_rank: int
-    macs_dense: int
-    macs_lowrank: int | None
-    reason: str | None = None
-    energy_rank: int | None = None
-    kept_energy: float | None = None
-    planned_rank: int | None = None  # the rank before latency calibration moved it
-    predicted_ms: float | None = None  # the calibration table's latency of the chosen pair (or dense conv)
-    dense_ms: float | None = None
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def plan_layers(layers: list[ConvLayer], svals: dict[str, torch.Tensor], config: DecomposeConfig,
-                energy: float | None = None) -> list[LayerPlan]:
-    """Ranks for every conv from its singular values (energy rule or explicit ranks), leaving dense
-    each layer that is not eligible or whose pair would not save MACs."""
-    sch = get_scheme(config.scheme)
-    e = config.energy if energy is None else energy
-    explicit = dict(config.ranks or {})
-    unknown = set(explicit) - {layer.name for layer in layers}
-    if unknown:
-        raise ConfigError(f"explicit ranks name layers the model does not have: {sorted(unknown)}")
-    plans = []
-    for layer in layers:
-        dense = layer.macs_dense
-        if layer.reason is not None:
-            plans.append(LayerPlan(layer.name, config.scheme, None, 0, dense, None, layer.reason))
-            continue
-        s = svals[layer.name]
-        full = s.shape[-1]
-        k_e = int(energy_rank(s, e))
-        k = min(explicit.get(layer.name, k_e), full)
-        macs = sch.pair_macs(layer.module, layer.in_hw, layer.out_hw, k)
-        plan = LayerPlan(layer.name, config.scheme, k, full, dense, macs, None, k_e, kept_energy(s, k))
-        if macs >= dense:
-            plan.rank, plan.planned_rank = None, k
-            plan.reason = f"low-rank pair at rank {k}/{full} costs {macs} MACs >= dense {dense}"
-        plans.append(plan)
-    return plans
-
-
-def planned_macs(plans: list[LayerPlan]) -> tuple[int, int]:
-    """(dense, planned) MACs summed over the planned convs."""
-    dense = sum(p.macs_dense for p in plans)
-    low = sum(p.macs_lowrank if p.rank is not None else p.macs_dense for p in plans)
-    return dense, low
-
-
-def energy_for_speedup(planner: Callable[[float], list[LayerPlan]], other_macs: int, target: float,
-                       scheme: str, iters: int = 60, guarded: bool = False) -> float:
-    """Smallest energy e whose plan (`planner(e)`) gives `target` times fewer MACs for the whole model
-    (bisection; the speedup is non-decreasing in e). `other_macs` are the model's MACs outside the convs.
-    `guarded`: the planner keeps layers dense where their pairs are slower (a latency table), so a target out
-    of reach takes the most the guard allows, with a warning, instead of failing."""
-
-    def speedup(e: float) -> float:
-        dense, low = planned_macs(planner(e))
-        return (dense + other_macs) / (low + other_macs)
-
-    lo, hi = 1e-9, 1.0 - 1e-9
-    best = speedup(hi)
-    if best < target and guarded:
-        log.warning("a %gx MAC speedup is out of reach where pairs are faster than dense: %.2fx at most (the "
-                    "latency table's guard keeps the others dense)", target, best)
-        return hi
-    if best < target:
-        raise ConfigError(f"a {target:g}x MAC speedup is out of reach with the {scheme} scheme: at most "
-                          f"{best:.2f}x (rank 1 everywhere; layers left dense and non-conv layers limit it)")
-    if speedup(lo) >= target:
-        return lo
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if speedup(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def singular_values(layers: list[ConvLayer], scheme: str) -> dict[str, torch.Tensor]:
     eligible = [layer for layer in layers if layer.reason is None]
     svds = batched_svd(layer.matrix(scheme).double() for layer in eligible)
     return {layer.name: s for layer, (_, s, _) in zip(eligible, svds)}
 
-
-def latency_rank(table: LatencyTable, name: str, scheme: str, k: int, full: int,
-                 guard: bool = True) -> tuple[int | None, float | None]:
-    """The measured rank >= k with the lowest latency and that latency, when that pair is faster than the dense
-    conv. Otherwise (None, dense ms) with `guard` (keep the layer dense), and without it (k, None): rounding up
-    would buy nothing, so TRP goes on truncating at the energy rank, which may yet fall to a fast pair. Also
-    (k, None) when nothing at or above k was measured."""
-    dense = table.dense(name)
-    cands = sorted((ms, r) for r, ms in table.ranks(name, scheme).items() if k <= r <= full)
-    if not cands or dense is None:
-        return k, None
-    ms, r = cands[0]
-    if ms < dense:
-        return r, ms
-    return (None, dense) if guard else (k, None)
-
-
-def _latency_tables(config: DecomposeConfig, layers: list[ConvLayer]) -> list[LatencyTable]:
-    """The calibration tables named in the config, checked against these layers' shapes and its schemes."""
-    if not config.latency_table:
-        return []
-    paths = [config.latency_table] if isinstance(config.latency_table, str) else list(config.latency_table)
-    shapes = {la.name: layer_shape(la) for la in layers if isinstance(la.module, nn.Conv2d)}
-    tables = []
-    for path in paths:
-        table = load_table(path, layers=shapes)
-        missing = [s for s in scheme_names(config) if s not in table.header.get("schemes", [])]
-        if missing:
-            raise ConfigError(f"{path}: measured {', '.join(table.header.get('schemes', []))} only, not "
-                              f"{', '.join(missing)} (scheme {config.scheme}): calibrate with --schemes "
-                              f"{','.join(scheme_names(config))}")
-        tables.append(table)
-    return tables
-
-
-def load_latency_table(config: DecomposeConfig, layers: list[ConvLayer]) -> LatencyTable | None:
-    """The table ranks are chosen with (None without one): the config's tables of the leading precision
-    (latency_table.lead_precision), several combined (latency_table.combine: a pair counts as faster only where
-    it is faster in every runtime). The other precisions' tables act after planning: precision_dense."""
-    tables = _latency_tables(config, layers)
-    if not tables:
-        return None
-    lead = lead_precision(tables)
-    return combine([t for t in tables if t.precision == lead])
-
-
-def precision_dense(config: DecomposeConfig, layers: list[ConvLayer],
-                    plans: list[LayerPlan]) -> dict[str, dict[str, list[str]]]:
-    """Per precision other than the leading one, per runtime of its tables: the decomposed layers whose pair, at
-    its planned rank, is not faster than the dense conv in that runtime's table; that precision's builds for that
-    runtime keep them dense (merge_pairs_; precision_models groups them into models). A rank that precision did
-    not measure is judged by the nearest measured rank above it (pairs grow slower with rank); a layer with none
-    is left decomposed (latency unknown)."""
-    tables = _latency_tables(config, layers)
-    if not tables:
-        return {}
-    lead, out = lead_precision(tables), {}
-    for prec in dict.fromkeys(t.precision for t in tables if t.precision != lead):
-        at = [t for t in tables if t.precision == prec]
-        out[prec] = {rt: _slower(combine([t for t in at if t.header["runtime"] == rt]), plans)
-                     for rt in dict.fromkeys(t.header["runtime"] for t in at)}
-    return out
-
-
-def precision_models(kept: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
-    """The models a precision's builds are made from, as {key: layers kept dense}: keyed by the precision when its
-    runtimes agree (one model for all of them), else by "precision/runtime", one model per runtime, so a pair
-    faster in ORT's INT8 is not vetoed by TFLite's."""
-    out = {}
-    for prec, per in kept.items():
-        if len({tuple(layers) for layers in per.values()}) == 1:
-            out[prec] = next(iter(per.values()))
-        else:
-            out.update({f"{prec}/{rt}": layers for rt, layers in per.items()})
-    return out
-
-
-def _slower(table: LatencyTable, plans: list[LayerPlan]) -> list[str]:
-    """The decomposed layers whose pair at its planned rank is not faster than the dense conv in `table`."""
-    slower = []
-    for p in plans:
-        dense = table.dense(p.name)
-        if p.rank is None or dense is None:
-            continue
-        above = sorted((r, ms) for r, ms in table.ranks(p.name, p.scheme).items() if r >= p.rank)
-        if above and above[0][1] >= dense:
-            slower.append(p.name)
-    return slower
 
 
 def merge_pairs_(model: nn.Module, dense: nn.Module, names: Iterable[str]) -> None:
@@ -529,185 +354,19 @@ def merge_pairs_(model: nn.Module, dense: nn.Module, names: Iterable[str]) -> No
         model.set_submodule(name, conv)
 
 
-def calibrate_plans_(plans: list[LayerPlan], layers: list[ConvLayer], svals: dict[str, torch.Tensor],
-                     table, guard: bool = True) -> None:
-    """Latency-aware ranks from a calibration table (trp_edge.calibrate): each decomposed layer's rank moves
-    to the measured rank with the lowest latency among those >= its planned rank (so it never keeps less
-    energy than the energy rule asked for), and a layer whose fastest such pair is not faster than its
-    dense conv stays dense (the guard). Ranks above the planned one add only zero singular directions to
-    a TRP-projected weight, so the decomposed model computes the same function. Without `guard` (during TRP
-    training, where every layer is truncated) such a layer keeps its energy rank instead."""
-    by = {layer.name: layer for layer in layers}
-    for p in plans:
-        p.dense_ms = table.dense(p.name)
-        if p.rank is None or p.dense_ms is None:
-            p.predicted_ms = p.dense_ms if p.rank is None else None
-            continue
-        layer, sch = by[p.name], get_scheme(p.scheme)
-        p.planned_rank = p.rank
-        k, ms = latency_rank(table, p.name, p.scheme, p.rank, p.full_rank, guard)
-        if ms is None:
-            continue  # nothing measured at or above the planned rank: keep it, latency unknown
-        if k is None:
-            p.rank, p.predicted_ms = None, p.dense_ms
-            p.reason = (f"calibrated: no measured pair at rank >= {p.planned_rank} is faster than the dense conv "
-                        f"({p.dense_ms:.3f} ms)")
-            continue
-        p.rank, p.predicted_ms = k, ms
-        p.macs_lowrank = sch.pair_macs(layer.module, layer.in_hw, layer.out_hw, k)
-        p.kept_energy = kept_energy(svals[p.name], k)
+
+class _Planned(Protocol):
+    """A layer's decision as apply_plan_ reads it (trp_edge.planning.LayerPlan): a pair at `rank`, or None."""
+
+    name: str
+    scheme: str
+    rank: int | None
 
 
-@dataclass
-class SchemeView:
-    """The model's convs seen through one matrix form: which it can decompose and their singular values."""
-
-    layers: list[ConvLayer]
-    svals: dict[str, torch.Tensor]
-
-
-def scheme_views(model: nn.Module, example: torch.Tensor, config: DecomposeConfig) -> dict[str, SchemeView]:
-    views = {}
-    for name in scheme_names(config):
-        layers = conv_layers(model, example, replace(config, scheme=name, layer_schemes=None))
-        views[name] = SchemeView(layers, singular_values(layers, name))
-    return views
-
-
-def plan_model(views: dict[str, SchemeView], config: DecomposeConfig, energy: float, table=None,
-               guard: bool = True) -> list[LayerPlan]:
-    """Every conv's plan at energy e: in the config's scheme, or with scheme 'auto' the fastest of the schemes'
-    pairs and the dense conv per layer (by the table's measured latency, else by MACs; a layer named in
-    config.layer_schemes keeps that scheme). With a table, ranks are rounded (and with `guard`, a layer whose
-    pair is not faster than its dense conv stays dense: calibrate_plans_)."""
-    fixed = config.layer_schemes or {}
-    per: dict[str, list[LayerPlan]] = {}
-    for name, v in views.items():
-        ranks = {n: k for n, k in (config.ranks or {}).items() if fixed.get(n, name) == name}
-        plans = plan_layers(v.layers, v.svals, replace(config, scheme=name, ranks=ranks or None, layer_schemes=None),
-                            energy)
-        if table is not None:
-            calibrate_plans_(plans, v.layers, v.svals, table, guard)
-        per[name] = plans
-    if len(per) == 1:
-        return next(iter(per.values()))
-    names = list(per)
-    merged = []
-    for i, first in enumerate(per[names[0]]):
-        if first.name in fixed:
-            merged.append(per[fixed[first.name]][i])
-            continue
-        opts = [per[n][i] for n in names if views[n].layers[i].reason is None] or [first]
-        merged.append(min(opts, key=lambda p: _cost(p, table)))
-    return merged
-
-
-def _cost(p: LayerPlan, table) -> tuple[int, float]:
-    """How scheme 'auto' ranks a layer's options: a measured latency (a pair faster than dense, or dense)
-    first; then, during training, a pair not yet faster than dense by the fastest measured pair at or above
-    its rank (the form nearest to paying off as TRP lowers the rank); then fewer MACs."""
-    if p.predicted_ms is not None:
-        return 0, p.predicted_ms
-    if table is not None and p.rank is not None:
-        near = [ms for r, ms in table.ranks(p.name, p.scheme).items() if r >= p.rank]
-        if near:
-            return 1, min(near)
-    return 2, p.macs_lowrank if p.rank is not None else p.macs_dense
-
-
-def _choices(p: LayerPlan, views: dict[str, SchemeView], config: DecomposeConfig,
-             table) -> tuple[list[tuple[str | None, int | None, Choice]], int] | None:
-    """A layer's options for the latency allocation, (scheme, rank, Choice): dense, and every measured pair
-    faster than dense in each scheme it may take; and the index of the plan's own. None for a layer the
-    allocation leaves as planned (explicit rank, not eligible, not in the table)."""
-    if p.name in (config.ranks or {}) or p.dense_ms is None:
-        return None
-    fixed = (config.layer_schemes or {}).get(p.name)
-    out: list[tuple[str | None, int | None, Choice]] = [(None, None, Choice(p.macs_dense, p.dense_ms, 0.0))]
-    for name, v in views.items():
-        la = next(la for la in v.layers if la.name == p.name)
-        if la.reason is not None or fixed not in (None, name):
-            continue
-        sch, s = get_scheme(name), v.svals[p.name]
-        for r, ms in sorted(table.ranks(p.name, name).items()):
-            macs = sch.pair_macs(la.module, la.in_hw, la.out_hw, r)
-            if r <= s.shape[-1] and ms < p.dense_ms and macs < p.macs_dense:
-                out.append((name, r, Choice(macs, ms, 1.0 - kept_energy(s, r))))
-    at = (None, None) if p.rank is None else (p.scheme, p.rank)
-    now = next((j for j, (sch, r, _) in enumerate(out) if (sch, r) == at), None)
-    return None if len(out) == 1 or now is None else (out, now)
-
-
-def allocate_plans(views: dict[str, SchemeView], config: DecomposeConfig, plans: list[LayerPlan], table,
-                   energy: float, budget: float) -> list[LayerPlan]:
-    """The plans with ranks allocated across layers for latency (trp_edge.allocate): at most `budget` conv MACs
-    and no more singular-value energy dropped in all than `plans` drop, the lowest summed table latency; a
-    layer whose pairs do not pay for the energy they drop stays dense. `plans` as given when that is not
-    faster by the table."""
-    opts = {i: c for i, p in enumerate(plans) if (c := _choices(p, views, config, table)) is not None}
-    if not opts:
-        return plans
-    budget -= sum(p.macs_dense if p.rank is None else p.macs_lowrank for i, p in enumerate(plans) if i not in opts)
-    current = {i: o[now][2] for i, (o, now) in opts.items()}
-    chosen = allocate([[c for *_, c in o] for o, _ in opts.values()], budget,
-                      sum(c.dropped for c in current.values()))
-    picked = {i: opts[i][0][j] for i, j in zip(opts, chosen or []) if j != opts[i][1]}  # the layers that move
-    if sum(current[i].ms - c.ms for i, (*_, c) in picked.items()) <= 0:
-        return plans
-    out = list(plans)
-    for i, (scheme, rank, c) in picked.items():
-        p = plans[i]
-        if rank is None:
-            out[i] = replace(p, rank=None, macs_lowrank=None, kept_energy=None, predicted_ms=p.dense_ms,
-                             planned_rank=p.rank, reason="latency allocation: its pairs buy less time than the "
-                             "energy they drop buys in other layers")
-            continue
-        s = views[scheme].svals[p.name]
-        out[i] = replace(p, scheme=scheme, rank=rank, full_rank=s.shape[-1], macs_lowrank=c.macs, reason=None,
-                         energy_rank=int(energy_rank(s, energy)), kept_energy=1.0 - c.dropped,
-                         planned_rank=p.rank if p.rank is not None else p.planned_rank, predicted_ms=c.ms)
-    return out
-
-
-def plan_for_speedup(views: dict[str, SchemeView], config: DecomposeConfig, other_macs: int,
-                     table) -> tuple[float, list[LayerPlan]]:
-    """The energy and the (guarded) plan for config.target_speedup: e by bisection, the plan at e, then with a
-    table and config.allocate 'latency' the ranks allocated across layers at that MAC target (allocate_plans)."""
-    energy = energy_for_speedup(lambda e: plan_model(views, config, e, table), other_macs, config.target_speedup,
-                                config.scheme, guarded=table is not None)
-    plans = plan_model(views, config, energy, table)
-    if table is not None and config.allocate == "latency":
-        dense, _ = planned_macs(plans)
-        plans = allocate_plans(views, config, plans, table, energy,
-                               (dense + other_macs) / config.target_speedup - other_macs)
-    return energy, plans
-
-
-def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: list[LayerPlan], *, init: bool = True) -> None:
+def apply_plan_(model: nn.Module, layers: list[ConvLayer], plans: Iterable[_Planned], *, init: bool = True) -> None:
     """Replace each planned conv by its low-rank pair, in place."""
     by_name = {layer.name: layer for layer in layers}
     for p in plans:
         if p.rank is not None:
             model.set_submodule(p.name, make_pair(by_name[p.name].module, p.scheme, p.rank, init=init))
 
-
-def decompose_(model: nn.Module, config: DecomposeConfig, example: torch.Tensor,
-               other_macs: int | None = None) -> tuple[list[LayerPlan], float]:
-    """Replace every eligible conv of `model` by its low-rank pair, in place.
-
-    The rank of each layer comes from config.energy (or config.ranks); with config.target_speedup the
-    energy is found by bisection (on the plans as the latency table rounds and guards them), which needs
-    `other_macs` (the MACs outside the convs). With scheme 'auto' each layer takes its fastest scheme, or stays dense.
-    Returns the per-layer plans and the energy used."""
-    views = scheme_views(model, example, config)
-    layers = next(iter(views.values())).layers
-    energy = config.energy
-    table = load_latency_table(config, layers)
-    if config.target_speedup is not None:
-        if other_macs is None:
-            raise ConfigError("decompose_ with target_speedup needs other_macs (the non-conv MACs)")
-        energy, plans = plan_for_speedup(views, config, other_macs, table)
-    else:
-        plans = plan_model(views, config, energy, table)
-    apply_plan_(model, layers, plans)
-    return plans, energy

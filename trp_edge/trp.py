@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,17 +24,10 @@ from torch import nn
 from .config import DecomposeConfig, TRPConfig
 from .data import Dataset
 from .errors import InputError, Interrupted
-from .lowrank import (
-    ConvLayer,
-    Scheme,
-    SchemeView,
-    conv_layers,
-    get_scheme,
-    load_latency_table,
-    plan_for_speedup,
-    plan_model,
-    scheme_names,
-)
+from .lowrank import ConvLayer, Scheme, conv_layers, get_scheme, scheme_names
+from .planning import SchemeView, plan_for_speedup, plan_model, rank_model
+from .planning_latency import LatencyModel
+from .trp_nuclear import polar_factors
 
 log = logging.getLogger(__name__)
 
@@ -66,30 +59,6 @@ def evaluate(model: nn.Module, split, device: torch.device, fixed_batch: int | N
     return 100.0 * correct / max(total, 1)
 
 
-NEWTON_SCHULZ_STEPS = 40
-
-
-def polar_factors(mats: list[torch.Tensor], steps: int = NEWTON_SCHULZ_STEPS) -> list[torch.Tensor]:
-    """U V^T of every matrix in `mats` (batches of (p, q) matrices, any shapes): the nuclear norm's sub-gradient,
-    by the cubic Newton-Schulz iteration X <- 1.5 X - 0.5 X X^T X from X = M / ||M||_F, with all matrices
-    zero-padded into one batch (zero rows and columns stay zero), so one call is a few dozen batched matrix
-    products however many shapes there are. Each singular value s maps to g(s) in [0, 1]: 1 to float precision
-    for s >= 1e-4 of the largest (40 steps), 0 for s = 0, and between for the near-zero ones that the SVD
-    route's rank tolerance cuts at about 2e-5; any value in [0, 1] there is still a sub-gradient."""
-    wide = [m if m.shape[-2] <= m.shape[-1] else m.mT for m in mats]
-    p, q = max(m.shape[-2] for m in wide), max(m.shape[-1] for m in wide)
-    x = torch.cat([nn.functional.pad(m, (0, q - m.shape[-1], 0, p - m.shape[-2])) for m in wide])
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    for _ in range(steps):
-        x = torch.baddbmm(x, x @ x.mT, x, beta=1.5, alpha=-0.5)
-    out, i = [], 0
-    for m, w in zip(mats, wide):
-        part = x[i:i + len(w), :w.shape[-2], :w.shape[-1]]
-        out.append(part if w is m else part.mT)
-        i += len(w)
-    return out
-
-
 @dataclass
 class _Group:
     """Eligible layers whose weights share one shape, in one matrix form: their SVDs run as one batched call."""
@@ -113,15 +82,16 @@ class TrainResult:
 
 class TRPTrainer:
     def __init__(self, model: nn.Module, data: Dataset, tcfg: TRPConfig, dcfg: DecomposeConfig, *,
-                 checkpoint: Path | None = None, other_macs: int = 0, progress: bool = True,
-                 on_step: Callable[[TRPTrainer], None] | None = None):
+                 tables: Sequence[LatencyModel] = (), checkpoint: Path | None = None, other_macs: int = 0,
+                 progress: bool = True, on_step: Callable[[TRPTrainer], None] | None = None):
         self.tcfg, self.dcfg, self.data = tcfg, dcfg, data
         self.device = resolve_device(tcfg.device)
         self.model = model.to(self.device)
         example = data.example.to(self.device)
         self.layers = [la for la in conv_layers(self.model, example, dcfg) if la.reason is None]
-        # with a calibration table every TSVD keeps the fastest measured rank at or above the energy rank
-        self.table = load_latency_table(dcfg, self.layers)
+        # with latency tables (loaded: planning.rank_model) every TSVD keeps the fastest measured rank at or above the
+        # energy rank
+        self.table = rank_model(dcfg, tables)
         # each eligible layer in every matrix form that can take it (one form unless the scheme is 'auto')
         self.schemes = scheme_names(dcfg)
         self.reasons = {n: {la.name: get_scheme(n).ineligible(la.module) for la in self.layers} for n in self.schemes}

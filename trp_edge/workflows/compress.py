@@ -20,7 +20,10 @@ from ..config import CompressConfig, DecomposeConfig
 from ..contracts import CompressReport
 from ..errors import InputError
 from ..flops import count_macs, param_count
-from ..lowrank import LayerPlan, conv_layers, decompose_
+from ..latency_table import layer_shape, load_tables
+from ..lowrank import conv_layers, scheme_names
+from ..planning import LayerPlan, decompose_
+from ..planning_latency import precision_dense, precision_models
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class _Run:
     train: Any = None
     dcfg: DecomposeConfig | None = None
     energy: float | None = None  # the energy of TRP's last TSVD (None: the decomposition finds it)
+    tables: tuple = ()  # the latency tables of dcfg.latency_table, loaded once (tables_stage)
 
 
 def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool = True, on_step=None,
@@ -148,6 +152,9 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
                       precision=cfg.precision or dep.precision,
                       decompose=replace(cfg.decompose, latency_table=tables or None))
     run.dcfg = run.cfg.decompose
+    shapes = {la.name: layer_shape(la) for la in conv_layers(run.model, run.example, run.dcfg)
+              if isinstance(la.module, torch.nn.Conv2d)}  # the tables, loaded once: planning and TRP take these
+    run.tables = load_tables(run.dcfg.latency_table, layers=shapes, schemes=scheme_names(run.dcfg))
     if not tables and cfg.calibrate:  # with --no-calibrate the user asked for it (and the summary says so)
         log.warning("no latency table for %s: ranks are MAC-based, and a pair may be slower than its dense conv "
                     "(calibrate, or drop --no-calibrate)", ", ".join(map(str, deployments(cfg))))
@@ -167,8 +174,9 @@ def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
                          "--steps 0 to decompose without training")
     device = resolve_device(tcfg.device)
     run.initial_acc = evaluate(run.model.to(device), run.data.test, device, fixed)
-    trainer = TRPTrainer(run.model, run.data, tcfg, run.dcfg, checkpoint=run.out / "checkpoint.pt",
-                         other_macs=run.other_macs, progress=progress, on_step=on_step)
+    trainer = TRPTrainer(run.model, run.data, tcfg, run.dcfg, tables=run.tables,
+                         checkpoint=run.out / "checkpoint.pt", other_macs=run.other_macs, progress=progress,
+                         on_step=on_step)
     run.train = trainer.train(resume=run.cfg.resume)
     log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", run.train.steps, run.train.train_seconds,
              run.train.step_ms, run.train.svd_ms_per_step)
@@ -180,7 +188,7 @@ def decompose_stage(run: _Run) -> tuple[torch.nn.Module, list[LayerPlan]]:
     """The dense model as trained (a copy) and the plans; run.model is decomposed in place."""
     run.model = run.model.cpu().eval()
     dense_model = copy.deepcopy(run.model)
-    plans, energy = decompose_(run.model, run.dcfg, run.example, other_macs=run.other_macs)
+    plans, energy = decompose_(run.model, run.dcfg, run.example, tables=run.tables, other_macs=run.other_macs)
     run.energy = energy if run.energy is None else run.energy  # after TRP: the energy its last TSVD used
     return dense_model, plans
 
@@ -189,7 +197,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
     """ONNX export (validated), the latency check, the report and the weights, written to a staging folder
     that replaces the old artifacts only when everything is there."""
     from ..export import export_onnx, onnx_macs
-    from ..lowrank import conv_layers, merge_pairs_, precision_dense, precision_models
+    from ..lowrank import merge_pairs_
     from ..models import compressed_spec, save_compressed, save_models
     from ..report import plot_ranks
 
@@ -215,7 +223,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
                                    {"energy": run.energy, "input_shape": list(run.example.shape)})
 
         written = save_models(stage, dense_model, model, spec_of([]), run.example)
-        kept_at = precision_dense(run.dcfg, conv_layers(dense_model, run.example, run.dcfg), plans)
+        kept_at = precision_dense(run.tables, plans)
         if latency is not None and (checked := int8_net_check(run, stage, dense_model, model, plans, kept_at,
                                                               spec_of)):
             latency["int8"] = checked
@@ -368,7 +376,7 @@ def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
     """What each latency table predicts for the whole net, dense and compressed (as built at the table's
     precision: without the layers that precision keeps dense)."""
     from ..latency_table import load_table, predict
-    from ..report import precision_entry
+    from ..contracts import precision_entry
 
     t = dcfg.latency_table
     if not t:
