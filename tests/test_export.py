@@ -38,8 +38,8 @@ def test_a_corrupted_artifact_fails_validation(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
 def test_real_fashion_mnist_short_trp_run(tmp_path):
+    from trp_edge.api import compress
     from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
-    from trp_edge.workflows.compress import compress
 
     cfg = CompressConfig(model="resnet20", data="fashion-mnist", out=str(tmp_path / "o"), calibrate=False,
                          latency=None, decompose=DecomposeConfig(scheme="spatial", energy=0.02),

@@ -6,13 +6,13 @@ import signal
 import pytest
 import torch
 
+from trp_edge.api import compress
 from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
 from trp_edge.data import synthetic
 from trp_edge.errors import InputError
 from trp_edge.lowrank import energy_rank, get_scheme
 from trp_edge.models import build, builtin_spec, load_model
 from trp_edge.trp import Interrupted, TRPTrainer
-from trp_edge.workflows.compress import compress
 
 
 # 60 TRP steps of ResNet-20 per scheme (about 70 s of CPU each)

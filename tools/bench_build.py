@@ -39,12 +39,12 @@ def main() -> None:
 
     import torch
 
+    from trp_edge.api import compress
     from trp_edge.config import BuildConfig, CompressConfig, DecomposeConfig, ProfileConfig, TRPConfig
     from trp_edge.device.runner import load
     from trp_edge.models import load_model
     from trp_edge.profile import host_identity, time_alternating
     from trp_edge.workflows.build import build
-    from trp_edge.workflows.compress import compress
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,9 @@ def main() -> None:
 
     import torch
 
+    from trp_edge.api import compress
     from trp_edge.config import CompressConfig, DecomposeConfig, DeployConfig, ProfileConfig, TRPConfig
     from trp_edge.profile import host_identity
-    from trp_edge.workflows.compress import compress
     from trp_edge.workflows.deploy import deploy
 
     out = Path(args.out)

@@ -31,11 +31,11 @@ def main() -> None:
 
     import torch
 
+    from trp_edge.api import compress
     from trp_edge.config import BuildConfig, CompressConfig, DecomposeConfig, DeployConfig, ProfileConfig, TRPConfig
     from trp_edge.profile import host_identity, time_onnx_pair
     from trp_edge.transport import run_local
     from trp_edge.workflows.build import build
-    from trp_edge.workflows.compress import compress
     from trp_edge.workflows.deploy import plan_job
 
     out = Path(args.out)

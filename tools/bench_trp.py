@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from trp_edge.api import compress
 from trp_edge.config import CompressConfig, DecomposeConfig, TRPConfig
-from trp_edge.workflows.compress import compress
 
 RUNS = {  # name: (scheme, period, nuclear)
     "SGD+TSVD": ("spatial", 0, 0.0),

@@ -51,13 +51,13 @@ def main() -> None:
     import tvm
     from tvm import relax
 
+    from trp_edge.api import compress
     from trp_edge.backends import tvm as tb
     from trp_edge.config import BuildConfig, CompressConfig, DecomposeConfig, ProfileConfig, TRPConfig
     from trp_edge.device.runner import load
     from trp_edge.profile import host_identity, time_alternating
     from trp_edge.targets import load_target, resolve_threads
     from trp_edge.workflows.build import build
-    from trp_edge.workflows.compress import compress
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ are functions here, each taking a config or the CLI's options as keywords and re
     trp_edge.compress(model, **options) -> CompressResult      trp_edge.build(cfg | **options) -> BuildResult
     trp_edge.deploy(cfg | **options) -> DeployResult          trp_edge.calibrate(cfg | **options) -> CalibrationResult
 
-Their modules live in trp_edge.workflows, so the function trp_edge.compress and the module never collide."""
+They are wired in trp_edge.api; their modules live in trp_edge.workflows, so the function trp_edge.compress and
+the module never collide."""
 
 from __future__ import annotations
 
@@ -24,10 +25,8 @@ _EXPORTS = {
     "load_model": "models", "load_data": "data",
     "decompose_": "planning", "SCHEMES": "lowrank", "energy_rank": "lowrank", "LowRankConv2d": "lowrank",
     "TRPTrainer": "trp", "count_macs": "flops", "export_onnx": "export",
-    "compress": "workflows.compress", "CompressResult": "workflows.compress",
-    "build": "workflows.build", "BuildResult": "workflows.build",
-    "deploy": "workflows.deploy", "DeployResult": "workflows.deploy",
-    "calibrate": "workflows.calibrate", "CalibrationResult": "workflows.calibrate",
+    "compress": "api", "CompressResult": "workflows.compress", "build": "api", "BuildResult": "api",
+    "deploy": "api", "DeployResult": "api", "calibrate": "api", "CalibrationResult": "api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

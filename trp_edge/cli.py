@@ -110,7 +110,7 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
     (mobilenet_v3_small, efficientnet_b0, ...), a .pt file (a state_dict or checkpoint dict of any of those,
     architecture inferred; with --trust-pickle a pickled nn.Module of any class) or a torch.export program
     (.pt2, loaded without running code from the file)."""
-    from .workflows.compress import compress as run
+    from .api import compress as run
 
     cfg = CompressConfig(
         model=model, arch=arch, weights=weights, trust_pickle=trust_pickle, in_channels=in_channels,

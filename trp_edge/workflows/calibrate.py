@@ -42,20 +42,21 @@ from typing import Any
 
 from ..backends.tvm import lower_calibration
 from ..config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
+from ..deployment import Deployment
+from ..deployment import deployments as resolve_deployments
 from ..errors import ConfigError, ConversionError, DeviceError, InputError
 from ..latency_table import (
     CALL,
     DENSE,
     IN_NET_RUNTIMES,
     LatencyTable,
-    built_at,
     layer_shape,
     load_table,
     machine_path,
     stale,
     table_path,
 )
-from ..targets import Target, load_target
+from ..targets import Target, load_target, resolve_threads
 from ..transport import Session, open_session, resolve
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
                           f"{target.name} over RPC (--host/--tracker, as for deploy)")
     conn = None if cfg.local else resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key)
-    threads = cfg.threads or target.run_threads
+    threads = resolve_threads(cfg.threads, target)
     t0 = time.perf_counter()
     try:
         with open_session(target, local=cfg.local, conn=conn, timeout=cfg.timeout) as session:
@@ -486,26 +487,9 @@ def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any
 # ------------------------------------------------------------------------------- tables for a deployment
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """Where a model will run: the key of its latency table."""
-
-    target: str
-    runtime: str
-    precision: str
-    threads: int
-
-    def __str__(self) -> str:
-        return f"{self.target}/{self.runtime} {self.precision}, {self.threads} thread(s)"
-
-
 def deployments(cfg: CompressConfig) -> list[Deployment]:
-    """Every deployment compress chooses ranks for: target x runtimes x precisions, at the given threads or the
-    target's."""
-    target = load_target(cfg.target or "host")
-    threads = cfg.threads or target.run_threads
-    return [Deployment(target.name, rt, prec, threads) for rt in (cfg.runtime or "ort").split(",") if rt
-            for prec in (cfg.precision or "fp32").split(",") if prec and built_at(rt, prec)]
+    """Every deployment compress chooses ranks for (trp_edge.deployment.deployments of its options)."""
+    return resolve_deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads)
 
 
 def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],

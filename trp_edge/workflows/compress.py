@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 
 from ..config import CompressConfig, DecomposeConfig
-from ..contracts import CompressReport
-from ..errors import InputError
+from ..contracts import CompressReport, pair_job
+from ..errors import InputError, TrpEdgeError
 from ..flops import count_macs, param_count
 from ..latency_table import layer_shape, load_tables
 from ..lowrank import conv_layers, scheme_names
@@ -75,16 +76,28 @@ class _Run:
     dcfg: DecomposeConfig | None = None
     energy: float | None = None  # the energy of TRP's last TSVD (None: the decomposition finds it)
     tables: tuple = ()  # the latency tables of dcfg.latency_table, loaded once (tables_stage)
+    services: Services | None = None
 
 
-def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool = True, on_step=None,
-             **options: Any) -> CompressResult:
+@dataclass(frozen=True)
+class Services:
+    """What compress is handed from above instead of importing it (it reaches no device): how the latency tables
+    of its deployments are found or measured (trp_edge.workflows.calibrate.deployment_tables), and how a device
+    job runs on this machine (the session deploy --local opens), which times the latency check as deploy does.
+    trp_edge.compress (trp_edge.api) wires both."""
+
+    find_tables: Callable[..., tuple[str, ...]]
+    run_job: Callable[[dict[str, Any], dict[str, Path]], dict[str, Any]]
+
+
+def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, services: Services, progress: bool = True,
+             on_step=None, **options: Any) -> CompressResult:
     """load -> TRP training -> decomposition -> ONNX export and report, each a stage below; returns the
     CompressResult (`.model` is the compressed module, `.report` the report, `.out` the output folder).
 
     `cfg`: a CompressConfig, or (the Python API) a model (any nn.Module, or a name or file as on the command line)
     with keyword options named as the CLI's (`data=`, `scheme=`, `energy=`, `epochs=`, `out=`, ...). A module
-    passed in is left as it was."""
+    passed in is left as it was. `services`: see Services (trp_edge.compress passes them)."""
     module, api = None, not isinstance(cfg, CompressConfig)
     if api:
         module = copy.deepcopy(cfg) if isinstance(cfg, torch.nn.Module) else None
@@ -93,6 +106,7 @@ def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, progress: bool =
     elif options:
         raise InputError(f"compress(config) takes no options ({', '.join(options)}): set them in the config")
     run = load_stage(cfg, module=module)
+    run.services = services
     tables_stage(run, progress=progress)
     train_stage(run, progress=progress, on_step=on_step)
     dense_model, plans = decompose_stage(run)
@@ -143,11 +157,11 @@ def load_stage(cfg: CompressConfig, module: torch.nn.Module | None = None) -> _R
 def tables_stage(run: _Run, *, progress: bool = True) -> None:
     """The latency tables of the deployments compress chooses ranks for (found, or measured now: calibrate);
     the run's config records them and the resolved deployment."""
-    from .calibrate import deployment_tables, deployments
+    from ..deployment import deployments
 
     cfg = run.cfg
-    tables = deployment_tables(cfg, run.name, run.model.eval(), run.example, progress=progress)
-    dep = deployments(cfg)[0]
+    tables = run.services.find_tables(cfg, run.name, run.model.eval(), run.example, progress=progress)
+    dep = deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads)[0]
     run.cfg = replace(cfg, target=dep.target, threads=dep.threads, runtime=cfg.runtime or dep.runtime,
                       precision=cfg.precision or dep.precision,
                       decompose=replace(cfg.decompose, latency_table=tables or None))
@@ -157,7 +171,8 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
     run.tables = load_tables(run.dcfg.latency_table, layers=shapes, schemes=scheme_names(run.dcfg))
     if not tables and cfg.calibrate:  # with --no-calibrate the user asked for it (and the summary says so)
         log.warning("no latency table for %s: ranks are MAC-based, and a pair may be slower than its dense conv "
-                    "(calibrate, or drop --no-calibrate)", ", ".join(map(str, deployments(cfg))))
+                    "(calibrate, or drop --no-calibrate)",
+                    ", ".join(map(str, deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads))))
 
 
 def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
@@ -201,7 +216,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
     from ..models import compressed_spec, save_compressed, save_models
     from ..report import plot_ranks
 
-    cfg, model, stage = run.cfg, run.model, run.out / ".staging"
+    model, stage = run.model, run.out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
@@ -209,13 +224,7 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
                  "compressed": export_onnx(model, run.example, stage / "model.onnx")}
         onnx_count = {"dense": onnx_macs(stage / "dense.onnx"), "compressed": onnx_macs(stage / "model.onnx")}
         comp_macs = count_macs(model, run.example)
-        latency = None
-        if cfg.latency is not None:  # what the MACs became in milliseconds, here, from day one
-            from ..profile import time_onnx_pair
-
-            latency = time_onnx_pair(stage / "dense.onnx", stage / "model.onnx", tuple(run.example.shape),
-                                     replace(cfg.latency, threads=cfg.latency.threads or cfg.threads))
-            latency["efficiency"] = latency["latency_speedup"] / (run.dense_macs.total / comp_macs.total)
+        latency = latency_check(run, stage, dense_model, model, comp_macs.total)
 
         def spec_of(kept: list[str]) -> dict:
             ranks = {p.name: p.rank for p in plans if p.rank is not None and p.name not in kept}
@@ -253,6 +262,41 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote %s", ", ".join(str(run.out / n) for n in names))
     return CompressResult(run.out, report, model, names)
+
+
+def latency_check(run: _Run, stage: Path, dense_model, model, comp_macs: int) -> dict[str, Any] | None:
+    """What the MACs became in milliseconds here, from day one: the staged dense.onnx and model.onnx timed side by
+    side by the device job deploy --local runs (the same session setup, job, protocol and threads: one number a
+    user compares with deploy's), on an input of the model's shape; their outputs checked against torch's."""
+    import numpy as np
+
+    cfg = run.cfg
+    if cfg.latency is None:
+        return None
+    threads = cfg.latency.threads or cfg.threads or 1
+    x = np.random.default_rng(0).standard_normal(tuple(run.example.shape)).astype(np.float32)
+    with torch.no_grad():
+        ref = {"input": x, **{k: m(torch.from_numpy(x)).numpy() for k, m in (("dense", dense_model),
+                                                                              ("compressed", model))}}
+    np.savez(stage / "latency-reference.npz", **ref)
+    job = pair_job("ort", threads, replace(cfg.latency, threads=threads), "dense.onnx", "model.onnx",
+                   "latency-reference.npz")
+    files = {f: stage / f for f in ("dense.onnx", "model.onnx", "latency-reference.npz")}
+    try:
+        res = run.services.run_job(job, files)
+    except TrpEdgeError as e:  # a failed check is reported; the compressed model stands
+        res = {"error": str(e)}
+    finally:
+        (stage / "latency-reference.npz").unlink(missing_ok=True)
+    if "timing" not in res:
+        log.warning("the latency check here did not run: %s", res.get("error"))
+        return None
+    t = res["timing"]
+    speedup = t["dense"]["median_ms"] / t["compressed"]["median_ms"]
+    return {"runtime": "onnxruntime", "target": "host", "threads": res["threads"], "device": res["device"],
+            "protocol": res["protocol"], "dense": t["dense"], "compressed": t["compressed"], "latency_speedup": speedup,
+            "efficiency": speedup / (run.dense_macs.total / comp_macs),
+            "max_abs_diff": {k: res["artifacts"][k].get("max_abs_diff") for k in ("dense", "compressed")}}
 
 
 def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: torch.nn.Module,
@@ -375,8 +419,8 @@ def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
                  precisions: dict[str, Any]) -> list[dict[str, Any]] | None:
     """What each latency table predicts for the whole net, dense and compressed (as built at the table's
     precision: without the layers that precision keeps dense)."""
-    from ..latency_table import load_table, predict
     from ..contracts import precision_entry
+    from ..latency_table import load_table, predict
 
     t = dcfg.latency_table
     if not t:

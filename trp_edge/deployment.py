@@ -1,0 +1,33 @@
+"""Where a model runs: a Deployment (target, runtime, precision, threads) is the key of a latency table, of a
+compress plan and of a deploy report. The deployments compress plans for are resolved here, and a thread count is
+resolved in one place (targets.resolve_threads: the option, else the target's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .latency_table import built_at
+from .targets import load_target, resolve_threads
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where a model will run: the key of its latency table."""
+
+    target: str
+    runtime: str
+    precision: str
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.target}/{self.runtime} {self.precision}, {self.threads} thread(s)"
+
+
+def deployments(target: str | None, runtimes: str | None, precisions: str | None,
+                threads: int | None) -> list[Deployment]:
+    """Every deployment a model is compressed for: target x runtimes x precisions (comma-separated; default host,
+    ort, fp32) at `threads` resolved against the target, a precision only where its runtime is built at it."""
+    t = load_target(target or "host")
+    n = resolve_threads(threads, t)
+    return [Deployment(t.name, rt, prec, n) for rt in (runtimes or "ort").split(",") if rt
+            for prec in (precisions or "fp32").split(",") if prec and built_at(rt, prec)]
