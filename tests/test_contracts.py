@@ -143,3 +143,25 @@ def test_a_newer_compressed_model_is_refused(tmp_path):
     with pytest.raises(ContractError) as e:
         load_model(str(p))
     _one_line_newer(e, "compressed.pt")
+
+
+def test_a_newer_training_checkpoint_is_refused_and_one_of_0_1_still_resumes(tmp_path, tiny):
+    from trp_edge.config import DecomposeConfig, TRPConfig
+    from trp_edge.contracts import CHECKPOINT
+    from trp_edge.data import load_data
+    from trp_edge.trp import TRPTrainer
+
+    data = load_data("synthetic:3x16x16", workers=0)
+    ckpt = tmp_path / "checkpoint.pt"
+    tr = TRPTrainer(tiny, data, TRPConfig(steps=1, batch=16), DecomposeConfig(scheme="channel"), checkpoint=ckpt,
+                    progress=False)
+    tr.save_checkpoint(0, 1)
+    st = torch.load(ckpt, weights_only=True)
+    assert (st["format"], st["version"]) == (CHECKPOINT.format, CHECKPOINT.version)
+    assert tr.load_checkpoint() == (0, 1)
+    torch.save({k: v for k, v in st.items() if k not in ("format", "version")}, ckpt)  # as 0.1 wrote it
+    assert tr.load_checkpoint() == (0, 1)
+    torch.save({**st, "version": NEWER}, ckpt)
+    with pytest.raises(ContractError) as e:
+        tr.load_checkpoint()
+    _one_line_newer(e, "checkpoint.pt")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import DecomposeConfig, TRPConfig
+from .contracts import CHECKPOINT
 from .data import Dataset
 from .errors import InputError, Interrupted
 from .lowrank import ConvLayer, Scheme, conv_layers, get_scheme, scheme_names
@@ -257,7 +258,7 @@ class TRPTrainer:
             return
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(self._state(epoch, batch), tmp)
+        torch.save(CHECKPOINT.stamp(self._state(epoch, batch)), tmp)
         os.replace(tmp, self.checkpoint)
 
     def load_checkpoint(self) -> tuple[int, int]:
@@ -268,6 +269,7 @@ class TRPTrainer:
             st = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from e
+        CHECKPOINT.check(st, str(path))  # a newer trp-edge's checkpoint is refused; one from before 0.2 is version 0
         mine, theirs = self._identity(), self._identity(st.get("config", {}))
         if theirs != mine:
             diff = sorted(f"{sec}.{k}" for sec in mine for k in mine[sec] if theirs.get(sec, {}).get(k) != mine[sec][k])
