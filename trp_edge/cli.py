@@ -16,6 +16,7 @@ from . import __version__
 from .config import (
     ALLOCATIONS,
     NUCLEAR_SOLVERS,
+    PRECISIONS,
     SCHEME_NAMES,
     BuildConfig,
     CalibrateConfig,
@@ -26,7 +27,7 @@ from .config import (
     TRPConfig,
 )
 from .errors import TrpEdgeError
-from .latency_table import CALIBRATED_RUNTIMES, PRECISIONS
+from .targets import RUNTIMES
 
 log = logging.getLogger("trp_edge.cli")
 
@@ -446,7 +447,7 @@ def report(reports) -> None:
 @opt(Ca, "target", "--target", "-t")
 @click.option("--model", "-m", required=True, help="a model name, a .pt or .pt2 file (as for compress)")
 @click.option("--schemes", default=",".join(default(Ca, "schemes")), show_default=True)
-@opt(Ca, "runtime", "--runtime", "-r", type=click.Choice(CALIBRATED_RUNTIMES), help="the runtime to measure with")
+@opt(Ca, "runtime", "--runtime", "-r", type=click.Choice(RUNTIMES), help="the runtime to measure with")
 @opt(Ca, "precision", "--precision", type=click.Choice(PRECISIONS),
      help="int8: quantized layers (ORT: static QDQ; TFLite: full-integer)")
 @click.option("--local", is_flag=True, help="measure on this machine (target host)")
