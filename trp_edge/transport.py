@@ -66,10 +66,17 @@ def localized(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
     return {**job, "artifacts": arts}
 
 
-def run_local(job: dict[str, Any], files: dict[str, Path], kind: str = "bench") -> dict[str, Any]:
-    from .device.bench import JOBS
+# The device side every transport runs a job with: in this process, in a qemu python, or in `trp-edge serve`. It is
+# reached by name, as the other two reach it, with no import edge: backends.tvm (tuning over RPC) imports this
+# module, and the device side imports the backends, so an edge here would close a circle through backends.tvm.
+DEVICE_SIDE = "trp_edge.device.bench"
 
-    return JOBS[kind](localized(job, files), Path.cwd())
+
+def run_local(job: dict[str, Any], files: dict[str, Path], kind: str = "bench") -> dict[str, Any]:
+    import importlib
+
+    jobs = importlib.import_module(DEVICE_SIDE).JOBS
+    return jobs[kind](localized(job, files), Path.cwd())
 
 
 def run_emulated(job: dict[str, Any], files: dict[str, Path], target: Target, timeout: float,
@@ -80,7 +87,7 @@ def run_emulated(job: dict[str, Any], files: dict[str, Path], target: Target, ti
     if why:
         raise ConfigError(f"--emulate: cannot run {target.name} artifacts here ({why})")
     folder = files[job["artifacts"][0]["file"]].parent
-    return run_module("trp_edge.device.bench", localized(job, files), folder, target, timeout, args=(kind,))
+    return run_module(DEVICE_SIDE, localized(job, files), folder, target, timeout, args=(kind,))
 
 
 def _last_line(e: BaseException) -> str:

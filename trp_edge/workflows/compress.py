@@ -281,37 +281,35 @@ def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: 
 
 def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, threads: int, dense_spec,
                     spec, onnx: dict[str, Path | None]) -> dict[str, Any] | None:
-    """The dense and `merged` nets as `runtime`'s INT8 artifacts (ORT: QDQ from ONNX, the staged file where `onnx`
-    names one; TFLite: converted from the torch files), timed side by side here (profile.time_pair). None when
-    TFLite's converter is missing."""
-    import numpy as np
-
-    from ..backends import tflite
-    from ..backends.ort import quantize_int8, weights_7bit
+    """The dense and `merged` nets as `runtime`'s INT8 artifacts (its backend's int8_artifact: ORT quantizes the
+    ONNX file, the staged one where `onnx` names one; TFLite converts the torch file), timed side by side here
+    (profile.time_pair). None when the runtime builds no INT8 or its converter is missing."""
+    from ..backends import capabilities, get
+    from ..backends.base import ModelFiles, calibration_images
     from ..errors import ConversionError, MissingTool
     from ..export import export_onnx
     from ..models import save_compressed
     from ..profile import time_pair
     from ..targets import load_target
 
+    def onnx_file(name: str, net) -> Path:  # the staged file, else exported now
+        if onnx[name] is None:
+            export_onnx(net, run.example, work / f"{name}.onnx")
+        return onnx[name] or work / f"{name}.onnx"
+
+    if not capabilities(runtime).int8:
+        return None
     shape = tuple(run.example.shape)
-    calib = np.random.default_rng(0).standard_normal((8, *shape[1:])).astype(np.float32)
+    calib, host = calibration_images(shape), load_target("host")
     work.mkdir(exist_ok=True)
     files = {}
     try:
         for name, net, net_spec in (("dense", dense_model, dense_spec), ("compressed", merged, spec)):
-            if runtime == "ort":
-                src = onnx[name] or work / f"{name}.onnx"
-                if onnx[name] is None:
-                    export_onnx(net, run.example, src)
-                files[name] = work / f"{name}.int8.onnx"
-                quantize_int8(src, files[name], calib, work, reduce_range=weights_7bit(load_target("host")))
-            else:
-                tflite.check_converter()
-                pt = work / save_compressed(work, name, net, net_spec, run.example)
-                tflite.convert(pt, work / f"{name}.tflite", shape, calib, work)
-                files[name] = work / f"{name}.int8.tflite"
-        return time_pair(runtime, files["dense"], files["compressed"], shape, replace(run.cfg.latency,
+            model = ModelFiles(onnx=lambda name=name, net=net: onnx_file(name, net),
+                               torch=lambda name=name, net=net, net_spec=net_spec:
+                               work / save_compressed(work, name, net, net_spec, run.example))
+            files[name] = get(runtime).int8_artifact(model, work, name, shape, calib, host)
+        return time_pair(get(runtime), files["dense"], files["compressed"], shape, replace(run.cfg.latency,
                                                                                       threads=threads))
     except (MissingTool, ConversionError) as e:
         log.warning("%s INT8 not checked on the whole net: %s", runtime, e)

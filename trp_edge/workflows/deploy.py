@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backends import capabilities
 from ..config import BuildConfig, DeployConfig
 from ..errors import ConfigError, DeviceError, InputError
-from ..latency_table import built_at
 from ..report import CompressReport, write_report
 from ..targets import Target, load_target
 from ..transport import open_session, resolve, run_local
@@ -54,8 +54,8 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
 
 
 def precisions(cfg: DeployConfig, runtime: str) -> tuple[str, ...]:
-    """The precisions deploy times with `runtime`: INT8 only where the runtime builds it (ORT, TFLite)."""
-    return tuple(p for p in cfg.precision.split(",") if p and built_at(runtime, p))
+    """The precisions deploy times with `runtime`: INT8 only where the runtime builds it (its capabilities)."""
+    return tuple(p for p in cfg.precision.split(",") if p and capabilities(runtime).built_at(p))
 
 
 def stage(precision: str, api: str = "cpu") -> str:
@@ -148,22 +148,26 @@ def _sameness(m: dict[str, Any], variant: str, prec: str, api: str) -> tuple:
             m["config"].get("tune_trials"), m["config"].get("tune_minutes"))
 
 
-def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig) -> dict[str, tuple[Path, str]]:
-    """What a TVM deploy times its compressed model against, in the same run: the untuned module (kept by a tuned
-    build) and the ONNX Runtime build (made now where the target has ORT), for the report's untuned / tuned /
-    ORT line."""
+def references(model: Path, runtime: str, target: Target, folder: Path,
+               cfg: DeployConfig) -> dict[str, tuple[Path, str]] | None:
+    """What a deploy of a runtime with a reference (its capabilities: TVM's is ONNX Runtime) times its compressed
+    model against, in the same run: the untuned module (kept by a tuned build) and the reference runtime's build
+    (made now where the target has it), for the report's untuned / tuned / reference line. None for the others."""
+    ref = capabilities(runtime).reference
+    if ref is None:
+        return None
     refs: dict[str, tuple[Path, str]] = {}
     untuned = (load_manifest(folder).get("tuning") or {}).get("untuned_reference")
     if untuned and (folder / untuned["file"]).is_file():
-        refs["untuned"] = (folder / untuned["file"], "tvm")
-    if "ort" in target.runtimes:
+        refs["untuned"] = (folder / untuned["file"], runtime)
+    if ref in target.runtimes:
         try:
-            ort = ensure_built(model, target, "ort", cfg)
-            (a,) = [a for a in load_manifest(ort)["artifacts"]
+            built = ensure_built(model, target, ref, cfg)
+            (a,) = [a for a in load_manifest(built)["artifacts"]
                     if (a["variant"], a["precision"], a["device"]) == ("compressed", "fp32", "cpu")]
-            refs["ort"] = (ort / a["file"], "ort")
-        except (ConfigError, InputError) as e:  # ORT not installed here: the line says so
-            log.warning("%s/tvm: no ONNX Runtime reference (%s)", target.name, e)
+            refs[ref] = (built / a["file"], ref)
+        except (ConfigError, InputError) as e:  # the reference runtime not installed here: the line says so
+            log.warning("%s/%s: no %s reference (%s)", target.name, runtime, ref, e)
     return {k: v for k, v in refs.items() if v[0].is_file()}
 
 
@@ -207,7 +211,7 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     for rt in runtimes:
         precs = precisions(cfg, rt)
         folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs)) for m in models]
-        refs = tvm_references(folders[0][0], target, folders[0][1], cfg) if rt == "tvm" else None
+        refs = references(folders[0][0], rt, target, folders[0][1], cfg)
         job, files, parts = plan_job(folders, threads, cfg, precs, refs)
         # one session per runtime: --timeout bounds each runtime's run
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:
@@ -302,7 +306,7 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
         rep["layers_note"] = "per-layer breakdown for fp32 only (the quantized graphs fuse and requantize ops)"
     if api == "cpu":  # latency tables are measured on the CPU
         _add_prediction(rep, src, d, c)
-    if result["runtime"] == "tvm":
+    if capabilities(result["runtime"]).reference:  # the tuned / untuned / reference line (report: "tvm")
         rep["tvm"] = _tvm_line(part, full, manifest, c["median_ms"], api)
     return rep
 
