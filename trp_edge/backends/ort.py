@@ -274,7 +274,7 @@ def lower_calibration(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig,
                       tmp: Path) -> dict[str, tuple[list, Lowered]]:
     """Each variant one small ONNX model (INT8: quantized to QDQ as build does, on random activations: the
     latency of integer kernels does not depend on the values). {group: (artifacts, files)}, each file a function
-    that writes it when its group's call comes (calibrate._written)."""
+    that writes it when its group's call comes (workflows.in_net.written)."""
     from functools import partial
 
     out = {}

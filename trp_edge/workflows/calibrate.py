@@ -7,7 +7,8 @@ Writes calibration/<target>/<runtime>/<stem>.csv and its .json header (trp_edge.
 format, its key, and `load_table`, which refuses a table made for another deployment or shape).
 
 Measured on this machine (`--local`) or on the device over the same transport as deploy (`trp-edge serve`
-runs trp_edge.device.bench.calibrate there: numpy and the runtime, no torch):
+runs trp_edge.device.bench.calibrate there: numpy and the runtime, no torch). Each runtime's backend lowers the
+models (its lower_calibration; tvm's is lower_tvm, here until the tvm backend takes it):
 - ort: each variant a small ONNX model; INT8 is static QDQ (as build quantizes), on random activations;
 - tflite: each layer's whole grid is one .tflite with a signature per variant, written directly
   (backends.tflite_grid: no conversion per grid point); INT8 is full-integer. The whole net is converted
@@ -16,8 +17,8 @@ Layers of the same shape are measured once. Each layer also times a near-empty m
 per-call overhead, scheme "call"), and the whole dense net is timed (header "net_ms"), so a whole-net
 latency can be predicted from the table: net_ms - sum(dense convs) + sum(chosen pairs).
 
-ONNX Runtime's rows are then timed again in place (header "in_net"): a layer alone is not the layer in the
-net (at 2 threads a pair alone took 1.30x its time in the net, a dense conv 1.18x: ResNet-18's 2-thread
+ONNX Runtime's rows (a runtime whose capabilities say in_net) are then timed again in place (header "in_net";
+workflows.in_net): a layer alone is not the layer in the net (at 2 threads a pair alone took 1.30x its time in the net, a dense conv 1.18x: ResNet-18's 2-thread
 predictions missed by +20-31 %). The dense net, and per scheme and grid position j the net with every layer
 at its j-th measured rank (net_grid: about 20 nets per scheme for ResNet-18), are each timed and profiled
 (device job in_net; kernels summed per layer by the tags backends.ort.tag_layers puts in the node names),
