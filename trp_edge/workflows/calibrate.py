@@ -18,12 +18,13 @@ per-call overhead, scheme "call"), and the whole dense net is timed (header "net
 latency can be predicted from the table: net_ms - sum(dense convs) + sum(chosen pairs).
 
 ONNX Runtime's rows (a runtime whose capabilities say in_net) are then timed again in place (header "in_net";
-workflows.in_net): a layer alone is not the layer in the net (at 2 threads a pair alone took 1.30x its time in the net, a dense conv 1.18x: ResNet-18's 2-thread
-predictions missed by +20-31 %). The dense net, and per scheme and grid position j the net with every layer
-at its j-th measured rank (net_grid: about 20 nets per scheme for ResNet-18), are each timed and profiled
-(device job in_net; kernels summed per layer by the tags backends.ort.tag_layers puts in the node names),
-and every dense conv and pair gets its in-net time, scaled by its net's timed over profiled latency. Where
-the nets cannot be matched to the layers (a conv called twice) or do not run, the rows stay as timed alone.
+workflows.in_net): a layer alone is not the layer in the net (at 2 threads a pair alone took 1.30x its time in the
+net, a dense conv 1.18x: ResNet-18's 2-thread predictions missed by +20-31 %). The dense net, and per scheme and
+grid position j the net with every layer at its j-th measured rank (net_grid: about 20 nets per scheme for
+ResNet-18), are each timed and profiled (device job in_net; kernels summed per layer by the tags
+backends.ort.tag_layers puts in the node names), and every dense conv and pair gets its in-net time, scaled by its
+net's timed over profiled latency. Where the nets cannot be matched to the layers (a conv called twice) or do not
+run, the rows stay as timed alone.
 
 Stages: load the model and its input -> per layer shape, lower the dense conv and every pair of the grid ->
 time them on the device, one call per shape -> write the table."""
