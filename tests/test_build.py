@@ -283,3 +283,23 @@ def test_missing_cross_compiler_or_emulator_names_the_package(compressed, tmp_pa
                                     str(tmp_path / "b"), "--no-int8"])
     assert res.exit_code == 1 and "apt-get install qemu-user-static" in res.output, res.output
     assert not (tmp_path / "b" / "board" / "ort").exists()  # nothing half-written
+
+
+def test_each_backend_builds_what_its_capabilities_declare(host_ort):
+    from trp_edge.backends import capabilities, get, int8_runtimes
+    from trp_edge.config import PRECISIONS
+    from trp_edge.targets import RUNTIMES
+
+    m = json.loads((host_ort / "manifest.json").read_text())
+    caps = capabilities("ort")
+    assert {a["precision"] for a in m["artifacts"]} == {p for p in PRECISIONS if caps.built_at(p)} == {"fp32", "int8"}
+    assert m["runtime_version"] == {caps.version_key: m["runtime_version"][caps.version_key]}
+    assert set(int8_runtimes()) == {"ort", "tflite"} and not capabilities("tvm").built_at("int8")
+    for rt in RUNTIMES:
+        c = capabilities(rt)
+        if rt != "tvm":  # tvm's capabilities are declared by the registry until its backend declares them
+            assert get(rt).CAPABILITIES is c
+        # what a capability promises, the backend has: INT8 artifacts, per-layer profiles of a tagged net
+        assert not c.int8 or callable(get(rt).int8_artifact)
+        assert not c.in_net or callable(get(rt).layer_profile)
+        assert c.reference is None or capabilities(c.reference).built_at("fp32")

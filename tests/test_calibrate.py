@@ -7,6 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from trp_edge.backends import capabilities
 from trp_edge.cli import main
 from trp_edge.errors import InputError
 from trp_edge.latency_table import load_table, stale
@@ -478,9 +479,10 @@ def test_int8_whole_net_measured_slower_keeps_every_pair_dense_for_that_runtime_
 
     def timed_at(speedups):
         """The real time_pair, with the whole INT8 nets' speedup replaced by `speedups`[runtime]."""
-        def time_pair(runtime, dense, comp, shape, cfg):
-            t = real(runtime, dense, comp, shape, cfg)
-            return {**t, "latency_speedup": speedups[runtime]} if ".int8." in str(comp) else t
+        def time_pair(backend, dense, comp, shape, cfg):
+            t = real(backend, dense, comp, shape, cfg)
+            rt = backend.__name__.rpartition(".")[2]
+            return {**t, "latency_speedup": speedups[rt]} if ".int8." in str(comp) else t
         return time_pair
 
     monkeypatch.setattr(trp_edge.profile, "time_pair", timed_at({"ort": 1.0, "tflite": 1.0}))
@@ -580,14 +582,16 @@ def test_a_multi_thread_table_measured_with_workers_run_another_way_is_stale(tab
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
     header = {**load_table(table).header, "device": here}
-    assert stale(header, here) is None
+    caps = capabilities("ort")
+    assert stale(header, here, caps) is None
     before = {**here, "sessions": {}}  # a table from a runner whose workers slept between ops
-    assert stale({**header, "device": before}, here) is None  # one thread: no workers, still good
-    why = stale({**header, "threads": 2, "device": before}, here)
+    assert stale({**header, "device": before}, here, caps) is None  # one thread: no workers, still good
+    why = stale({**header, "threads": 2, "device": before}, here, caps)
     assert why and "asleep between ops" in why and SPINNING in why
-    assert stale({**header, "threads": 2, "runtime": "tflite", "device": before}, here) is None
+    assert stale({**header, "threads": 2, "runtime": "tflite", "device": before}, here, capabilities("tflite")) is None
     older = {k: v for k, v in header.items() if k != "in_net"}  # ORT layers timed alone only
-    assert "timed alone only" in stale(older, here)
+    assert "timed alone only" in stale(older, here, caps)
+    assert stale({**older, "runtime": "tflite"}, here, capabilities("tflite")) is None  # TFLite: timed alone
 
 
 def _tiny_onnx(folder):
@@ -620,7 +624,7 @@ def test_a_net_whose_convs_cannot_be_found_in_place_keeps_them_as_timed_alone(tm
     assert t.header["in_net"] is False and t.header["net_ms"] > 0
     assert "cannot find the layers in the exported net" in caplog.text
     assert t.dense("b") > 0 and t.ranks("b", "spatial")
-    assert stale(t.header, t.header["device"]) is None  # tried: not measured again at every compress
+    assert stale(t.header, t.header["device"], capabilities("ort")) is None  # tried: not measured at every compress
 
 
 def test_the_models_are_lowered_one_call_at_a_time_and_removed_after_it(tiny):
@@ -649,3 +653,35 @@ def test_the_models_are_lowered_one_call_at_a_time_and_removed_after_it(tiny):
     assert len(nets) >= 3 and nets[1:] == [{f"net{i}.int8.onnx"} for i in range(1, len(nets))]
     assert sum(kind == "calibrate" for kind, _, _ in seen) == 3  # TinyNet's three conv shapes
     assert all(on_disk == files for _, files, on_disk in seen), seen
+
+
+def test_tflite_calibration_end_to_end_on_a_tiny_model(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    import torch
+    from torch import nn
+
+    from trp_edge.config import CalibrateConfig
+    from trp_edge.workflows.calibrate import calibrate_model
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    cfg = CalibrateConfig(model="two", runtime="tflite", local=True, out=str(tmp_path))
+    res = calibrate_model(cfg, "two", net, torch.zeros(1, 3, 16, 16))
+    t = load_table(res.csv, target="host", runtime="tflite", precision="fp32")
+    assert t.header["in_net"] is False and set(t.header["layers"]) == {"0", "2"}
+    for layer in t.header["layers"]:
+        assert t.dense(layer) > 0
+        pairs = [r for r in t.rows if r["layer"] == layer and r["scheme"] in ("channel", "spatial")]
+        assert pairs and all(r["median_ms"] > 0 and r["rank"] >= 1 for r in pairs)
+    assert stale(t.header, t.header["device"], capabilities("tflite")) is None
+
+
+def test_a_runtime_built_at_fp32_only_is_refused_at_int8_when_calibrating():
+    import torch
+
+    from trp_edge.config import CalibrateConfig
+    from trp_edge.errors import ConfigError
+    from trp_edge.workflows.calibrate import calibrate_model
+
+    cfg = CalibrateConfig(model="m", runtime="tvm", precision="int8", local=True)  # the config takes it
+    with pytest.raises(ConfigError, match="tvm is built at fp32 only"):
+        calibrate_model(cfg, "m", torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8))

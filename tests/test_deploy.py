@@ -321,7 +321,7 @@ def test_a_tvm_deploy_without_onnxruntime_warns_instead_of_failing(compressed, t
     from trp_edge.contracts import Manifest
     from trp_edge.errors import MissingTool
     from trp_edge.targets import load_target
-    from trp_edge.workflows.deploy import tvm_references
+    from trp_edge.workflows.deploy import references
 
     def missing(*args, **kwargs):
         raise MissingTool("onnxruntime is not installed: pip install 'trp-edge[onnx]'")
@@ -334,7 +334,7 @@ def test_a_tvm_deploy_without_onnxruntime_warns_instead_of_failing(compressed, t
     Manifest(model="resnet20", source=str(model), target="host", target_spec={}, runtime="tvm", created="",
              config={}, input={}, reference={}, macs={}, mac_speedup=None, source_sha256={},
              artifacts=[]).write(tvm / "manifest.json")
-    refs = tvm_references(model, load_target("host"), tvm, DeployConfig(target="host", local=True), 1)
+    refs = references(model, "tvm", load_target("host"), tvm, DeployConfig(target="host", local=True), 1)
     assert "ort" not in refs
     assert "no ONNX Runtime reference" in caplog.text and "onnxruntime is not installed" in caplog.text
 

@@ -13,6 +13,7 @@ from .cli_options import connection_options, default, library_errors, opt, parse
 from .config import (
     ALLOCATIONS,
     NUCLEAR_SOLVERS,
+    PRECISIONS,
     SCHEME_NAMES,
     BuildConfig,
     CalibrateConfig,
@@ -22,8 +23,8 @@ from .config import (
     ProfileConfig,
     TRPConfig,
 )
-from .latency_table import CALIBRATED_RUNTIMES, PRECISIONS
 from .summary import artifact_status, compress_lines, deploy_lines
+from .targets import RUNTIMES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -277,7 +278,7 @@ def report(reports) -> None:
 @opt(Ca, "target", "--target", "-t")
 @click.option("--model", "-m", required=True, help="a model name, a .pt or .pt2 file (as for compress)")
 @click.option("--schemes", default=",".join(default(Ca, "schemes")), show_default=True)
-@opt(Ca, "runtime", "--runtime", "-r", type=click.Choice(CALIBRATED_RUNTIMES), help="the runtime to measure with")
+@opt(Ca, "runtime", "--runtime", "-r", type=click.Choice(RUNTIMES), help="the runtime to measure with")
 @opt(Ca, "precision", "--precision", type=click.Choice(PRECISIONS),
      help="int8: quantized layers (ORT: static QDQ; TFLite: full-integer)")
 @click.option("--local", is_flag=True, help="measure on this machine (target host)")

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .latency_table import CALIBRATED_RUNTIMES, INT8_RUNTIMES, PRECISIONS, built_at
+from .targets import RUNTIMES
+
+PRECISIONS = ("fp32", "int8")  # what each runtime is built at is its backend's (trp_edge.backends.capabilities)
 
 SCHEME_NAMES = ("channel", "spatial")  # the matrix forms; "auto" picks one of them (or dense) per layer
 ALLOCATIONS = ("latency", "uniform")  # how ranks spread over layers at a MAC target (DecomposeConfig.allocate)
@@ -206,7 +208,7 @@ class CompressConfig(_JSONMixin):
         _check(self.input_size is None or self.input_size >= 8, f"input size must be >= 8, got {self.input_size}")
         _check(not (self.force and self.resume), "--force starts again and --resume goes on: pass one of them")
         _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        for opt, value, names in (("--runtime", self.runtime, CALIBRATED_RUNTIMES),
+        for opt, value, names in (("--runtime", self.runtime, RUNTIMES),
                                   ("--precision", self.precision, PRECISIONS)):
             bad = [v for v in (value or "").split(",") if v and v not in names]
             _check(not bad, f"{opt}: unknown {bad[0] if bad else ''!r}: use {', '.join(names)} (comma-separated)")
@@ -376,11 +378,9 @@ class CalibrateConfig(_JSONMixin):
 
     def __post_init__(self):
         object.__setattr__(self, "schemes", tuple(self.schemes))
-        _check(self.runtime in CALIBRATED_RUNTIMES, f"calibration runtime {self.runtime!r} is not supported: use "
-               f"{', '.join(CALIBRATED_RUNTIMES)}")
+        _check(self.runtime in RUNTIMES, f"calibration runtime {self.runtime!r} is not supported: use "
+               f"{', '.join(RUNTIMES)}")
         _check(self.precision in PRECISIONS, f"unknown precision {self.precision!r}: use {' or '.join(PRECISIONS)}")
-        _check(built_at(self.runtime, self.precision),
-               f"{self.runtime} is built at fp32 only (INT8: {', '.join(INT8_RUNTIMES)}): calibrate it at fp32")
         _check(bool(self.schemes), f"--schemes: name at least one of {', '.join(SCHEME_NAMES)}")
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         _check(not bad, f"unknown scheme {bad[0] if bad else ''!r}: use one of {', '.join(SCHEME_NAMES)}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .latency_table import built_at
+from .backends import capabilities
 from .targets import load_target, resolve_threads
 
 
@@ -30,4 +30,4 @@ def deployments(target: str | None, runtimes: str | None, precisions: str | None
     t = load_target(target or "host")
     n = resolve_threads(threads, t)
     return [Deployment(t.name, rt, prec, n) for rt in (runtimes or "ort").split(",") if rt
-            for prec in (precisions or "fp32").split(",") if prec and built_at(rt, prec)]
+            for prec in (precisions or "fp32").split(",") if prec and capabilities(rt).built_at(prec)]

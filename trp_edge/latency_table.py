@@ -11,7 +11,9 @@ holds another kind of machine's table, this machine's lives beside it in <runtim
 
 A leaf module: no torch, nothing of trp_edge but errors and the contracts' atomic writer, so the workflows load tables
 with it and `calibrate` (which measures) sits on top. A LatencyTable is a planning_latency.LatencyModel: rank
-planning reads it through that interface (several read as one there: planning_latency.worst_case)."""
+planning reads it through that interface (several read as one there: planning_latency.worst_case). It knows no
+runtime: what it needs of one (its package name in a device identity, whether its layers are timed in place) its
+callers pass in, from the runtime's backend (trp_edge.backends.capabilities)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .contracts import CALIBRATION, read_json, write_json, write_text
 from .errors import ConfigError, InputError
@@ -30,20 +32,8 @@ COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", 
 DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
 NET = "__net__"  # the calibration group (not a row) timing the whole dense net: its net_ms
 CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a near-empty model on its input
-PRECISIONS = ("fp32", "int8")
-CALIBRATED_RUNTIMES = ("ort", "tflite", "tvm")
-INT8_RUNTIMES = ("ort", "tflite")  # the runtimes trp-edge builds (and so calibrates) INT8 for
-# runtimes whose rows are timed in place, in whole nets (calibrate.net_grid): their kernels can be summed per layer
-IN_NET_RUNTIMES = ("ort",)
+NET = "__net__"  # the calibration group timing the whole dense net (its "grid": the nets that time layers in place)
 MACHINE_KEYS = ("cpu", "machine", "cores")  # what makes a device identity another kind of machine
-# the runtime's version in a device identity (trp_edge.device.runner.runtime_versions)
-RUNTIME_VERSION_KEY = {"ort": "onnxruntime", "tflite": "ai_edge_litert", "tvm": "tvm"}
-
-
-def built_at(runtime: str, precision: str) -> bool:
-    """Whether trp-edge builds (so deploys and calibrates) `runtime` at `precision`: fp32 everywhere, INT8 for
-    INT8_RUNTIMES."""
-    return precision == "fp32" or runtime in INT8_RUNTIMES
 
 
 def table_path(root: str | Path, target: str, runtime: str, precision: str, threads: int, model: str) -> Path:
@@ -176,26 +166,42 @@ def machine_path(path: Path, device: dict[str, Any]) -> tuple[Path, str | None]:
         header = load_table(path).header
     except InputError:  # none there, or unreadable: this machine's goes there
         return path, None
-    was = header.get("device") or {}
-    if all(was.get(k) == device.get(k) for k in MACHINE_KEYS):
+    why = _other_machine(header.get("device") or {}, device)
+    if why is None:
         return path, None
-    return path.parent / cpu_slug(device) / path.name, stale(header, device)
+    return path.parent / cpu_slug(device) / path.name, why
 
 
-def stale(header: dict[str, Any], device: dict[str, Any]) -> str | None:
-    """Why a table no longer describes `device` (an identity as trp_edge.device.bench reports it): another CPU,
-    core count or runtime version, layers of an IN_NET_RUNTIMES runtime never timed in the net (a table from
-    before that: header without "in_net"), or at several threads another way of running the runtime's workers
-    (the identity's "sessions"). None when it still does."""
-    was = header.get("device") or {}
+def _other_machine(was: dict[str, Any], device: dict[str, Any]) -> str | None:
+    """How device identity `was` is another kind of machine than `device` (CPU, architecture or cores), or None."""
     for key in MACHINE_KEYS:
         if was.get(key) != device.get(key):
             return f"measured on {key} {was.get(key)!r}, this device has {device.get(key)!r}"
-    rkey = RUNTIME_VERSION_KEY.get(header["runtime"])
+    return None
+
+
+class RuntimeFacts(Protocol):
+    """What `stale` needs to know of a table's runtime (trp_edge.backends.Capabilities has it)."""
+
+    version_key: str  # the runtime's package in a device identity's "runtimes" and "sessions"
+    in_net: bool  # whether calibration times its layers in place, in whole nets
+
+
+def stale(header: dict[str, Any], device: dict[str, Any], caps: RuntimeFacts) -> str | None:
+    """Why a table no longer describes `device` (an identity as trp_edge.device.bench reports it): another CPU,
+    core count or runtime version, layers of a runtime timed in place (caps.in_net) never timed in the net (a
+    table from before that: header without "in_net"), or at several threads another way of running the runtime's
+    workers (the identity's "sessions"). None when it still does. `caps`: the table's runtime's capabilities
+    (trp_edge.backends.capabilities(header["runtime"]): version_key, in_net)."""
+    was = header.get("device") or {}
+    other = _other_machine(was, device)
+    if other:
+        return other
+    rkey = caps.version_key
     old, new = (was.get("runtimes") or {}).get(rkey), (device.get("runtimes") or {}).get(rkey)
     if rkey and old != new:
         return f"measured with {rkey} {old}, this device has {new}"
-    if header["runtime"] in IN_NET_RUNTIMES and "in_net" not in header:
+    if caps.in_net and "in_net" not in header:
         return "its layers were timed alone only, not in the net"
     old, new = (was.get("sessions") or {}).get(rkey), (device.get("sessions") or {}).get(rkey)
     if rkey and header.get("threads", 1) > 1 and old != new:  # one thread has no workers to run another way

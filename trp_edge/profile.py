@@ -15,8 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ProfileConfig
+
+if TYPE_CHECKING:
+    from .backends.base import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,8 @@ def time_alternating(runners: dict[str, Callable[[], object]], cfg: ProfileConfi
 
 
 def host_identity() -> dict:
-    """What machine the timings come from: CPU model, cores, governor, runtime versions."""
+    """What machine the timings come from: CPU model, cores, governor, OS (the runtimes' versions: time_pair, and
+    trp_edge.device.bench.device_identity)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -83,34 +88,35 @@ def host_identity() -> dict:
         pass
     ident = {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "governor": gov,
              "os": platform.platform()}
-    try:
-        import onnxruntime
-
-        ident["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
     return ident
 
 
-def time_pair(runtime: str, dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
-    """Dense vs compressed artifacts of `runtime` on this machine, by the protocol above, in sessions made as the
-    device side makes them (trp_edge.backends.<runtime>.load)."""
+def time_pair(backend: Runtime, dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
+    """Dense vs compressed artifacts of one runtime (`backend`: its module, trp_edge.backends.get) on this machine,
+    by the protocol above, in sessions made as the device side makes them (the backend's load). The backend is
+    passed in: this module sits below the backends registry (backends.tvm reads host_identity)."""
+    import importlib
+
     import numpy as np
 
-    from .backends import base
-
-    backend = base.get(runtime)
+    package = backend.CAPABILITIES.version_key
     threads = cfg.threads or 1
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     loaded = {"dense": backend.load(str(dense), threads), "compressed": backend.load(str(compressed), threads)}
     runners = {name: (lambda fn=fn: fn(x)) for name, fn in loaded.items()}
     t = time_alternating(runners, cfg)
     speedup = t["dense"].median_ms / t["compressed"].median_ms
-    return {"runtime": "onnxruntime" if runtime == "ort" else runtime, "target": "host", "threads": threads,
-            "device": host_identity(), "protocol": cfg.to_dict(), "dense": t["dense"].to_dict(),
+    try:
+        version = getattr(importlib.import_module(package), "__version__", "unknown")
+    except ImportError:  # run by another package (a TFLite file by tflite_runtime)
+        version = None
+    return {"runtime": package, "target": "host", "threads": threads,
+            "device": {**host_identity(), package: version}, "protocol": cfg.to_dict(), "dense": t["dense"].to_dict(),
             "compressed": t["compressed"].to_dict(), "latency_speedup": speedup}
 
 
 def time_onnx_pair(dense: Path, compressed: Path, shape, cfg: ProfileConfig) -> dict:
     """Dense vs compressed ONNX models in onnxruntime on this machine (time_pair)."""
-    return time_pair("ort", dense, compressed, shape, cfg)
+    from .backends import ort
+
+    return time_pair(ort, dense, compressed, shape, cfg)

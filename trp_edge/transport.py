@@ -68,6 +68,8 @@ def localized(job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
 
 
 def run_local(job: dict[str, Any], files: dict[str, Path], kind: str = "bench") -> dict[str, Any]:
+    """The job run by the device side (trp_edge.device.bench) in this process, as a board runs it in `trp-edge
+    serve`."""
     from .device.bench import JOBS
 
     return JOBS[kind](localized(job, files), Path.cwd())

@@ -2,6 +2,8 @@
 
 Every runtime (tvm, ort, tflite) is a module of this package with the same functions:
 
+    CAPABILITIES                                     -> what the runtime can do (Capabilities), read without
+                                                        importing the runtime itself
     check_available(target, source)                  -> None, or one clear error before any work
     build(source, target, folder, cfg, samples, measurer=None)
                                                      -> (list[Artifact], extra manifest keys); `measurer`:
@@ -9,8 +11,18 @@ Every runtime (tvm, ort, tflite) is a module of this package with the same funct
                                                         (trp_edge.tuning_device; a runtime that tunes
                                                         nothing ignores it)
     load(path, threads=1, device="cpu")              -> run(x: np.ndarray) -> np.ndarray
+    load_signature(path, signature, threads=1)      -> run(x) of one signature of a calibration grid; a backend
+                                                        whose grids are separate files raises ConfigError
     profile_ops(path, x, threads=1, device="cpu")    -> [{name, op, weight, output, ms}] per kernel, or None
-    OPS_NOTE                                         -> why profile_ops gives None (no op profiler), or None
+    layer_profile(path, x, threads=1)                -> per layer tag the conv kernels' time in a tagged net
+                                                        (CAPABILITIES.in_net); the others raise ConfigError
+    lower_calibration(groups, cfg, tmp)              -> {group: (artifacts, files)}: a calibration's models
+    int8_artifact(model, work, name, shape, calib, target)
+                                                     -> a net (ModelFiles) as an INT8 artifact in `work`
+                                                        (CAPABILITIES.int8); the others raise ConfigError
+
+`trp_edge.backends.get(name)` returns one backend module, `trp_edge.backends.capabilities(name)` its
+CAPABILITIES.
 
 How a runtime's session is configured (threads, spinning, graph optimization) is decided once, in its module:
 the build's validation, the device-side timing, the per-op profile, compress's latency check and calibration
@@ -22,20 +34,16 @@ inside `trp-edge serve`."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..targets import RUNTIMES
-
 if TYPE_CHECKING:
-    from ..config import BuildConfig
+    from ..config import BuildConfig, CalibrateConfig
     from ..targets import Target
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS (default: half the cores), and a later
@@ -45,6 +53,34 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 PROFILE_RUNS = 10  # runs of a per-op profile; the median per kernel is reported
 
 Run = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one runtime can do, declared by its backend module (CAPABILITIES) so that the workflows, the latency
+    tables and the device side ask the backend instead of naming runtimes.
+
+    int8: trp-edge builds (so deploys and calibrates) it at INT8 as well as fp32 (int8_artifact works).
+    in_net: calibration times its layers again in place, in whole nets tagged per layer (layer_profile works).
+    version_key: the runtime's package in a device identity ("runtimes", "sessions": onnxruntime, ai_edge_litert,
+        tvm); other_packages: packages a device may run it with instead (tflite_runtime).
+    session_mode: how its sessions run worker threads, where that changes multi-thread latency (recorded in a
+        device identity's "sessions"; a table measured another way is stale), or None.
+    reference: the runtime deploy times its compressed model against in the same run (with its untuned module:
+        the report's tuned / untuned / reference line), or None.
+    ops_note: why it has no per-op profile (profile_ops gives None), or None."""
+
+    int8: bool
+    in_net: bool
+    version_key: str
+    other_packages: tuple[str, ...] = ()
+    session_mode: str | None = None
+    reference: str | None = None
+    ops_note: str | None = None
+
+    def built_at(self, precision: str) -> bool:
+        """Whether trp-edge builds (so deploys and calibrates) the runtime at `precision`."""
+        return precision == "fp32" or (precision == "int8" and self.int8)
 
 
 def sha256(path: Path) -> str:
@@ -129,10 +165,28 @@ class Samples:
     origin: str
 
 
+@dataclass
+class ModelFiles:
+    """One torch net as the files a backend can make an artifact from, each written when first asked for (by the
+    caller, which owns the export): `onnx()` an ONNX file, `torch()` a torch file a converter reads."""
+
+    onnx: Callable[[], Path]
+    torch: Callable[[], Path]
+
+
+def calibration_images(shape, n: int = 8) -> np.ndarray:
+    """Random images for quantizing a model whose latency, not accuracy, is measured (the latency of integer
+    kernels does not depend on the values): n of `shape`'s size, fixed seed."""
+    return np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
+
+
+Lowered = dict[str, Path | Callable[[], Path]]  # a calibration call's files: a file, or a function that writes it
+
+
 class Runtime(Protocol):
     """What every module of trp_edge.backends provides (see the module docstring)."""
 
-    OPS_NOTE: str | None
+    CAPABILITIES: Capabilities
 
     def check_available(self, target: Target, src: Source) -> None: ...
 
@@ -141,14 +195,16 @@ class Runtime(Protocol):
 
     def load(self, path: str, threads: int = 1, device: str = "cpu") -> Run: ...
 
+    def load_signature(self, path: str, signature: str, threads: int = 1) -> Run: ...
+
     def profile_ops(self, path: str, x: np.ndarray, threads: int = 1,
                     device: str = "cpu") -> list[dict[str, Any]] | None: ...
 
+    def layer_profile(self, path: str, x: np.ndarray, threads: int = 1) -> dict[str, Any]: ...
 
-def get(name: str) -> Runtime:
-    """The backend module of a runtime."""
-    if name not in RUNTIMES:
-        raise ValueError(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
-    mod: ModuleType = importlib.import_module(f"{__package__}.{name}")
-    return mod  # type: ignore[return-value]
+    def lower_calibration(self, groups: dict[str, dict[str, Any]], cfg: CalibrateConfig,
+                          tmp: Path) -> dict[str, tuple[list[dict[str, Any]], Lowered]]: ...
+
+    def int8_artifact(self, model: ModelFiles, work: Path, name: str, shape: tuple[int, ...], calib: np.ndarray,
+                      target: Target) -> Path: ...
 

@@ -20,16 +20,18 @@ import logging
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConversionError, MissingTool
-from .base import PROFILE_RUNS, Artifact, Run, Samples, Source
+from ..errors import ConfigError, ConversionError, MissingTool
+from ..latency_table import CALL, DENSE, NET
+from .base import PROFILE_RUNS, Artifact, Capabilities, Lowered, ModelFiles, Run, Samples, Source, calibration_images
 
 if TYPE_CHECKING:
-    from ..config import BuildConfig
+    from ..config import BuildConfig, CalibrateConfig
     from ..targets import Target
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 SPINNING = "spin within a run, stop after it"
 
 OPS_NOTE = None
+CAPABILITIES = Capabilities(int8=True, in_net=True, version_key="onnxruntime", session_mode=SPINNING,
+                            ops_note=OPS_NOTE)
 
 
 def check_available(target: Target, src: Source) -> None:
@@ -74,6 +78,10 @@ def load(path: str | bytes, threads: int = 1, device: str = "cpu") -> Run:
     sess = session(path, threads)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
+
+
+def load_signature(path: str, signature: str, threads: int = 1) -> Run:
+    raise ConfigError(f"{Path(path).name}: an ONNX model has no signatures (ORT calibrates one model per variant)")
 
 
 def _kernel_events(path: str, x: np.ndarray, threads: int, runs: int) -> list[dict[str, Any]]:
@@ -241,3 +249,96 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig, samples: 
     import onnxruntime
 
     return arts, {"runtime_version": {"onnxruntime": onnxruntime.__version__}}
+
+
+def int8_artifact(model: ModelFiles, work: Path, name: str, shape: tuple[int, ...], calib: np.ndarray,
+                  target: Target) -> Path:
+    """The net as build quantizes it (static QDQ, from its ONNX file), in `work`: <name>.int8.onnx."""
+    dst = work / f"{name}.int8.onnx"
+    quantize_int8(model.onnx(), dst, calib, work, reduce_range=weights_7bit(target))
+    return dst
+
+
+# ---- calibration: each variant one small ONNX model, and the whole nets that time the layers in place ----
+
+
+def write_onnx(module, shape, path: Path) -> None:
+    """`module` exported on a zero input of `shape` (the legacy exporter: a calibration model, not validated)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), input_names=["input"], dynamo=False)
+
+
+def lower_calibration(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig,
+                      tmp: Path) -> dict[str, tuple[list, Lowered]]:
+    """Each variant one small ONNX model (INT8: quantized to QDQ as build does, on random activations: the
+    latency of integer kernels does not depend on the values). {group: (artifacts, files)}, each file a function
+    that writes it when its group's call comes (workflows.in_net.written)."""
+    from functools import partial
+
+    out = {}
+    for gi, (key, g) in enumerate(groups.items()):
+        if key == NET and "grid" in g:
+            out[key] = _lower_nets(g, cfg, tmp)
+            continue
+        arts, files = [], {}
+        for vi, (variant, module) in enumerate(g["variants"].items()):
+            int8 = cfg.precision == "int8" and variant != CALL
+            name = _onnx_name(f"{gi}-{vi}", int8)
+            files[name] = partial(_lower_model, module, g["input_shape"], tmp / name, int8)
+            arts.append({"variant": variant, "file": name})
+        out[key] = (arts, files)
+    return out
+
+
+def _onnx_name(stem: str, int8: bool) -> str:
+    return f"{stem}{'.int8' if int8 else ''}.onnx"
+
+
+def _lower_model(module, shape, path: Path, int8: bool, tags: list[int] | None = None) -> Path:
+    """`module` exported to `path` (named by _onnx_name); with `tags`, its nodes tagged by layer first
+    (tag_layers); INT8: quantized to QDQ from the fp32 export, which goes."""
+    fp32 = path.with_name(path.name.replace(".int8", "")) if int8 else path
+    write_onnx(module, shape, fp32)
+    if tags is not None:
+        tag_layers(fp32, tags)
+    if int8:
+        quantize_int8(fp32, path, calibration_images(shape), path.parent)
+        fp32.unlink()
+    return path
+
+
+def _lower_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path) -> tuple[list, Lowered]:
+    """The whole nets of the NET group's grid as ONNX models whose nodes are tagged with their layer (tag_layers;
+    INT8: quantized afterwards, as a layer's models are). The dense net is lowered now; every other net's file is a
+    function that lowers it when its call comes, so the host holds one net at a time (ResNet-18's 37 nets took
+    0.8 GB of the host's disk at once). Only the dense net when the tags do not fit the export (a conv called
+    twice, say): the table then has the layers as timed alone."""
+    import copy
+    from functools import partial
+
+    from ..lowrank import make_pair
+
+    net, order, int8 = g["variants"][DENSE], g["order"], cfg.precision == "int8"
+
+    def lower(vi: int, pairs: dict[str, tuple[str, int]], tag: bool = True) -> Path:
+        model = copy.deepcopy(net) if pairs else net
+        for name, (scheme, k) in pairs.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(name), scheme, k, init=False))
+        tags = [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)] if tag else None
+        return _lower_model(model, g["input_shape"], tmp / _onnx_name(f"net{vi}", int8), int8, tags)
+
+    grid = list(g["grid"].items())
+    try:
+        dense = lower(0, grid[0][1])
+    except ConversionError as e:
+        log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
+        dense = lower(0, grid[0][1], tag=False)
+        grid = grid[:1]
+    arts = [{"variant": variant, "file": _onnx_name(f"net{vi}", int8)} for vi, (variant, _) in enumerate(grid)]
+    files: Lowered = {arts[0]["file"]: dense}
+    files.update({a["file"]: partial(lower, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
+    return arts, files

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConversionError, InputError, MissingTool
-from .base import Artifact, Run, Samples, Source
+from ..errors import ConfigError, ConversionError, InputError, MissingTool, TrpEdgeError
+from ..latency_table import DENSE, NET
+from .base import Artifact, Capabilities, Lowered, ModelFiles, Run, Samples, Source, calibration_images
 
 if TYPE_CHECKING:
-    from ..config import BuildConfig
+    from ..config import BuildConfig, CalibrateConfig
     from ..targets import Target
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 _REPO = Path(__file__).resolve().parent.parent.parent
 OPS_NOTE = ("no per-layer breakdown: the Python TFLite interpreters (ai-edge-litert 2.3, tflite-runtime 2.14) "
             "expose no op profiler")
+CAPABILITIES = Capabilities(int8=True, in_net=False, version_key="ai_edge_litert", other_packages=("tflite_runtime",),
+                            ops_note=OPS_NOTE)
 
 
 def _interpreter(path: str, threads: int):
@@ -76,6 +79,10 @@ def load(path: str, threads: int = 1, device: str = "cpu") -> Run:
 
 def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu") -> None:
     return None  # OPS_NOTE
+
+
+def layer_profile(path: str, x: np.ndarray, threads: int = 1) -> dict[str, Any]:
+    raise ConfigError(f"{Path(path).name}: TFLite has no per-layer profile in a whole net ({OPS_NOTE})")
 
 
 def converter_python() -> Path:
@@ -146,3 +153,68 @@ def build(src: Source, target: Target, folder: Path, cfg: BuildConfig, samples: 
 
     return arts, {"runtime_version": {"ai_edge_litert": getattr(ai_edge_litert, "__version__", "unknown")},
                   "converter": "litert-torch 0.10.0", "profiling": OPS_NOTE}
+
+
+def int8_artifact(model: ModelFiles, work: Path, name: str, shape: tuple[int, ...], calib: np.ndarray,
+                  target: Target) -> Path:
+    """The net as build converts it (full-integer, from its torch file), in `work`: <name>.int8.tflite."""
+    check_converter()
+    out = work / f"{name}.tflite"
+    convert(model.torch(), out, shape, calib, work)
+    return out.with_suffix(".int8.tflite")
+
+
+# ---- calibration: each layer's grid one .tflite with a signature per variant; the whole net converted ----
+
+
+def lower_calibration(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig,
+                      tmp: Path) -> dict[str, tuple[list, Lowered]]:
+    """Each layer's grid one .tflite with a signature per variant, written directly (tflite_grid: no conversion
+    per grid point; INT8 full-integer). {group: (artifacts, files)}."""
+    from .tflite_grid import grid_model
+
+    out: dict[str, tuple[list, Lowered]] = {}
+    for gi, (key, g) in enumerate(groups.items()):
+        file = tmp / f"grid{gi}.tflite"
+        if key == NET:  # the whole net goes through the converter, as build does
+            lowered = _lower_net(g, cfg, tmp)
+            if lowered:
+                out[key] = lowered
+            continue
+        sigs = {f"v{vi}": _convs(m) for vi, m in enumerate(g["variants"].values())}
+        file.write_bytes(grid_model(tuple(g["input_shape"]), sigs, int8=cfg.precision == "int8"))
+        arts = [{"variant": variant, "file": file.name, "signature": f"v{vi}"}
+                for vi, variant in enumerate(g["variants"])]
+        out[key] = (arts, {file.name: file})
+    return out
+
+
+def _convs(module) -> list[dict[str, Any]]:
+    """A dense conv or a low-rank pair as the conv chain grid_model writes ([] for the per-call model)."""
+    from torch import nn
+
+    chain = [module] if isinstance(module, nn.Conv2d) else [module.first, module.second] \
+        if hasattr(module, "first") else []
+    return [{"out": m.out_channels, "k": m.kernel_size, "s": m.stride, "p": m.padding, "d": m.dilation}
+            for m in chain]
+
+
+def _lower_net(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path) -> tuple[list, Lowered] | None:
+    """The whole dense net converted with litert-torch (INT8: quantized as build does, on random images), or
+    None with a warning when it does not convert (or the converter is missing): the table then predicts the convs
+    only."""
+    import torch
+
+    pt, file = tmp / "net.pt2", tmp / "net.tflite"
+    calib = calibration_images(g["input_shape"]) if cfg.precision == "int8" else None
+    try:
+        check_converter()
+        torch.export.save(torch.export.export(g["variants"][DENSE], (torch.zeros(g["input_shape"]),)), str(pt))
+        convert(pt, file, tuple(g["input_shape"]), calib, tmp)
+    except (TrpEdgeError, RuntimeError) as e:
+        log.warning("calibrate: the whole net did not convert to TFLite (%s): the table predicts the convs only",
+                    str(e).splitlines()[0][:200])
+        return None
+    if calib is not None:
+        file = file.with_suffix(".int8.tflite")
+    return [{"variant": DENSE, "file": file.name}], {file.name: file}

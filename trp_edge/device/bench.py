@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import get
+from ..backends import capabilities, get
 from ..config import ProfileConfig
 from ..contracts import DEVICE_JOB, DEVICE_RESULT
 from ..errors import ContractError
@@ -86,8 +86,8 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     out["protocol"] = cfg.to_dict()
     if job.get("layers", True):
         _profile_ops(job, base, rt, threads, inputs, out, runners)
-    if get(rt).OPS_NOTE:
-        out["ops_note"] = get(rt).OPS_NOTE
+    if capabilities(rt).ops_note:
+        out["ops_note"] = capabilities(rt).ops_note
     return out
 
 
@@ -143,10 +143,10 @@ def in_net(job: dict[str, Any], base: Path) -> dict[str, Any]:
     cfg = ProfileConfig(**job.get("protocol", {}))
     x = np.random.default_rng(0).standard_normal(job["input_shape"]).astype(np.float32)
     out: dict[str, Any] = {"runtime": rt, "threads": threads, "device": device_identity(), "errors": {}, "nets": {}}
-    profile = getattr(get(rt), "layer_profile", None)
-    if profile is None:
+    if not capabilities(rt).in_net:
         out["error"] = f"{rt}: no per-layer profile in a whole net"
         return out
+    profile = get(rt).layer_profile
     for a in job["artifacts"]:
         path = str(base / a["file"])
         try:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.base import Run, get
+from ..backends import capabilities, get
+from ..backends.base import Run
+from ..targets import RUNTIMES
 
 
 def load(path: str, runtime: str, threads: int = 1, device: str = "cpu") -> Run:
@@ -30,24 +32,25 @@ def load(path: str, runtime: str, threads: int = 1, device: str = "cpu") -> Run:
 
 
 def runtime_versions() -> dict[str, str | None]:
-    """Which runtimes this device has (None: not installed)."""
+    """Which runtimes this device has, by package (each backend's CAPABILITIES.version_key and other_packages;
+    None: not installed)."""
+    import importlib
+
     out: dict[str, str | None] = {"numpy": np.__version__}
-    for key, mod in (("onnxruntime", "onnxruntime"), ("tvm", "tvm"), ("ai_edge_litert", "ai_edge_litert"),
-                     ("tflite_runtime", "tflite_runtime")):
-        try:
-            m = __import__(mod)
-            out[key] = getattr(m, "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - a runtime that fails to import is as good as missing
-            out[key] = None
+    for rt in RUNTIMES:
+        caps = capabilities(rt)
+        for package in (caps.version_key, *caps.other_packages):
+            try:
+                out[package] = getattr(importlib.import_module(package), "__version__", "unknown")
+            except Exception:  # noqa: BLE001 - a runtime that fails to import is as good as missing
+                out[package] = None
     return out
 
 
 def session_modes() -> dict[str, str]:
-    """How this runner runs each runtime's worker threads where that changes multi-thread latency (a table
-    measured another way is stale: latency_table.stale)."""
-    from ..backends.ort import SPINNING
-
-    return {"onnxruntime": SPINNING}
+    """How this runner runs each runtime's worker threads where that changes multi-thread latency (each backend's
+    CAPABILITIES.session_mode; a table measured another way is stale: latency_table.stale)."""
+    return {caps.version_key: caps.session_mode for caps in map(capabilities, RUNTIMES) if caps.session_mode}
 
 
 def tvm_device_apis() -> list[str]:

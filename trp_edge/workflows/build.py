@@ -23,12 +23,11 @@ from typing import Any
 import numpy as np
 
 from .. import tuning_device
-from ..backends import base
-from ..backends.base import Artifact, Samples, Source, Variant, sha256
+from ..backends import get, int8_runtimes
+from ..backends.base import Artifact, Runtime, Samples, Source, Variant, sha256
 from ..config import BuildConfig
 from ..contracts import CompressReport, Manifest
 from ..errors import ConfigError, InputError, ValidationError
-from ..latency_table import INT8_RUNTIMES
 from ..targets import RUNTIMES, Target, load_target, resolve_threads
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ def resolve_source(model: str | os.PathLike) -> Source:
             if not (p / onnx_file).is_file():
                 raise InputError(f"{p}: {onnx_file} is missing; run trp-edge compress again")
             variants.append(Variant(name, p / onnx_file, model_file(p, name), getattr(report, name)["macs"]))
-        for rt in INT8_RUNTIMES:
+        for rt in int8_runtimes():
             int8 = report.at_precision("int8", rt)
             if int8.get("onnx"):  # a model of its own for INT8, pairs slower there merged back
                 stem = Path(int8["model"]).stem
@@ -102,7 +101,7 @@ def reference(src: Source, x: np.ndarray) -> dict[str, np.ndarray]:
             with torch.no_grad():
                 out[v.name] = m(torch.from_numpy(x)).numpy()
         else:
-            out[v.name] = base.get("ort").load(str(v.onnx))(x)
+            out[v.name] = get("ort").load(str(v.onnx))(x)
     return out
 
 
@@ -262,7 +261,7 @@ def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResul
     out = Path(cfg.out) if cfg.out else default_out(src)
     tdir = out / target.name
     tdir.mkdir(parents=True, exist_ok=True)
-    backends = {rt: base.get(rt) for rt in runtimes}
+    backends = {rt: get(rt) for rt in runtimes}
     for mod in backends.values():
         mod.check_available(target, src)  # fail before any work for a missing tool
     # validation input: a real test image when the data is known (quantized models are calibrated for it)
@@ -277,7 +276,7 @@ def build(cfg: BuildConfig | str | None = None, /, **options: Any) -> BuildResul
     return BuildResult(tdir, manifests)
 
 
-def _build_runtime(rt: str, mod: base.Runtime, src: Source, target: Target, tdir: Path, cfg: BuildConfig,
+def _build_runtime(rt: str, mod: Runtime, src: Source, target: Target, tdir: Path, cfg: BuildConfig,
                    smp: Samples, measurer: Callable[[], Any]) -> Manifest:
     """One runtime's folder: built in a staging folder, validated against the reference, its manifest
     written, and put in place of the old one. Returns the manifest."""

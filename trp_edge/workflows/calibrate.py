@@ -7,7 +7,8 @@ Writes calibration/<target>/<runtime>/<stem>.csv and its .json header (trp_edge.
 format, its key, and `load_table`, which refuses a table made for another deployment or shape).
 
 Measured on this machine (`--local`) or on the device over the same transport as deploy (`trp-edge serve`
-runs trp_edge.device.bench.calibrate there: numpy and the runtime, no torch):
+runs trp_edge.device.bench.calibrate there: numpy and the runtime, no torch). Each runtime's backend lowers the
+models (its lower_calibration):
 - ort: each variant a small ONNX model; INT8 is static QDQ (as build quantizes), on random activations;
 - tflite: each layer's whole grid is one .tflite with a signature per variant, written directly
   (backends.tflite_grid: no conversion per grid point); INT8 is full-integer. The whole net is converted
@@ -16,13 +17,14 @@ Layers of the same shape are measured once. Each layer also times a near-empty m
 per-call overhead, scheme "call"), and the whole dense net is timed (header "net_ms"), so a whole-net
 latency can be predicted from the table: net_ms - sum(dense convs) + sum(chosen pairs).
 
-ONNX Runtime's rows are then timed again in place (header "in_net"): a layer alone is not the layer in the
-net (at 2 threads a pair alone took 1.30x its time in the net, a dense conv 1.18x: ResNet-18's 2-thread
-predictions missed by +20-31 %). The dense net, and per scheme and grid position j the net with every layer
-at its j-th measured rank (net_grid: about 20 nets per scheme for ResNet-18), are each timed and profiled
-(device job in_net; kernels summed per layer by the tags backends.ort.tag_layers puts in the node names),
-and every dense conv and pair gets its in-net time, scaled by its net's timed over profiled latency. Where
-the nets cannot be matched to the layers (a conv called twice) or do not run, the rows stay as timed alone.
+ONNX Runtime's rows (a runtime whose capabilities say in_net) are then timed again in place (header "in_net";
+workflows.in_net): a layer alone is not the layer in the net (at 2 threads a pair alone took 1.30x its time in the
+net, a dense conv 1.18x: ResNet-18's 2-thread predictions missed by +20-31 %). The dense net, and per scheme and
+grid position j the net with every layer at its j-th measured rank (net_grid: about 20 nets per scheme for
+ResNet-18), are each timed and profiled (device job in_net; kernels summed per layer by the tags
+backends.ort.tag_layers puts in the node names), and every dense conv and pair gets its in-net time, scaled by its
+net's timed over profiled latency. Where the nets cannot be matched to the layers (a conv called twice) or do not
+run, the rows stay as timed alone.
 
 Stages: load the model and its input -> per layer shape, lower the dense conv and every pair of the grid ->
 time them on the device, one call per shape -> write the table."""
@@ -33,22 +35,19 @@ import datetime as dt
 import logging
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backends.tvm import lower_calibration
+from ..backends import capabilities, get, int8_runtimes
 from ..config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
 from ..deployment import Deployment
 from ..deployment import deployments as resolve_deployments
-from ..errors import ConfigError, ConversionError, DeviceError, InputError
+from ..errors import ConfigError, DeviceError, InputError
 from ..latency_table import (
     CALL,
     DENSE,
-    IN_NET_RUNTIMES,
+    NET,
     LatencyTable,
     layer_shape,
     load_table,
@@ -58,10 +57,9 @@ from ..latency_table import (
 )
 from ..targets import Target, load_target, resolve_threads
 from ..transport import Session, open_session, resolve
+from .in_net import net_grid, place, time_net, written
 
 log = logging.getLogger(__name__)
-
-NET = "__net__"  # the group timing the whole dense net
 
 
 def rank_grid(full: int, break_even: int) -> list[int]:
@@ -96,6 +94,9 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
     """`calibrate` for a model already loaded (`net` in eval mode, `example` its batch-1 input), as compress
     calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's (table_path, or
     beside another machine's table there: machine_path)."""
+    if not capabilities(cfg.runtime).built_at(cfg.precision):
+        raise ConfigError(f"{cfg.runtime} is built at fp32 only (INT8: {', '.join(int8_runtimes())}): calibrate it "
+                          "at fp32")
     target = load_target(cfg.target)
     if cfg.local and not target.native:
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
@@ -181,27 +182,9 @@ def layer_grids(net, example, cfg: CalibrateConfig) -> tuple[dict[str, dict[str,
                 variants[f"{scheme}:{k}"] = make_pair(m, scheme, k, init=False)
         groups[key] = {"input_shape": [1, m.in_channels, *layer.in_hw], "variants": variants}
     groups[NET] = {"input_shape": list(example.shape), "variants": {DENSE: net}, "order": list(shapes)}
-    if cfg.runtime in IN_NET_RUNTIMES:
+    if capabilities(cfg.runtime).in_net:
         groups[NET]["grid"] = net_grid(groups, members)
     return groups, shapes, members
-
-
-def net_grid(groups: dict[str, dict[str, Any]], members: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, int]]]:
-    """The whole nets that time every measured pair in place: the dense net, then per scheme and grid position j
-    the net with every layer that has a j-th measured rank in that scheme as its pair at that rank (the others
-    dense). {variant: {layer: (scheme, rank)}}, "dense" first with no pairs."""
-    ranks: dict[tuple[str, str], list[int]] = {}
-    for key, names in members.items():
-        for variant in groups[key]["variants"]:
-            scheme, _, k = variant.partition(":")
-            for name in names if k else ():
-                ranks.setdefault((name, scheme), []).append(int(k))
-    grid: dict[str, dict[str, tuple[str, int]]] = {DENSE: {}}
-    for scheme in dict.fromkeys(s for _, s in ranks):
-        mine = {n: sorted(r) for (n, s), r in ranks.items() if s == scheme}
-        for j in range(max(len(r) for r in mine.values())):
-            grid[f"{scheme}@{j}"] = {n: (scheme, r[j]) for n, r in mine.items() if j < len(r)}
-    return grid
 
 
 def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target: Target, threads: int,
@@ -216,7 +199,8 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
     device: dict[str, Any] = {}
     net_ms = None
     with tempfile.TemporaryDirectory(prefix="trp-edge-cal-") as tmp:
-        lowered = LOWER[cfg.runtime](groups, cfg, Path(tmp))
+        lower = get(cfg.runtime).lower_calibration
+        lowered = lower(groups, cfg, Path(tmp))
         bar = tqdm(lowered.items(), desc=f"calibrate {cfg.runtime} {cfg.precision}", unit="shape",
                    disable=not progress)
         in_net: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -224,9 +208,9 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
             job = {"runtime": cfg.runtime, "threads": threads, "protocol": cfg.protocol.to_dict(),
                    "input_shape": groups[key]["input_shape"], "artifacts": arts}
             if key == NET:
-                net_ms, in_net, device = _time_net(session, job, files, groups[NET], target)
+                net_ms, in_net, device = time_net(session, job, files, groups[NET], target)
                 continue
-            with _written(files) as paths:
+            with written(files) as paths:
                 res = session.call("calibrate", job, paths)
             if res.get("error"):
                 raise DeviceError(f"{target.name}/{cfg.runtime}: {res['error']}")
@@ -235,237 +219,6 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
                 rows += layer_rows(name, key, res)
     placed = place(rows, in_net)
     return placed, shapes, device, net_ms, placed is not rows
-
-
-Lowered = dict[str, Path | Callable[[], Path]]  # a file, or a function that writes it (_written)
-
-
-@contextmanager
-def _written(files: Lowered) -> Iterator[dict[str, Path]]:
-    """The files of one call as paths: a file that lower_ort left as a function is written now and removed when
-    the call is over, so the host holds one call's models at a time."""
-    paths = {}
-    try:
-        for name, file in files.items():
-            paths[name] = file() if callable(file) else file
-        yield paths
-    finally:
-        for name, file in files.items():
-            if callable(file) and name in paths:
-                paths[name].unlink(missing_ok=True)
-
-
-def _time_net(session: Session, job: dict[str, Any], files: Lowered, g: dict[str, Any],
-              target: Target) -> tuple[float | None, dict[tuple[str, str, int], dict[str, Any]], dict[str, Any]]:
-    """The whole dense net's latency, each layer as timed in place (in_net_rows; {} without the nets of
-    net_grid, or when they did not run: a device whose trp-edge has no in_net job), and the device's identity.
-    One net per call, so that a board holds one net's file at a time, and the host too (_written)."""
-    dense = job["artifacts"][0]["file"]
-    if len(job["artifacts"]) > 1:
-        res: dict[str, Any] = {"nets": {}, "errors": {}}
-        for a in job["artifacts"]:
-            try:
-                with _written({a["file"]: files[a["file"]]}) as paths:
-                    one = session.call("in_net", {**job, "artifacts": [a]}, paths)
-            except (DeviceError, ConversionError) as e:
-                one = {"error": str(e)}
-            res["nets"].update(one.get("nets") or {})
-            res["errors"].update(one.get("errors") or {})
-            res.setdefault("device", one.get("device"))
-            if one.get("error"):
-                res["error"] = one["error"]
-                break
-        in_net = in_net_rows(res, g)
-        net = (res.get("nets") or {}).get(DENSE)
-        if net is not None:
-            return net["timing"]["median_ms"], in_net, res["device"]
-        job = {**job, "artifacts": job["artifacts"][:1]}  # the dense net alone, as without the grid
-    with _written({dense: files[dense]}) as paths:
-        res = session.call("calibrate", job, paths)
-    if res.get("error"):
-        raise DeviceError(f"{target.name}/{job['runtime']}: {res['error']}")
-    return res["timing"].get(DENSE, {}).get("median_ms"), {}, res["device"]
-
-
-def in_net_rows(res: dict[str, Any], g: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """(layer, scheme, rank) -> its row as timed in place: each net's per-layer profile, scaled by that net's
-    timed latency over its profiled one (the profiler's own cost taken out). A dense conv from the dense net, a
-    pair from its grid net. {} with a warning when a net failed: the table then keeps every layer as timed alone."""
-    nets = res.get("nets") or {}
-    failed = res.get("error") or "; ".join(f"{v}: {e}" for v, e in (res.get("errors") or {}).items())
-    if failed or set(nets) != set(g["grid"]):
-        log.warning("calibrate: the whole nets did not all run (%s): every layer is as timed alone",
-                    str(failed or "missing").splitlines()[0][:200])
-        return {}
-    out = {}
-    for variant, pairs in g["grid"].items():
-        net = nets[variant]
-        scale = net["timing"]["median_ms"] / net["total_ms"] if net["total_ms"] > 0 else 1.0
-        for tag, t in net["layers"].items():
-            name = g["order"][int(tag)]
-            scheme, rank = pairs.get(name, (DENSE, 0))
-            if (scheme == DENSE) == (variant == DENSE):
-                out[(name, scheme, rank)] = {"median_ms": round(t["median_ms"] * scale, 5),
-                                             "p10_ms": round(t["p10_ms"] * scale, 5),
-                                             "p90_ms": round(t["p90_ms"] * scale, 5), "runs": t["runs"]}
-    return out
-
-
-def place(rows: list[dict[str, Any]], in_net: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with every dense conv and pair as timed in place (in_net_rows), when the nets timed them all; the
-    per-call rows stay. Else the rows as timed alone, with a warning when there were nets."""
-    timed = [r for r in rows if r["scheme"] != CALL]
-    missing = [r for r in timed if (r["layer"], r["scheme"], r["rank"]) not in in_net]
-    if not in_net or missing:
-        if in_net:
-            log.warning("calibrate: %s %s:%s was not found in its whole net: every layer is as timed alone",
-                        missing[0]["layer"], missing[0]["scheme"], missing[0]["rank"])
-        return rows
-    return [r if r["scheme"] == CALL else {**r, **in_net[(r["layer"], r["scheme"], r["rank"])]} for r in rows]
-
-
-def _write_onnx(module, shape, path: Path) -> None:
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), input_names=["input"], dynamo=False)
-
-
-def _random_calib(shape, n: int = 8):
-    import numpy as np
-
-    return np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
-
-
-def lower_ort(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path) -> dict[str, tuple[list, Lowered]]:
-    """Each variant one small ONNX model (INT8: quantized to QDQ as build does, on random activations: the
-    latency of integer kernels does not depend on the values). {group: (artifacts, files)}, each file a function
-    that writes it when its group's call comes (_written)."""
-    from functools import partial
-
-    out = {}
-    for gi, (key, g) in enumerate(groups.items()):
-        if key == NET and "grid" in g:
-            out[key] = _lower_ort_nets(g, cfg, tmp)
-            continue
-        arts, files = [], {}
-        for vi, (variant, module) in enumerate(g["variants"].items()):
-            int8 = cfg.precision == "int8" and variant != CALL
-            name = _onnx_name(f"{gi}-{vi}", int8)
-            files[name] = partial(_lower_ort_model, module, g["input_shape"], tmp / name, int8)
-            arts.append({"variant": variant, "file": name})
-        out[key] = (arts, files)
-    return out
-
-
-def _onnx_name(stem: str, int8: bool) -> str:
-    return f"{stem}{'.int8' if int8 else ''}.onnx"
-
-
-def _lower_ort_model(module, shape, path: Path, int8: bool, tags: list[int] | None = None) -> Path:
-    """`module` exported to `path` (named by _onnx_name); with `tags`, its nodes tagged by layer first
-    (backends.ort.tag_layers); INT8: quantized to QDQ from the fp32 export, which goes."""
-    from ..backends.ort import quantize_int8, tag_layers
-
-    fp32 = path.with_name(path.name.replace(".int8", "")) if int8 else path
-    _write_onnx(module, shape, fp32)
-    if tags is not None:
-        tag_layers(fp32, tags)
-    if int8:
-        quantize_int8(fp32, path, _random_calib(shape), path.parent)
-        fp32.unlink()
-    return path
-
-
-def _lower_ort_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
-    """The whole nets of net_grid as ONNX models whose nodes are tagged with their layer (backends.ort.tag_layers;
-    INT8: quantized afterwards, as a layer's models are). The dense net is lowered now; every other net's file is a
-    function that lowers it when its call comes (_time_net), so the host holds one net at a time (ResNet-18's 37
-    nets took 0.8 GB of the host's disk at once). Only the dense net when the tags do not fit the export (a conv
-    called twice, say): the table then has the layers as timed alone."""
-    import copy
-    from functools import partial
-
-    from ..lowrank import make_pair
-
-    net, order, int8 = g["variants"][DENSE], g["order"], cfg.precision == "int8"
-
-    def lower(vi: int, pairs: dict[str, tuple[str, int]], tag: bool = True) -> Path:
-        model = copy.deepcopy(net) if pairs else net
-        for name, (scheme, k) in pairs.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(name), scheme, k, init=False))
-        tags = [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)] if tag else None
-        return _lower_ort_model(model, g["input_shape"], tmp / _onnx_name(f"net{vi}", int8), int8, tags)
-
-    grid = list(g["grid"].items())
-    try:
-        dense = lower(0, grid[0][1])
-    except ConversionError as e:
-        log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
-        dense = lower(0, grid[0][1], tag=False)
-        grid = grid[:1]
-    arts = [{"variant": variant, "file": _onnx_name(f"net{vi}", int8)} for vi, (variant, _) in enumerate(grid)]
-    files: Lowered = {arts[0]["file"]: dense}
-    files.update({a["file"]: partial(lower, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
-    return arts, files
-
-
-def _convs(module) -> list[dict[str, Any]]:
-    """A dense conv or a low-rank pair as the conv chain grid_model writes ([] for the per-call model)."""
-    from torch import nn
-
-    chain = [module] if isinstance(module, nn.Conv2d) else [module.first, module.second] \
-        if hasattr(module, "first") else []
-    return [{"out": m.out_channels, "k": m.kernel_size, "s": m.stride, "p": m.padding, "d": m.dilation}
-            for m in chain]
-
-
-def lower_tflite(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, tmp: Path):
-    """Each layer's grid one .tflite with a signature per variant, written directly (backends.tflite_grid:
-    no conversion per grid point; INT8 full-integer). {group: (artifacts, files)}."""
-    from ..backends.tflite_grid import grid_model
-
-    out = {}
-    for gi, (key, g) in enumerate(groups.items()):
-        file = tmp / f"grid{gi}.tflite"
-        if key == NET:  # the whole net goes through the converter, as build does
-            arts = _tflite_net(g, cfg, tmp)
-            if arts:
-                out[key] = arts
-            continue
-        sigs = {f"v{vi}": _convs(m) for vi, m in enumerate(g["variants"].values())}
-        file.write_bytes(grid_model(tuple(g["input_shape"]), sigs, int8=cfg.precision == "int8"))
-        arts = [{"variant": variant, "file": file.name, "signature": f"v{vi}"}
-                for vi, variant in enumerate(g["variants"])]
-        out[key] = (arts, {file.name: file})
-    return out
-
-
-def _tflite_net(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path):
-    """The whole dense net converted with litert-torch (INT8: quantized as build does, on random images), or
-    None with a warning when it does not convert: the table then predicts the convs only."""
-    import torch
-
-    from ..backends.tflite import convert
-    from ..errors import TrpEdgeError
-
-    pt, file = tmp / "net.pt2", tmp / "net.tflite"
-    calib = _random_calib(g["input_shape"]) if cfg.precision == "int8" else None
-    try:
-        torch.export.save(torch.export.export(g["variants"][DENSE], (torch.zeros(g["input_shape"]),)), str(pt))
-        convert(pt, file, tuple(g["input_shape"]), calib, tmp)
-    except (TrpEdgeError, RuntimeError) as e:
-        log.warning("calibrate: the whole net did not convert to TFLite (%s): the table predicts the convs only",
-                    str(e).splitlines()[0][:200])
-        return None
-    if calib is not None:
-        file = file.with_suffix(".int8.tflite")
-    return [{"variant": DENSE, "file": file.name}], {file.name: file}
-
-
-LOWER = {"ort": lower_ort, "tflite": lower_tflite, "tvm": lower_calibration}
 
 
 def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -509,7 +262,7 @@ def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],
         if not path.is_file():
             return path, f"none for this machine yet; {theirs}" if theirs else "no table yet"
         return path, str(e).split(": ", 1)[-1]
-    why = stale(table.header, here) if here is not None else None
+    why = stale(table.header, here, capabilities(dep.runtime)) if here is not None else None
     if why is None and set(table.header.get("schemes", [])) < set(SCHEME_NAMES):
         why = f"measured {', '.join(table.header.get('schemes', []))} only"
     return path, why

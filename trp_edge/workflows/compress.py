@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from ..config import CompressConfig, DecomposeConfig
-from ..contracts import CompressReport, pair_job
-from ..errors import InputError, TrpEdgeError
+from ..contracts import CompressReport
+from ..errors import InputError
 from ..flops import count_macs, param_count
 from ..latency_table import layer_shape, load_tables
 from ..lowrank import conv_layers, scheme_names
 from ..planning import LayerPlan, decompose_
 from ..planning_latency import precision_dense, precision_models
+from .compress_checks import int8_net_check, latency_check
 
 log = logging.getLogger(__name__)
 
@@ -262,114 +263,6 @@ def export_stage(run: _Run, dense_model: torch.nn.Module, plans: list[LayerPlan]
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote %s", ", ".join(str(run.out / n) for n in names))
     return CompressResult(run.out, report, model, names)
-
-
-def latency_check(run: _Run, stage: Path, dense_model, model, comp_macs: int) -> dict[str, Any] | None:
-    """What the MACs became in milliseconds here, from day one: the staged dense.onnx and model.onnx timed side by
-    side by the device job deploy --local runs (the same session setup, job, protocol and threads: one number a
-    user compares with deploy's), on an input of the model's shape; their outputs checked against torch's."""
-    import numpy as np
-
-    cfg = run.cfg
-    if cfg.latency is None:
-        return None
-    threads = cfg.latency.threads or cfg.threads or 1
-    x = np.random.default_rng(0).standard_normal(tuple(run.example.shape)).astype(np.float32)
-    with torch.no_grad():
-        ref = {"input": x, **{k: m(torch.from_numpy(x)).numpy() for k, m in (("dense", dense_model),
-                                                                              ("compressed", model))}}
-    np.savez(stage / "latency-reference.npz", **ref)
-    job = pair_job("ort", threads, replace(cfg.latency, threads=threads), "dense.onnx", "model.onnx",
-                   "latency-reference.npz")
-    files = {f: stage / f for f in ("dense.onnx", "model.onnx", "latency-reference.npz")}
-    try:
-        res = run.services.run_job(job, files)
-    except TrpEdgeError as e:  # a failed check is reported; the compressed model stands
-        res = {"error": str(e)}
-    finally:
-        (stage / "latency-reference.npz").unlink(missing_ok=True)
-    if "timing" not in res:
-        log.warning("the latency check here did not run: %s", res.get("error"))
-        return None
-    t = res["timing"]
-    speedup = t["dense"]["median_ms"] / t["compressed"]["median_ms"]
-    return {"runtime": "onnxruntime", "target": "host", "threads": res["threads"], "device": res["device"],
-            "protocol": res["protocol"], "dense": t["dense"], "compressed": t["compressed"], "latency_speedup": speedup,
-            "efficiency": speedup / (run.dense_macs.total / comp_macs),
-            "max_abs_diff": {k: res["artifacts"][k].get("max_abs_diff") for k in ("dense", "compressed")}}
-
-
-def int8_net_check(run: _Run, stage: Path, dense_model: torch.nn.Module, model: torch.nn.Module,
-                   plans: list[LayerPlan], kept_at: dict[str, dict[str, list[str]]], spec_of) -> dict[str, Any]:
-    """Each runtime compress plans INT8 for on this machine (a host INT8 table beside the fp32 ones): the whole
-    dense and compressed nets, quantized as build quantizes them, timed side by side at the table's threads.
-    Per-layer INT8 tables miss what the net adds around a pair (on the Intel host's ResNet-20, ORT pairs at
-    0.72-0.96 of the dense conv alone left the INT8 net at 0.96x of dense: BENCHMARKS.md); when the compressed
-    net is not faster, that runtime's INT8 builds keep every pair dense (kept_at updated). {runtime: timing}."""
-    from ..latency_table import load_table
-    from ..lowrank import merge_pairs_
-
-    t = run.dcfg.latency_table
-    decomposed, out = [p.name for p in plans if p.rank is not None], {}
-    for h in (load_table(p).header for p in ([t] if isinstance(t, str) else t or [])):
-        rt, kept = h["runtime"], kept_at.get("int8", {}).get(h["runtime"])
-        if (h["target"], h.get("precision")) != ("host", "int8") or kept is None or set(kept) >= set(decomposed):
-            continue
-        merged = copy.deepcopy(model)
-        merge_pairs_(merged, dense_model, kept)
-        onnx = {"dense": stage / "dense.onnx", "compressed": None if kept else stage / "model.onnx"}
-        timing = _time_int8_nets(run, stage / ".int8-check", dense_model, merged, rt, h["threads"],
-                                 spec_of(decomposed), spec_of(kept), onnx)
-        if timing is None:
-            continue
-        timing.update(precision="int8", kept_dense=timing["latency_speedup"] <= 1.0)
-        if timing["kept_dense"]:
-            kept_at["int8"][rt] = decomposed
-            log.warning("%s INT8 here: the compressed net measured %.2fx of the dense one (whole net, side by side): "
-                        "its INT8 builds keep every pair dense", rt, timing["latency_speedup"])
-        out[rt] = timing
-    return out
-
-
-def _time_int8_nets(run: _Run, work: Path, dense_model, merged, runtime: str, threads: int, dense_spec,
-                    spec, onnx: dict[str, Path | None]) -> dict[str, Any] | None:
-    """The dense and `merged` nets as `runtime`'s INT8 artifacts (ORT: QDQ from ONNX, the staged file where `onnx`
-    names one; TFLite: converted from the torch files), timed side by side here (profile.time_pair). None when
-    TFLite's converter is missing."""
-    import numpy as np
-
-    from ..backends import tflite
-    from ..backends.ort import quantize_int8, weights_7bit
-    from ..errors import ConversionError, MissingTool
-    from ..export import export_onnx
-    from ..models import save_compressed
-    from ..profile import time_pair
-    from ..targets import load_target
-
-    shape = tuple(run.example.shape)
-    calib = np.random.default_rng(0).standard_normal((8, *shape[1:])).astype(np.float32)
-    work.mkdir(exist_ok=True)
-    files = {}
-    try:
-        for name, net, net_spec in (("dense", dense_model, dense_spec), ("compressed", merged, spec)):
-            if runtime == "ort":
-                src = onnx[name] or work / f"{name}.onnx"
-                if onnx[name] is None:
-                    export_onnx(net, run.example, src)
-                files[name] = work / f"{name}.int8.onnx"
-                quantize_int8(src, files[name], calib, work, reduce_range=weights_7bit(load_target("host")))
-            else:
-                tflite.check_converter()
-                pt = work / save_compressed(work, name, net, net_spec, run.example)
-                tflite.convert(pt, work / f"{name}.tflite", shape, calib, work)
-                files[name] = work / f"{name}.int8.tflite"
-        return time_pair(runtime, files["dense"], files["compressed"], shape, replace(run.cfg.latency,
-                                                                                      threads=threads))
-    except (MissingTool, ConversionError) as e:
-        log.warning("%s INT8 not checked on the whole net: %s", runtime, e)
-        return None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, onnx_count, latency,

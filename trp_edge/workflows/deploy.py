@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backends import capabilities
 from ..config import BuildConfig, DeployConfig
 from ..contracts import CompressReport
 from ..errors import ConfigError, ContractError, InputError, MissingTool
-from ..latency_table import built_at
 from ..report import write_report
 from ..targets import Target, load_target, resolve_threads
 from ..transport import open_session, resolve, run_local
@@ -81,7 +81,7 @@ def precisions(cfg: DeployConfig, runtime: str, model: Path) -> tuple[str, ...]:
     (report.json), so stages agree by default; INT8 only where the runtime builds it (ORT, TFLite)."""
     planned = CompressReport.read(model / "report.json").planned_precisions
     chosen = cfg.precision.split(",") if cfg.precision else planned
-    return tuple(p for p in chosen if p and built_at(runtime, p))
+    return tuple(p for p in chosen if p and capabilities(runtime).built_at(p))
 
 
 def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
@@ -152,23 +152,26 @@ def _sameness(m: dict[str, Any], variant: str, prec: str, api: str) -> tuple:
             m["config"].get("tune_trials"), m["config"].get("tune_minutes"))
 
 
-def tvm_references(model: Path, target: Target, folder: Path, cfg: DeployConfig,
-                   threads: int) -> dict[str, tuple[Path, str]]:
-    """What a TVM deploy times its compressed model against, in the same run: the untuned module (kept by a tuned
-    build) and the ONNX Runtime build (made now where the target has ORT), for the report's untuned / tuned /
-    ORT line."""
+def references(model: Path, runtime: str, target: Target, folder: Path, cfg: DeployConfig,
+               threads: int) -> dict[str, tuple[Path, str]] | None:
+    """What a deploy of a runtime with a reference (its capabilities: TVM's is ONNX Runtime) times its compressed
+    model against, in the same run: the untuned module (kept by a tuned build) and the reference runtime's build
+    (made now where the target has it), for the report's untuned / tuned / reference line. None for the others."""
+    ref = capabilities(runtime).reference
+    if ref is None:
+        return None
     refs: dict[str, tuple[Path, str]] = {}
     untuned = (load_manifest(folder).get("tuning") or {}).get("untuned_reference")
     if untuned and (folder / untuned["file"]).is_file():
-        refs["untuned"] = (folder / untuned["file"], "tvm")
-    if "ort" in target.runtimes:
+        refs["untuned"] = (folder / untuned["file"], runtime)
+    if ref in target.runtimes:
         try:
-            ort = ensure_built(model, target, "ort", cfg, threads=threads)
-            (a,) = [a for a in load_manifest(ort)["artifacts"]
+            built = ensure_built(model, target, ref, cfg, threads=threads)
+            (a,) = [a for a in load_manifest(built)["artifacts"]
                     if (a["variant"], a["precision"], a["device"]) == ("compressed", "fp32", "cpu")]
-            refs["ort"] = (ort / a["file"], "ort")
-        except (ConfigError, InputError, MissingTool) as e:  # ORT not installed here: the line says so
-            log.warning("%s/tvm: no ONNX Runtime reference (%s)", target.name, e)
+            refs[ref] = (built / a["file"], ref)
+        except (ConfigError, InputError, MissingTool) as e:  # the reference runtime is not installed here
+            log.warning("%s/%s: no %s reference (%s)", target.name, runtime, ref, e)
     return {k: v for k, v in refs.items() if v[0].is_file()}
 
 
@@ -216,7 +219,7 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
                      "others", target.name, rt, ", ".join(precs), models[0].name, ", ".join(
                          CompressReport.read(models[0] / "report.json").planned_precisions))
         folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs, threads)) for m in models]
-        refs = tvm_references(folders[0][0], target, folders[0][1], cfg, threads) if rt == "tvm" else None
+        refs = references(folders[0][0], rt, target, folders[0][1], cfg, threads)
         job, files, parts = plan_job(folders, threads, cfg, precs, refs)
         # one session per runtime: --timeout bounds each runtime's run
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:

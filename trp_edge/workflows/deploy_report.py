@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backends import capabilities
 from ..contracts import CompressReport
 from ..errors import DeviceError
 from ..targets import Target
@@ -91,7 +92,7 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
         rep["layers_note"] = "per-layer breakdown for fp32 only (the quantized graphs fuse and requantize ops)"
     if api == "cpu":  # latency tables are measured on the CPU
         _add_prediction(rep, src, d, c)
-    if result["runtime"] == "tvm":
+    if capabilities(result["runtime"]).reference:  # the tuned / untuned / reference line (report: "tvm")
         rep["tvm"] = _tvm_line(part, full, manifest, c["median_ms"], api)
     return rep
 
