@@ -3,8 +3,9 @@
 
 Both go through trp_edge.backends.ort.load (the one place an onnxruntime session is configured); this checks
 that the two numbers a user compares agree within the machine's noise. Rounds alternate between
-trp_edge.profile.time_onnx_pair (what `compress` reports, on dense.onnx / model.onnx) and the device-side
-bench job (what `deploy --local` reports, on the build's saved ORT graphs); each round is one full protocol.
+compress's latency check (a pair job on dense.onnx / model.onnx through trp_edge.api.run_here, as compress
+runs it) and deploy's bench job (what `deploy --local` reports, on the build's saved ORT graphs); each round is
+one full protocol.
 
     python tools/bench_latency_agree.py --model resnet18 --speedup 3 --rounds 6 --out bench-out/agree
 """
@@ -29,11 +30,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/agree")
     args = ap.parse_args()
 
+    import numpy as np
     import torch
 
-    from trp_edge.api import compress
+    from trp_edge.api import compress, run_here
     from trp_edge.config import BuildConfig, CompressConfig, DecomposeConfig, DeployConfig, ProfileConfig, TRPConfig
-    from trp_edge.profile import host_identity, time_onnx_pair
+    from trp_edge.contracts import pair_job
+    from trp_edge.profile import host_identity
     from trp_edge.transport import run_local
     from trp_edge.workflows.build import build
     from trp_edge.workflows.deploy import plan_job
@@ -49,9 +52,13 @@ def main() -> None:
     job, files, _ = plan_job([(out, folder)], args.threads,
                              DeployConfig(target="host", local=True, layers=False, protocol=protocol))
     shape = tuple(json.loads((out / "report.json").read_text())["input_shape"])
+    ref = folder.parent / "reference.npz"  # the build's: input, dense and compressed outputs (torch)
+    assert set(np.load(ref).files) >= {"input", "dense", "compressed"}, shape
     rows = {"compress": {"dense": [], "compressed": []}, "deploy": {"dense": [], "compressed": []}}
     for i in range(args.rounds):
-        c = time_onnx_pair(out / "dense.onnx", out / "model.onnx", shape, protocol)
+        pair = {"dense.onnx": out / "dense.onnx", "model.onnx": out / "model.onnx", "reference.npz": ref}
+        c = run_here(pair_job("ort", args.threads, protocol, "dense.onnx", "model.onnx", "reference.npz"),
+                     pair)["timing"]
         d = run_local(job, files)["timing"]
         for side in ("dense", "compressed"):
             rows["compress"][side].append(c[side]["median_ms"])
