@@ -245,8 +245,28 @@ class CompressConfig(_JSONMixin):
 
 
 
+@dataclass(frozen=True, kw_only=True)
+class DeviceReach(_JSONMixin):
+    """How a workflow reaches its device, shared by build (TVM tuning), calibrate and deploy: a `trp-edge serve`
+    at host:port, or a TVM RPC tracker HOST:PORT and key; none of them: the target's [rpc] section
+    (trp_edge.transport.resolve, which takes `reach`)."""
+
+    host: str | None = None
+    port: int | None = None
+    tracker: str | None = None
+    key: str | None = None
+
+    @property
+    def reach(self) -> dict[str, Any]:
+        """The connection options, as transport.resolve and another workflow's config take them."""
+        return {"host": self.host, "port": self.port, "tracker": self.tracker, "key": self.key}
+
+    def _check_reach(self) -> None:
+        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
+
+
 @dataclass(frozen=True)
-class BuildConfig(_JSONMixin):
+class BuildConfig(DeviceReach):
     """`trp-edge build`: which model, for which target, with which runtimes.
 
     runtimes: "all" (the target's) or comma-separated tvm, ort, tflite.
@@ -274,10 +294,6 @@ class BuildConfig(_JSONMixin):
     gpu: bool = True
     emulate: bool = True
     tuning_db: str | None = None
-    host: str | None = None
-    port: int | None = None
-    tracker: str | None = None
-    key: str | None = None
     tune_emulated: bool = False
     threads: int | None = None  # default the target's
 
@@ -285,7 +301,7 @@ class BuildConfig(_JSONMixin):
         _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         _check(self.tune_trials >= 0, f"--tune-trials must be >= 0, got {self.tune_trials}")
         _check(self.tune_minutes >= 0, f"--tune-minutes must be >= 0, got {self.tune_minutes}")
-        _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
+        self._check_reach()
         _check(self.calib_images >= 1, f"calibration images must be >= 1, got {self.calib_images}")
         _check(self.eval_images >= 1, f"evaluation images must be >= 1, got {self.eval_images}")
 
@@ -300,23 +316,19 @@ def _check_device_options(cfg) -> None:
     (a mapping from JSON becomes a ProfileConfig)."""
     _check(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
     _check(cfg.timeout > 0, f"--timeout must be > 0, got {cfg.timeout}")
-    _check(cfg.tracker is None or ":" in cfg.tracker, f"--tracker must be HOST:PORT, got {cfg.tracker!r}")
+    cfg._check_reach()
     if isinstance(cfg.protocol, Mapping):
         object.__setattr__(cfg, "protocol", ProfileConfig(**cfg.protocol))
 
 
 @dataclass(frozen=True)
-class DeployConfig(_JSONMixin):
+class DeployConfig(DeviceReach):
     """`trp-edge deploy`: build (or reuse) a model's artifacts for a target, run them on the device (over
     TVM RPC, on this machine with `local`, or under qemu with `emulate`) and write latency reports."""
 
     target: str
     model: str | None = None
     runtimes: str = "all"
-    host: str | None = None
-    port: int | None = None
-    tracker: str | None = None
-    key: str | None = None
     local: bool = False
     emulate: bool = False
     threads: int | None = None
@@ -348,7 +360,7 @@ CALIBRATION_PROTOCOL = ProfileConfig(warmup=2, block=3, min_runs=9, min_seconds=
 
 
 @dataclass(frozen=True)
-class CalibrateConfig(_JSONMixin):
+class CalibrateConfig(DeviceReach):
     """`trp-edge calibrate`: measure every eligible conv of `model`, dense and as low-rank pairs over a grid of
     ranks in each of `schemes`, with `runtime` (ort, tflite) at `precision` (fp32, int8) and `threads`
     (default: the target's), here with `local` or on the device (connection as for deploy: host/port,
@@ -369,10 +381,6 @@ class CalibrateConfig(_JSONMixin):
     input_size: int | None = None
     data: str | None = None
     trust_pickle: bool = False
-    host: str | None = None
-    port: int | None = None
-    tracker: str | None = None
-    key: str | None = None
     timeout: float = 1800.0
     protocol: ProfileConfig = CALIBRATION_PROTOCOL
 

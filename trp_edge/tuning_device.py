@@ -60,7 +60,7 @@ def measurer(target: Target, cfg: BuildConfig, threads: int) -> Iterator[Measure
         yield Measurer("local", host_identity(), threads=threads)
         return
     try:
-        conn = resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key)
+        conn = resolve(target, **cfg.reach)
     except ConfigError:
         yield None
         return

@@ -101,7 +101,7 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
     if cfg.local and not target.native:
         raise ConfigError(f"--local measures this machine, which is not {target.name}: use --target host, or reach "
                           f"{target.name} over RPC (--host/--tracker, as for deploy)")
-    conn = None if cfg.local else resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker, key=cfg.key)
+    conn = None if cfg.local else resolve(target, **cfg.reach)
     threads = resolve_threads(cfg.threads, target)
     t0 = time.perf_counter()
     try:

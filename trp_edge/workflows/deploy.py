@@ -44,8 +44,7 @@ def ensure_built(model: Path, target: Target, runtime: str, cfg: DeployConfig, i
     # INT8 accuracy on the whole test set the model was compressed with (capped by its size)
     build(BuildConfig(model=str(model), target=target.name, runtimes=runtime, tune_trials=cfg.tune_trials,
                       tune_minutes=cfg.tune_minutes, tuning_db=cfg.tuning_db, int8=int8, eval_images=10000,
-                      emulate=cfg.emulate or target.native, host=cfg.host, port=cfg.port, tracker=cfg.tracker,
-                      key=cfg.key, tune_emulated=cfg.emulate, threads=threads))
+                      emulate=cfg.emulate or target.native, **cfg.reach, tune_emulated=cfg.emulate, threads=threads))
     return folder
 
 
@@ -208,8 +207,7 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
                           "--target host, --emulate for a correctness run, or a device connection")
     models = [_model_dir(cfg.model) if cfg.model else latest_model()] + [_model_dir(c) for c in cfg.compare]
     runtimes = parse_runtimes(cfg.runtimes, target)
-    conn = None if cfg.local or cfg.emulate else resolve(target, host=cfg.host, port=cfg.port, tracker=cfg.tracker,
-                                                         key=cfg.key)
+    conn = None if cfg.local or cfg.emulate else resolve(target, **cfg.reach)
     threads = resolve_threads(cfg.threads, target)
     written = []
     for rt in runtimes:
