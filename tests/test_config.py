@@ -40,3 +40,23 @@ def test_deployments_resolve_threads_once_from_the_target():
 def test_compress_and_deploy_default_to_the_same_precisions():
     assert CompressConfig(model="m").precision is None and DeployConfig(target="host").precision is None
     assert [d.precision for d in deployments(None, None, CompressConfig(model="m").precision, None)] == ["fp32"]
+
+
+def test_list_options_are_tuples_from_text_or_sequences_and_round_trip():
+    c = CompressConfig(model="m", runtime="ort,tflite", precision=["fp32", "int8"])
+    assert (c.runtime, c.precision) == (("ort", "tflite"), ("fp32", "int8"))
+    assert CompressConfig.from_dict(c.to_dict()) == c
+    assert DeployConfig(target="host", precision="int8").precision == ("int8",)
+    assert CompressConfig(model="m", runtime="").runtime is None
+    with pytest.raises(ConfigError, match="--precision: unknown 'int4'"):
+        CompressConfig(model="m", precision="fp32,int4")
+
+
+def test_a_compress_report_of_0_1_with_comma_separated_precisions_still_reads():
+    from trp_edge.contracts import CompressReport
+
+    base = {"model": "m", "arch": {}, "scheme": "spatial", "energy": 0.02, "input_shape": [1, 3, 8, 8],
+            "dense": {}, "compressed": {}, "mac_speedup": 1.0, "layers": []}
+    assert CompressReport(**base, config={"precision": "fp32,int8"}).planned_precisions == ("fp32", "int8")
+    assert CompressReport(**base, config={"precision": ["int8"]}).planned_precisions == ("int8",)
+    assert CompressReport(**base).planned_precisions == ("fp32",)

@@ -344,7 +344,7 @@ def test_deploy_times_by_default_the_precisions_compress_planned(compressed, tmp
     deploy says why INT8 was not timed; --precision still asks for INT8."""
     import logging
 
-    assert json.loads((compressed / "report.json").read_text())["config"]["precision"] == "fp32"
+    assert json.loads((compressed / "report.json").read_text())["config"]["precision"] == ["fp32"]
     with caplog.at_level(logging.INFO, logger="trp_edge"):
         res = deploy(["--model", str(compressed), "--local", "--runtime", "ort"], tmp_path)
     assert res.exit_code == 0, res.output

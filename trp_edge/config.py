@@ -18,6 +18,12 @@ SCHEME_NAMES = ("channel", "spatial")  # the matrix forms; "auto" picks one of t
 ALLOCATIONS = ("latency", "uniform")  # how ranks spread over layers at a MAC target (DecomposeConfig.allocate)
 
 
+def names(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A list option as a tuple (from comma-separated text, the CLI's, or a sequence); None when empty."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    return tuple(str(v).strip() for v in items if str(v).strip()) or None
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -194,8 +200,8 @@ class CompressConfig(_JSONMixin):
     latency: ProfileConfig | None = ProfileConfig()  # host ONNX Runtime timing in the report; None: skip
     # the deployment the ranks are chosen for: its latency table is used, or measured first (calibrate)
     target: str | None = None  # default host
-    runtime: str | None = None  # ort, tflite, or several comma-separated (default ort)
-    precision: str | None = None  # fp32, int8, or both comma-separated (default fp32)
+    runtime: tuple[str, ...] | None = None  # ort, tflite, or several (comma-separated text too; default ort)
+    precision: tuple[str, ...] | None = None  # fp32, int8, or both (comma-separated text too; default fp32)
     threads: int | None = None  # default the target's
     calibrate: bool = True  # measure a missing or stale table when the target can be reached
     calibration: str | None = None  # where tables are found and written (default: calibration_root())
@@ -208,10 +214,10 @@ class CompressConfig(_JSONMixin):
         _check(self.input_size is None or self.input_size >= 8, f"input size must be >= 8, got {self.input_size}")
         _check(not (self.force and self.resume), "--force starts again and --resume goes on: pass one of them")
         _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        for opt, value, names in (("--runtime", self.runtime, RUNTIMES),
-                                  ("--precision", self.precision, PRECISIONS)):
-            bad = [v for v in (value or "").split(",") if v and v not in names]
-            _check(not bad, f"{opt}: unknown {bad[0] if bad else ''!r}: use {', '.join(names)} (comma-separated)")
+        for opt, field, known in (("--runtime", "runtime", RUNTIMES), ("--precision", "precision", PRECISIONS)):
+            object.__setattr__(self, field, names(getattr(self, field)))
+            bad = [v for v in getattr(self, field) or () if v not in known]
+            _check(not bad, f"{opt}: unknown {bad[0] if bad else ''!r}: use {', '.join(known)} (comma-separated)")
         _check(not (self.trp.trains and self.data is None),
                "TRP training needs data: pass --data (fashion-mnist, cifar10:DIR, imagefolder:DIR, synthetic) "
                "or --steps 0 to decompose directly")
@@ -244,12 +250,10 @@ class CompressConfig(_JSONMixin):
         return super().from_dict(d)
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class DeviceReach(_JSONMixin):
-    """How a workflow reaches its device, shared by build (TVM tuning), calibrate and deploy: a `trp-edge serve`
-    at host:port, or a TVM RPC tracker HOST:PORT and key; none of them: the target's [rpc] section
-    (trp_edge.transport.resolve, which takes `reach`)."""
+    """How build (TVM tuning), calibrate and deploy reach the device: a `trp-edge serve` at host:port, or a TVM
+    RPC tracker HOST:PORT and key; none of them: the target's [rpc] (transport.resolve takes `reach`)."""
 
     host: str | None = None
     port: int | None = None
@@ -257,9 +261,8 @@ class DeviceReach(_JSONMixin):
     key: str | None = None
 
     @property
-    def reach(self) -> dict[str, Any]:
-        """The connection options, as transport.resolve and another workflow's config take them."""
-        return {"host": self.host, "port": self.port, "tracker": self.tracker, "key": self.key}
+    def reach(self) -> dict[str, Any]:  # as transport.resolve and another workflow's config take them
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DeviceReach)}
 
     def _check_reach(self) -> None:
         _check(self.tracker is None or ":" in self.tracker, f"--tracker must be HOST:PORT, got {self.tracker!r}")
@@ -312,8 +315,7 @@ def calibration_root(folder: str | None = None) -> str:
 
 
 def _check_device_options(cfg) -> None:
-    """What DeployConfig and CalibrateConfig share: threads, timeout, tracker address, and the timing protocol
-    (a mapping from JSON becomes a ProfileConfig)."""
+    """What DeployConfig and CalibrateConfig check alike (a protocol read from JSON becomes a ProfileConfig)."""
     _check(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
     _check(cfg.timeout > 0, f"--timeout must be > 0, got {cfg.timeout}")
     cfg._check_reach()
@@ -342,11 +344,12 @@ class DeployConfig(DeviceReach):
     compare: tuple[str, ...] = ()  # other compress outputs timed in the same run, side by side
     # None: the precisions compress chose the ranks for (its --precision, recorded in report.json), so the default
     # path never times INT8 pairs nobody checked; INT8 only where the runtime builds it (ORT, TFLite)
-    precision: str | None = None
+    precision: tuple[str, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "compare", tuple(self.compare))
-        bad = [p for p in (self.precision or "").split(",") if p and p not in PRECISIONS]
+        object.__setattr__(self, "precision", names(self.precision))
+        bad = [p for p in self.precision or () if p not in PRECISIONS]
         _check(not bad, f"--precision: unknown {bad[0] if bad else ''!r}: use fp32, int8 or fp32,int8")
         _check(not (self.local and self.emulate), "--local and --emulate exclude each other")
         _check(not ((self.local or self.emulate) and (self.host or self.tracker)),

@@ -191,7 +191,7 @@ class CompressReport(_DictView):
     @property
     def planned_precisions(self) -> tuple[str, ...]:
         """The precisions compress chose ranks for (its --precision; fp32 when the report does not say)."""
-        p = (self.config or {}).get("precision") or "fp32"
+        p = (self.config or {}).get("precision") or "fp32"  # a list; comma-separated text in 0.1's reports
         return tuple(p.split(",")) if isinstance(p, str) else tuple(p)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backends import capabilities
+from .config import names
 from .targets import load_target, resolve_threads
 
 
@@ -23,11 +24,11 @@ class Deployment:
         return f"{self.target}/{self.runtime} {self.precision}, {self.threads} thread(s)"
 
 
-def deployments(target: str | None, runtimes: str | None, precisions: str | None,
+def deployments(target: str | None, runtimes: tuple[str, ...] | str | None, precisions: tuple[str, ...] | str | None,
                 threads: int | None) -> list[Deployment]:
-    """Every deployment a model is compressed for: target x runtimes x precisions (comma-separated; default host,
-    ort, fp32) at `threads` resolved against the target, a precision only where its runtime is built at it."""
+    """Every deployment a model is compressed for: target x runtimes x precisions (default host, ort, fp32) at
+    `threads` resolved against the target, a precision only where its runtime is built at it."""
     t = load_target(target or "host")
     n = resolve_threads(threads, t)
-    return [Deployment(t.name, rt, prec, n) for rt in (runtimes or "ort").split(",") if rt
-            for prec in (precisions or "fp32").split(",") if prec and capabilities(rt).built_at(prec)]
+    return [Deployment(t.name, rt, prec, n) for rt in names(runtimes) or ("ort",)
+            for prec in names(precisions) or ("fp32",) if capabilities(rt).built_at(prec)]

@@ -268,6 +268,11 @@ def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],
     return path, why
 
 
+def _only(values: tuple[str, ...] | None) -> str | None:
+    """The one value of a list option, None when it has several (or none)."""
+    return values[0] if values and len(values) == 1 else None
+
+
 def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress: bool = False) -> tuple[str, ...]:
     """The latency tables compress plans with, one per deployment: the one in cfg.calibration when it fits the
     model's layers and (on this machine) was measured on this CPU with this runtime version; else, with
@@ -287,8 +292,7 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
     if explicit:
         paths = (explicit,) if isinstance(explicit, str) else tuple(explicit)
         for p in paths:
-            load_table(p, target=cfg.target, runtime=cfg.runtime if cfg.runtime and "," not in cfg.runtime else None,
-                       precision=cfg.precision if cfg.precision and "," not in cfg.precision else None,
+            load_table(p, target=cfg.target, runtime=_only(cfg.runtime), precision=_only(cfg.precision),
                        threads=cfg.threads, layers=shapes)
         return paths
     here = None

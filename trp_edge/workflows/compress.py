@@ -163,8 +163,8 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
     cfg = run.cfg
     tables = run.services.find_tables(cfg, run.name, run.model.eval(), run.example, progress=progress)
     dep = deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads)[0]
-    run.cfg = replace(cfg, target=dep.target, threads=dep.threads, runtime=cfg.runtime or dep.runtime,
-                      precision=cfg.precision or dep.precision,
+    run.cfg = replace(cfg, target=dep.target, threads=dep.threads, runtime=cfg.runtime or (dep.runtime,),
+                      precision=cfg.precision or (dep.precision,),
                       decompose=replace(cfg.decompose, latency_table=tables or None))
     run.dcfg = run.cfg.decompose
     shapes = {la.name: layer_shape(la) for la in conv_layers(run.model, run.example, run.dcfg)

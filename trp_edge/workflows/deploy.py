@@ -79,7 +79,7 @@ def precisions(cfg: DeployConfig, runtime: str, model: Path) -> tuple[str, ...]:
     """The precisions deploy times with `runtime`: --precision, else those compress chose `model`'s ranks for
     (report.json), so stages agree by default; INT8 only where the runtime builds it (ORT, TFLite)."""
     planned = CompressReport.read(model / "report.json").planned_precisions
-    chosen = cfg.precision.split(",") if cfg.precision else planned
+    chosen = cfg.precision or planned
     return tuple(p for p in chosen if p and capabilities(runtime).built_at(p))
 
 
