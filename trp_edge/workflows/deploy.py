@@ -17,7 +17,7 @@ from ..report import write_report
 from ..targets import Target, load_target, resolve_threads
 from ..transport import open_session, resolve, run_local
 from .build import build, load_manifest, parse_runtimes, resolve_source, source_digests
-from .deploy_report import Part, make_report, split_stage, stage, summary_row
+from .deploy_report import Part, make_report, summary_row
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
                         arts.append({"variant": name, "file": fname, "device": api, "reference": ref,
                                      "key": a["variant"], "precision": prec})
                         seen[same] = name
-                    variants.setdefault(stage(prec, api), {})[a["variant"]] = seen[same]
+                    variants.setdefault((prec, api), {})[a["variant"]] = seen[same]
         parts.append(Part(model, folder, label, variants))
     for lab, (path, rt) in (references or {}).items():
         fname = f"ref-{lab}-{path.name}"
@@ -223,7 +223,7 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:
             result = s.call("bench", job, files)
         for key in parts[0].variants:
-            prec, api = split_stage(key)
+            prec, api = key
             skipped = {result.get("artifacts", {}).get(v, {}).get("skipped") for v in parts[0].variants[key].values()}
             if skipped - {None}:
                 log.warning("%s/%s: the %s artifacts were not run: %s", target.name, rt, api, skipped.pop())

@@ -15,16 +15,7 @@ from ..errors import DeviceError
 from ..targets import Target
 from .build import load_manifest
 
-
-def stage(precision: str, api: str = "cpu") -> str:
-    """The key of one report's artifacts in a deploy run: the precision, and the TVM device API when not cpu
-    ("fp32", "int8", "fp32@opencl")."""
-    return precision if api == "cpu" else f"{precision}@{api}"
-
-
-def split_stage(key: str) -> tuple[str, str]:
-    precision, _, api = key.partition("@")
-    return precision, api or "cpu"
+Stage = tuple[str, str]  # one report's artifacts in a deploy run: (precision, TVM device API), e.g. ("fp32", "cpu")
 
 
 @dataclass
@@ -34,7 +25,7 @@ class Part:
     model: Path
     folder: Path
     label: str  # "" for the deployed model, a name for each --compare model
-    variants: dict[str, dict[str, str]]  # stage -> "dense" / "compressed" -> the job variant that times it
+    variants: dict[Stage, dict[str, str]]  # stage -> "dense" / "compressed" -> the job variant that times it
     references: dict[str, str] = field(default_factory=dict)  # "untuned" / "ort" -> the job variant timing it
 
 
@@ -53,9 +44,9 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
     the device's answer to the job (an INT8 report also gives the fp32 dense model timed in the same run, the
     reference line; a TVM report the untuned module and ONNX Runtime timed alongside)."""
     model, folder = part.model, part.folder
-    variants = part.variants[stage(precision, api)]
+    variants = part.variants[(precision, api)]
     _checked(result, target, variants)
-    fp32_dense = result["timing"].get(part.variants.get("fp32", {}).get("dense", ""))
+    fp32_dense = result["timing"].get(part.variants.get(("fp32", "cpu"), {}).get("dense", ""))
     full = result
     result = {**result, "artifacts": {k: result["artifacts"][v] for k, v in variants.items()},
               "timing": {k: result["timing"][v] for k, v in variants.items()}}
