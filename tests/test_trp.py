@@ -46,6 +46,24 @@ def test_nuclear_term_is_lambda_u_vt(tiny):
     assert torch.allclose(tiny.conv3.weight.grad, expected, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_session.sh on a lent GPU)")
+@pytest.mark.parametrize("solver", ["svd", "newton-schulz"])
+def test_the_nuclear_term_on_cuda_is_the_cpus(tiny, solver):
+    """TRP's nuclear term on the GPU (each solver) equals lambda * U V^T computed on the CPU."""
+    data = synthetic("3x16x16", n_train=64, classes=4)
+    tr = TRPTrainer(tiny, data, TRPConfig(steps=1, nuclear=0.5, batch=16, device="cuda", nuclear_solver=solver,
+                                          svd_device="same"), DecomposeConfig(scheme="channel"), progress=False)
+    for p in tiny.parameters():
+        p.grad = torch.zeros_like(p)
+    tr.add_nuclear_grad_(cached=False)
+    w = tiny.conv3.weight.detach().cpu().double()
+    u, _, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
+    expected = 0.5 * (u @ vh).reshape(w.shape)
+    assert tiny.conv3.weight.grad.is_cuda
+    assert torch.allclose(tiny.conv3.weight.grad.cpu().double(), expected, atol=1e-4)
+
+
 def test_newton_schulz_gives_the_svd_polar_factor_for_every_shape_in_one_batch():
     """U V^T by matrix products, for matrices of several shapes (wide and tall) padded into one batch."""
     from trp_edge.trp_nuclear import polar_factors
