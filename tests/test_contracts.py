@@ -165,3 +165,52 @@ def test_a_newer_training_checkpoint_is_refused_and_one_of_0_1_still_resumes(tmp
     with pytest.raises(ContractError) as e:
         tr.load_checkpoint()
     _one_line_newer(e, "checkpoint.pt")
+
+
+@pytest.mark.parametrize("threads, rest", [(1, 0.0), (2, 10.0)])
+def test_compress_times_its_pair_as_a_device_job_and_rests_first_at_several_threads(tmp_path, tiny, threads, rest):
+    """compress's latency check is a DEVICE_JOB pair job (deploy --local's runner); at 2+ threads it asks the device
+    to rest first, since compress's own work just kept every core busy."""
+    from types import SimpleNamespace
+
+    from trp_edge.config import CompressConfig
+    from trp_edge.workflows.compress_checks import latency_check
+
+    sent = []
+
+    def run_job(job, files):
+        sent.append(job)
+        assert {p.name for p in files.values()} == {"dense.onnx", "model.onnx", "latency-reference.npz"}
+        t = {"median_ms": 2.0}
+        return {"timing": {"dense": t, "compressed": {"median_ms": 1.0}}, "threads": job["threads"], "device": {},
+                "protocol": job["protocol"], "artifacts": {"dense": {}, "compressed": {}},
+                "rested_s": job["rest_seconds"]}
+
+    run = SimpleNamespace(cfg=CompressConfig(model="m", threads=threads), example=torch.zeros(1, 3, 16, 16),
+                          dense_macs=SimpleNamespace(total=200), services=SimpleNamespace(run_job=run_job))
+    out = latency_check(run, tmp_path, tiny.eval(), tiny.eval(), 100)
+    (job,) = sent
+    assert (job["format"], job["rest_seconds"], job["threads"]) == (DEVICE_JOB.format, rest, threads)
+    assert out["latency_speedup"] == 2.0 and out["efficiency"] == 1.0 and out["rested_s"] == rest
+    assert not (tmp_path / "latency-reference.npz").exists()  # the reference goes once timed
+
+
+def test_the_device_rests_before_timing_when_the_job_asks(tmp_path, tiny, monkeypatch):
+    import numpy as np
+
+    from trp_edge.config import ProfileConfig
+    from trp_edge.contracts import pair_job
+    from trp_edge.device import bench
+    from trp_edge.export import export_onnx
+
+    x = torch.zeros(1, 3, 16, 16)
+    export_onnx(tiny.eval(), x, tmp_path / "d.onnx")
+    with torch.no_grad():
+        np.savez(tmp_path / "ref.npz", input=x.numpy(), dense=tiny(x).numpy(), compressed=tiny(x).numpy())
+    slept = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    fast = ProfileConfig(warmup=0, block=1, min_runs=1, min_seconds=0)
+    out = bench.JOBS["bench"](pair_job("ort", 1, fast, "d.onnx", "d.onnx", "ref.npz", rest_seconds=3.0), tmp_path)
+    assert slept == [3.0] and out["rested_s"] == 3.0 and set(out["timing"]) == {"dense", "compressed"}
+    out = bench.JOBS["bench"](pair_job("ort", 1, fast, "d.onnx", "d.onnx", "ref.npz"), tmp_path)
+    assert slept == [3.0] and "rested_s" not in out

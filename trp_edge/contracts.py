@@ -70,15 +70,16 @@ CONTRACTS = (COMPRESS_REPORT, BUILD_MANIFEST, CALIBRATION, DEPLOY_REPORT, DEVICE
 
 
 def pair_job(runtime: str, threads: int, protocol: Any, dense: str, compressed: str, reference: str,
-             ) -> dict[str, Any]:
+             rest_seconds: float = 0.0) -> dict[str, Any]:
     """The DEVICE_JOB that times a dense and a compressed artifact side by side (trp_edge.device.bench.bench),
     each checked against `reference` (an npz of the input and each variant's output), without per-op profiles.
-    `protocol`: a ProfileConfig (or its dict)."""
+    `protocol`: a ProfileConfig (or its dict). `rest_seconds`: the device idles this long before timing (it was
+    just busy: see device.bench)."""
     proto = protocol.to_dict() if hasattr(protocol, "to_dict") else dict(protocol)
     arts = [{"variant": v, "file": f, "reference": reference}
             for v, f in (("dense", dense), ("compressed", compressed))]
     return DEVICE_JOB.stamp({"runtime": runtime, "threads": threads, "protocol": {**proto, "threads": threads},
-                             "layers": False, "artifacts": arts})
+                             "layers": False, "artifacts": arts, "rest_seconds": rest_seconds})
 
 
 # ------------------------------------------------------------------------------------------------ atomic I/O

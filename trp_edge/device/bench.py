@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ def bench(job: dict[str, Any], base: Path) -> dict[str, Any]:
     if not runners:
         out["error"] = "; ".join(f"{v}: {r.get('error') or r.get('skipped')}" for v, r in out["artifacts"].items())
         return out
+    if job.get("rest_seconds"):  # the machine was just busy on every core: let it settle (see the job's maker)
+        time.sleep(float(job["rest_seconds"]))
+        out["rested_s"] = float(job["rest_seconds"])
     out["timing"] = {k: t.to_dict() for k, t in time_alternating(runners, cfg).items()}
     out["protocol"] = cfg.to_dict()
     if job.get("layers", True):
