@@ -52,14 +52,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, atol: fl
     return diff
 
 
-def write_onnx(module: nn.Module, shape, path: Path) -> None:
-    """One small module (a conv, a pair) as ONNX at `shape`, with the legacy exporter and unchecked: the
-    calibration grids' models, each timed as it is."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), input_names=["input"], dynamo=False)
-
-
 def validate_onnx(model: nn.Module, path: Path, shape, *, atol: float = 1e-4, rtol: float = 1e-3,
                   seed: int = 0, name: str | None = None) -> float:
     _require("onnxruntime", "onnx")

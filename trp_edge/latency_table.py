@@ -30,7 +30,6 @@ from .errors import ConfigError, InputError
 
 COLUMNS = ["layer", "scheme", "rank", "shape", "median_ms", "p10_ms", "p90_ms", "runs"]
 DENSE = "dense"  # the scheme name of a dense conv's row (rank 0)
-NET = "__net__"  # the calibration group (not a row) timing the whole dense net: its net_ms
 CALL = "call"  # the scheme name of a layer's per-call overhead row (rank 0): a near-empty model on its input
 NET = "__net__"  # the calibration group timing the whole dense net (its "grid": the nets that time layers in place)
 MACHINE_KEYS = ("cpu", "machine", "cores")  # what makes a device identity another kind of machine

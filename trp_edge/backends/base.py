@@ -174,6 +174,18 @@ class ModelFiles:
     torch: Callable[[], Path]
 
 
+def write_onnx(module, shape, path: Path) -> None:
+    """One small module (a conv, a pair) exported on a zero input of `shape` with the legacy exporter, unchecked:
+    a calibration model, timed as it is (ORT's and TVM's calibration lowering)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), input_names=["input"], dynamo=False)
+
+
 def calibration_images(shape, n: int = 8) -> np.ndarray:
     """Random images for quantizing a model whose latency, not accuracy, is measured (the latency of integer
     kernels does not depend on the values): n of `shape`'s size, fixed seed."""

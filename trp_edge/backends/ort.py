@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,18 @@ import numpy as np
 
 from ..errors import ConfigError, ConversionError, MissingTool
 from ..latency_table import CALL, DENSE, NET
-from .base import PROFILE_RUNS, Artifact, Capabilities, Lowered, ModelFiles, Run, Samples, Source, calibration_images
+from .base import (
+    PROFILE_RUNS,
+    Artifact,
+    Capabilities,
+    Lowered,
+    ModelFiles,
+    Run,
+    Samples,
+    Source,
+    calibration_images,
+    write_onnx,
+)
 
 if TYPE_CHECKING:
     from ..config import BuildConfig, CalibrateConfig
@@ -260,15 +270,6 @@ def int8_artifact(model: ModelFiles, work: Path, name: str, shape: tuple[int, ..
 
 
 # ---- calibration: each variant one small ONNX model, and the whole nets that time the layers in place ----
-
-
-def write_onnx(module, shape, path: Path) -> None:
-    """`module` exported on a zero input of `shape` (the legacy exporter: a calibration model, not validated)."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), input_names=["input"], dynamo=False)
 
 
 def lower_calibration(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig,

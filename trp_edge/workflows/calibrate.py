@@ -41,8 +41,7 @@ from typing import Any
 
 from ..backends import capabilities, get, int8_runtimes
 from ..config import SCHEME_NAMES, CalibrateConfig, CompressConfig, DecomposeConfig, calibration_root
-from ..deployment import Deployment
-from ..deployment import deployments as resolve_deployments
+from ..deployment import Deployment, deployments
 from ..errors import ConfigError, DeviceError, InputError
 from ..latency_table import (
     CALL,
@@ -240,11 +239,6 @@ def layer_rows(name: str, shape: str, res: dict[str, Any]) -> list[dict[str, Any
 # ------------------------------------------------------------------------------- tables for a deployment
 
 
-def deployments(cfg: CompressConfig) -> list[Deployment]:
-    """Every deployment compress chooses ranks for (trp_edge.deployment.deployments of its options)."""
-    return resolve_deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads)
-
-
 def _deployment_table(path: Path, dep: Deployment, shapes: dict[str, str],
                       here: dict[str, Any] | None) -> tuple[Path, str | None]:
     """Where `dep`'s table is (`path`, or this machine's beside another machine's there: machine_path) and why it
@@ -297,7 +291,7 @@ def deployment_tables(cfg: CompressConfig, name: str, net, example, *, progress:
         return paths
     here = None
     found = []
-    for dep in deployments(cfg):
+    for dep in deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads):
         target = load_target(dep.target)
         path = table_path(calibration_root(cfg.calibration), dep.target, dep.runtime, dep.precision, dep.threads,
                           name)

@@ -21,7 +21,7 @@ from ..config import CompressConfig, DecomposeConfig
 from ..contracts import CompressReport
 from ..errors import InputError
 from ..flops import count_macs, param_count
-from ..latency_table import layer_shape, load_tables
+from ..latency_table import LatencyTable, layer_shape, load_tables
 from ..lowrank import conv_layers, scheme_names
 from ..planning import LayerPlan, decompose_
 from ..planning_latency import precision_dense, precision_models
@@ -162,7 +162,8 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
 
     cfg = run.cfg
     tables = run.services.find_tables(cfg, run.name, run.model.eval(), run.example, progress=progress)
-    dep = deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads)[0]
+    deps = deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads)
+    dep = deps[0]
     run.cfg = replace(cfg, target=dep.target, threads=dep.threads, runtime=cfg.runtime or (dep.runtime,),
                       precision=cfg.precision or (dep.precision,),
                       decompose=replace(cfg.decompose, latency_table=tables or None))
@@ -172,8 +173,7 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
     run.tables = load_tables(run.dcfg.latency_table, layers=shapes, schemes=scheme_names(run.dcfg))
     if not tables and cfg.calibrate:  # with --no-calibrate the user asked for it (and the summary says so)
         log.warning("no latency table for %s: ranks are MAC-based, and a pair may be slower than its dense conv "
-                    "(calibrate, or drop --no-calibrate)",
-                    ", ".join(map(str, deployments(cfg.target, cfg.runtime, cfg.precision, cfg.threads))))
+                    "(calibrate, or drop --no-calibrate)", ", ".join(map(str, deps)))
 
 
 def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
@@ -305,23 +305,21 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
             "last_iterate_accuracy": run.last_iterate_acc},
         # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
         latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict(),
-        predictions=_predictions(dcfg, plans, precisions), precisions=precisions or None)
+        predictions=_predictions(run.tables, plans, precisions), precisions=precisions or None)
 
 
-def _predictions(dcfg: DecomposeConfig, plans: list[LayerPlan],
+def _predictions(tables: tuple[LatencyTable, ...], plans: list[LayerPlan],
                  precisions: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """What each latency table predicts for the whole net, dense and compressed (as built at the table's
-    precision: without the layers that precision keeps dense)."""
+    """What each latency table (the run's, loaded once) predicts for the whole net, dense and compressed (as built
+    at the table's precision: without the layers that precision keeps dense)."""
     from ..contracts import precision_entry
-    from ..latency_table import load_table, predict
+    from ..latency_table import predict
 
-    t = dcfg.latency_table
-    if not t:
+    if not tables:
         return None
     preds = []
-    for path in [t] if isinstance(t, str) else t:
-        table = load_table(path)
-        entry = precision_entry(precisions, table.precision, table.header["runtime"]) or {}
+    for table in tables:
+        entry = precision_entry(precisions, table.precision, table.runtime) or {}
         kept = set(entry.get("dense_layers", []))
         preds.append(predict(table, [(p.name, p.scheme, None if p.name in kept else p.rank) for p in plans]))
     return [p for p in preds if p is not None]

@@ -71,12 +71,10 @@ def int8_net_check(run: Any, stage: Path, dense_model: torch.nn.Module, model: t
     Per-layer INT8 tables miss what the net adds around a pair (on the Intel host's ResNet-20, ORT pairs at
     0.72-0.96 of the dense conv alone left the INT8 net at 0.96x of dense: BENCHMARKS.md); when the compressed
     net is not faster, that runtime's INT8 builds keep every pair dense (kept_at updated). {runtime: timing}."""
-    from ..latency_table import load_table
     from ..lowrank import merge_pairs_
 
-    t = run.dcfg.latency_table
     decomposed, out = [p.name for p in plans if p.rank is not None], {}
-    for h in (load_table(p).header for p in ([t] if isinstance(t, str) else t or [])):
+    for h in (t.header for t in run.tables):  # the run's tables, loaded once
         rt, kept = h["runtime"], kept_at.get("int8", {}).get(h["runtime"])
         if (h["target"], h.get("precision")) != ("host", "int8") or kept is None or set(kept) >= set(decomposed):
             continue

@@ -75,12 +75,10 @@ def reusable(built: dict[str, Any], cfg: DeployConfig, threads: int) -> bool:
     return (trials == 0 and minutes == 0) or built.get("threads") == threads
 
 
-def precisions(cfg: DeployConfig, runtime: str, model: Path) -> tuple[str, ...]:
-    """The precisions deploy times with `runtime`: --precision, else those compress chose `model`'s ranks for
-    (report.json), so stages agree by default; INT8 only where the runtime builds it (ORT, TFLite)."""
-    planned = CompressReport.read(model / "report.json").planned_precisions
-    chosen = cfg.precision or planned
-    return tuple(p for p in chosen if p and capabilities(runtime).built_at(p))
+def precisions(cfg: DeployConfig, runtime: str, planned: tuple[str, ...]) -> tuple[str, ...]:
+    """The precisions deploy times with `runtime`: --precision, else those compress chose the ranks for (`planned`,
+    from report.json), so stages agree by default; INT8 only where the runtime builds it (ORT, TFLite)."""
+    return tuple(p for p in cfg.precision or planned if capabilities(runtime).built_at(p))
 
 
 def plan_job(builds: list[tuple[Path, Path]], threads: int, cfg: DeployConfig,
@@ -209,13 +207,13 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     runtimes = parse_runtimes(cfg.runtimes, target)
     conn = None if cfg.local or cfg.emulate else resolve(target, **cfg.reach)
     threads = resolve_threads(cfg.threads, target)
+    planned = CompressReport.read(models[0] / "report.json").planned_precisions
     written = []
     for rt in runtimes:
-        precs = precisions(cfg, rt, models[0])
+        precs = precisions(cfg, rt, planned)
         if cfg.precision is None:
             log.info("%s/%s: timing %s: %s was compressed for %s (compress --precision); pass --precision to time "
-                     "others", target.name, rt, ", ".join(precs), models[0].name, ", ".join(
-                         CompressReport.read(models[0] / "report.json").planned_precisions))
+                     "others", target.name, rt, ", ".join(precs), models[0].name, ", ".join(planned))
         folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs, threads)) for m in models]
         refs = references(folders[0][0], rt, target, folders[0][1], cfg, threads)
         job, files, parts = plan_job(folders, threads, cfg, precs, refs)

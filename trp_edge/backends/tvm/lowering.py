@@ -237,7 +237,8 @@ def lower_calibration(groups: dict[str, dict[str, Any]], cfg: CalibrateConfig, t
     (grid_library: one compile per layer shape), for the target's CPU. {group: (artifacts, files)}."""
     import torch
 
-    from ...export import export_onnx, write_onnx
+    from ...export import export_onnx
+    from ..base import write_onnx
 
     target, out = load_target(cfg.target), {}
     for gi, (key, g) in enumerate(groups.items()):
