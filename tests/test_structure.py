@@ -105,7 +105,7 @@ LAYERS = (
     ("backends", "export", "deployment"),
     ("profile", "transport", "device", "emulate", "tuning_device", "report"),
     ("workflows",),
-    ("summary", "cli", "cli_options", "api"),
+    ("summary", "cli", "cli_options", "api", "__main__"),
 )
 
 

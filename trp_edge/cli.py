@@ -125,8 +125,12 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
                       seed=seed, workers=workers, svd_device=svd_device,
                       nuclear_solver=nuclear_solver))
-    result = run(cfg, progress=quiet == 0 and sys.stderr.isatty())
-    click.echo("\n".join(compress_lines(result)))
+    from .trp_distributed import launched
+
+    with launched(cfg.trp.device) as dist:  # a torchrun job's rank (one process otherwise)
+        result = run(cfg, progress=quiet == 0 and sys.stderr.isatty() and dist.is_main)
+    if result is not None:  # None on a torchrun job's ranks other than 0
+        click.echo("\n".join(compress_lines(result)))
 
 
 @main.command()

@@ -80,15 +80,18 @@ class TensorSplit(_Batching):
             out[flip] = out[flip].flip(-1)
         return out
 
-    def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False, start: int = 0,
+                part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`part` (rank, world): each global batch's items rank, rank + world, ... (DistributedSampler's share),
+        augmented as in the whole batch."""
         order = self._order(epoch, seed, shuffle)
+        r, w = part
         for i in range(start, self.num_batches(batch, drop_last=shuffle)):
             idx = order[i * batch:(i + 1) * batch]
             x = self.x[idx]
             if self.augment:
                 x = self._augment(x, torch.Generator().manual_seed(_seed(seed, epoch, i)))
-            yield self._normalize(x), self.y[idx]
+            yield self._normalize(x[r::w]), self.y[idx][r::w]
 
 
 @dataclass
@@ -221,10 +224,15 @@ class FolderSplit(_Batching):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False, start: int = 0,
+                part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`part` (rank, world): a DistributedSampler's share of the epoch's order, batch / world a batch."""
         nb = self.num_batches(batch, drop_last=shuffle)
         items = self._order(epoch, seed, shuffle)[start * batch: nb * batch].tolist()
+        r, w = part
+        if w > 1:
+            share = torch.utils.data.distributed.DistributedSampler(items, num_replicas=w, rank=r, shuffle=False)
+            items, batch = [items[j] for j in share], batch // w
         loader = torch.utils.data.DataLoader(_Seeded(self, seed, epoch), batch_size=batch, sampler=items,
                                              num_workers=self.workers)
         yield from loader

@@ -28,7 +28,8 @@ from .errors import InputError, Interrupted
 from .lowrank import ConvLayer, Scheme, conv_layers, get_scheme, scheme_names
 from .planning import SchemeView, plan_for_speedup, plan_model, rank_model
 from .planning_latency import LatencyModel
-from .trp_nuclear import polar_factors
+from .trp_distributed import current
+from .trp_shard import group_subgradients, group_svds
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,12 @@ RESUME_FREE = {("trp", "workers")}  # options that may differ between a run and 
 
 
 def resolve_device(name: str) -> torch.device:
+    """The training device; under torchrun on CUDA, this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return current().device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
+    return current().device(torch.device(name))
 
 
 @torch.no_grad()
@@ -86,8 +88,11 @@ class TRPTrainer:
                  tables: Sequence[LatencyModel] = (), checkpoint: Path | None = None, other_macs: int = 0,
                  progress: bool = True, on_step: Callable[[TRPTrainer], None] | None = None):
         self.tcfg, self.dcfg, self.data = tcfg, dcfg, data
+        self.dist = current()  # one process, or this rank of a torchrun job (trp_distributed)
+        self.dist.check_batch(tcfg.batch)
         self.device = resolve_device(tcfg.device)
         self.model = model.to(self.device)
+        self.forward_model = self.dist.wrap(self.model, self.device)  # DDP on 2+ ranks; the model's own params
         example = data.example.to(self.device)
         self.layers = [la for la in conv_layers(self.model, example, dcfg) if la.reason is None]
         # with latency tables (loaded: planning.rank_model) every TSVD keeps the fastest measured rank at or above the
@@ -111,7 +116,7 @@ class TRPTrainer:
         self.nuclear_solver = tcfg.nuclear_solver if tcfg.nuclear_solver != "auto" else (
             "newton-schulz" if self.device.type == "cuda" else "svd")
         self.checkpoint, self.other_macs = checkpoint, other_macs
-        self.progress, self.on_step = progress, on_step
+        self.progress, self.on_step = progress and self.dist.is_main, on_step
         self.steps_per_epoch = data.train.num_batches(tcfg.batch, drop_last=True)
         if self.steps_per_epoch == 0:
             raise InputError(f"the training set ({len(data.train)} images) is smaller than one batch ({tcfg.batch})")
@@ -145,11 +150,6 @@ class TRPTrainer:
                 out.append(_Group(mine, g.shape, g.scheme))
         return out
 
-    def _svd(self, g: _Group):
-        w = torch.stack([la.weight.detach() for la in g.layers])
-        m = g.scheme.to_matrix(w).to(self.svd_device)
-        return torch.linalg.svd(m, full_matrices=False)
-
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -164,7 +164,7 @@ class TRPTrainer:
         t0 = time.perf_counter()
         choose = fixed is None and len(self.schemes) > 1
         groups = self.all_groups if choose else self.groups
-        svds = [self._svd(g) for g in groups]
+        svds = group_svds(self.dist, groups, self.svd_device)  # on a torchrun job: each rank some shapes
         if fixed is not None:
             ranks = dict(fixed)
         else:
@@ -205,6 +205,7 @@ class TRPTrainer:
                         for g in self.groups]
         self._sync()
         self._svd_seconds += time.perf_counter() - t0
+        self.dist.after_projection(self.step, self.model.parameters())
         return {la.name: kept[la.name] for la in self.layers}
 
     def _record(self, ranks: dict[str, int], **extra) -> None:
@@ -221,15 +222,8 @@ class TRPTrainer:
         t0 = time.perf_counter()
         if cached:
             subs = [(u * keep[:, None, :]) @ vh for u, keep, vh in self._cached]
-        elif self.nuclear_solver == "newton-schulz":
-            subs = polar_factors([g.scheme.to_matrix(torch.stack([la.weight.detach() for la in g.layers]))
-                                  for g in self.groups])
         else:
-            subs = []
-            for g in self.groups:
-                u, s, vh = self._svd(g)
-                tol = s[:, :1] * max(u.shape[-2], vh.shape[-1]) * torch.finfo(s.dtype).eps
-                subs.append((u * (s > tol).to(s.dtype)[:, None, :]) @ vh)
+            subs = group_subgradients(self.dist, self.groups, self.nuclear_solver, self.svd_device, self.device)
         for g, m in zip(self.groups, subs):
             sub = g.scheme.from_matrix(m, g.shape).to(self.device)
             for i, la in enumerate(g.layers):
@@ -254,7 +248,7 @@ class TRPTrainer:
                 for sec in ("trp", "decompose")}
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.dist.is_main:  # one writer; the state is the same on every rank
             return
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
@@ -324,7 +318,7 @@ class TRPTrainer:
         correct = seen = 0
         loss = None
         for b, (x, y) in enumerate(self.data.train.batches(cfg.batch, epoch=epoch, seed=cfg.seed, shuffle=True,
-                                                           start=start), start=start):
+                                                           start=start, part=self.dist.part), start=start):
             if self.stop_requested:
                 self.save_checkpoint(epoch, b)
                 raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint}: "
@@ -348,7 +342,7 @@ class TRPTrainer:
         projected = self.tcfg.period > 0 and self.step % self.tcfg.period == 0
         if projected:
             self._record(self.project_())
-        out = self.model(x)
+        out = self.forward_model(x)
         loss = self._loss(out, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,6 +25,7 @@ from ..latency_table import LatencyTable, layer_shape, load_tables
 from ..lowrank import conv_layers, scheme_names
 from ..planning import LayerPlan, decompose_
 from ..planning_latency import precision_dense, precision_models
+from ..trp_distributed import current
 from .compress_checks import int8_net_check, latency_check
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,14 @@ class Services:
 
 
 def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, services: Services, progress: bool = True,
-             on_step=None, **options: Any) -> CompressResult:
+             on_step=None, **options: Any) -> CompressResult | None:
     """load -> TRP training -> decomposition -> ONNX export and report, each a stage below; returns the
     CompressResult (`.model` is the compressed module, `.report` the report, `.out` the output folder).
 
     `cfg`: a CompressConfig, or (the Python API) a model (any nn.Module, or a name or file as on the command line)
     with keyword options named as the CLI's (`data=`, `scheme=`, `energy=`, `epochs=`, `out=`, ...). A module
-    passed in is left as it was. `services`: see Services (trp_edge.compress passes them)."""
+    passed in is left as it was. `services`: see Services (trp_edge.compress passes them). On a torchrun job every
+    rank trains and rank 0 alone goes on to write the outputs; the other ranks return None."""
     module, api = None, not isinstance(cfg, CompressConfig)
     if api:
         module = copy.deepcopy(cfg) if isinstance(cfg, torch.nn.Module) else None
@@ -106,10 +108,14 @@ def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, services: Servic
         cfg = CompressConfig.from_options(label, **options)
     elif options:
         raise InputError(f"compress(config) takes no options ({', '.join(options)}): set them in the config")
+    dist = current()  # under torchrun: this rank (trp_distributed); else one process
     run = load_stage(cfg, module=module)
     run.services = services
-    tables_stage(run, progress=progress)
+    with dist.main_first():  # rank 0 finds or measures the tables; the others then find them
+        tables_stage(run, progress=progress and dist.is_main)
     train_stage(run, progress=progress, on_step=on_step)
+    if not dist.is_main:  # rank 0 decomposes, exports and writes; the other ranks are done
+        return None
     dense_model, plans = decompose_stage(run)
     result = export_stage(run, dense_model, plans)
     return result
