@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -215,7 +216,8 @@ def launched(device: str = "auto") -> Iterator[Dist]:
     except (RuntimeError, TimeoutError) as e:  # DistBackendError and gloo's peer errors are RuntimeErrors
         if not isinstance(e, td.DistError) and "gloo" not in str(e).lower() and "nccl" not in str(e).lower():
             raise
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's [source:line] prefix
+        first = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
         raise DistributedError(f"rank {rank}: another rank failed or stopped answering ({first})") from e
     finally:
         signal.signal(signal.SIGTERM, prev)
