@@ -25,18 +25,23 @@
 # (trp_edge/backends/ort.session): a CUDA ORT deployment would need a provider field in the cuda target and
 # that one session function to read it; here the provider is timed directly on the compressed model's ONNX files.
 # Environment (defaults in brackets): OUT [bench-out/gpu], WORK [/tmp/trp-gpu-session], DEVICE [cuda],
-# MODEL [resnet50], SIZE [224], BATCH [128], STEPS [200], WORKERS [12], IMAGES [4096], VAL [128],
-# DEADLINE [480], PYTHON [python3], EXTRA (more compress options, e.g. --channels-last).
+# MODEL [resnet50], SIZE [224], BATCH [128], STEPS [150], WORKERS [12], IMAGES [2048], VAL [128],
+# DEADLINE [480], PYTHON [python3], EXTRA (more compress options, e.g. --channels-last), SMALL_MODEL [resnet18]
+# (the model of (d)), SCALE [1] (multiplies each step's time limit). --dry-run: DEVICE=cpu, resnet20 at 32 px,
+# 2 steps of batch 8, 40 JPEGs, SCALE=4, DEADLINE=1800.
 set -u -o pipefail
+{  # read whole before it runs: an edit to this file cannot change a run under way
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--dry-run" ]; then  # CPU, tiny: checks the script's path, not the numbers
-  : "${DEVICE:=cpu}" "${MODEL:=resnet18}" "${SIZE:=64}" "${BATCH:=4}" "${STEPS:=2}" "${WORKERS:=2}"
-  : "${IMAGES:=40}" "${VAL:=10}" "${DEADLINE:=900}" "${OUT:=bench-out/gpu-dry-run}"
+  : "${DEVICE:=cpu}" "${MODEL:=resnet20}" "${SIZE:=32}" "${BATCH:=8}" "${STEPS:=2}" "${WORKERS:=2}"
+  : "${IMAGES:=40}" "${VAL:=10}" "${SMALL_MODEL:=resnet20}" "${DEADLINE:=1800}" "${SCALE:=4}"
+  : "${OUT:=bench-out/gpu-dry-run}"
 fi
 OUT=${OUT:-bench-out/gpu}
 WORK=${WORK:-/tmp/trp-gpu-session}
-DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-resnet50} SIZE=${SIZE:-224} BATCH=${BATCH:-128} STEPS=${STEPS:-200}
-WORKERS=${WORKERS:-12} IMAGES=${IMAGES:-4096} VAL=${VAL:-128} DEADLINE=${DEADLINE:-480} EXTRA=${EXTRA:-}
+DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-resnet50} SIZE=${SIZE:-224} BATCH=${BATCH:-128} STEPS=${STEPS:-150}
+WORKERS=${WORKERS:-12} IMAGES=${IMAGES:-2048} VAL=${VAL:-128} DEADLINE=${DEADLINE:-480} EXTRA=${EXTRA:-}
+SMALL_MODEL=${SMALL_MODEL:-resnet18} SCALE=${SCALE:-1}
 PY=${PYTHON:-python3} SMALL=$WORK/compress/small
 export PY SMALL PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK"
@@ -48,7 +53,7 @@ trp() { "$PY" -m trp_edge.cli "$@"; }
 # step NAME SECONDS CMD...: run CMD for at most SECONDS (less when the DEADLINE is near), record name, exit
 # status and seconds in STATUS; never stops the script.
 step() {
-  local name=$1 limit=$2 left rc t0=$SECONDS
+  local name=$1 limit=$(($2 * SCALE)) left rc t0=$SECONDS
   shift 2
   left=$((DEADLINE - (SECONDS - START)))
   if [ "$left" -lt 15 ]; then
@@ -85,7 +90,7 @@ except ImportError:
 EOF
 }
 export -f env_info
-step env 60 bash -c env_info
+step env 90 bash -c env_info
 
 # ---- b. the images
 JPEGS=$WORK/jpegs
@@ -104,14 +109,14 @@ for prec in fp32 bf16; do
       printf '%s\tno --amp\t0\n' "$name" >>"$STATUS"; continue
     fi
     # shellcheck disable=SC2086  # EXTRA: options split on spaces
-    step "$name" 150 "$PY" -m trp_edge.cli compress "$MODEL" --data "imagefolder:$JPEGS" --input-size "$SIZE" \
+    step "$name" 100 "$PY" -m trp_edge.cli compress "$MODEL" --data "imagefolder:$JPEGS" --input-size "$SIZE" \
       --steps "$STEPS" --batch "$BATCH" --workers "$WORKERS" --device "$DEVICE" --no-calibrate --no-latency \
       --force -q --out "$WORK/compress/$name" "${args[@]}" $EXTRA
   done
 done
 LOADER_WORKERS=${LOADER_WORKERS:-1,4,8,$WORKERS}
 [ "$DEVICE" = cpu ] && LOADER_WORKERS=0,$WORKERS
-BD_AMP=$([ $AMP = yes ] && [ "$DEVICE" != cpu ] && echo bf16 || echo off)
+BD_AMP=$([ "$DEVICE" != cpu ] && echo bf16 || echo off)  # the goal's precision; bench_data autocasts itself
 step bench_data 120 "$PY" tools/bench_data.py --model "$MODEL" --size "$SIZE" --batch "$BATCH" --device "$DEVICE" \
   --dir "$JPEGS" --workers "$LOADER_WORKERS" --steps $((STEPS < 20 ? STEPS : 20)) --warmup 2 --amp "$BD_AMP" \
   --fmnist '' --out "$WORK/bench_data.json"
@@ -122,7 +127,7 @@ echo "== tvm"
   && TVM=yes || { TVM=no; echo "no TVM here: (d) needs a TVM build with CUDA carried to this machine"; }
 ORT_CUDA=$("$PY" -c "import onnxruntime as o; print('yes' if 'CUDAExecutionProvider' in o.get_available_providers() else 'no')" 2>/dev/null || echo no)
 if [ $TVM = yes ] || [ "$ORT_CUDA" = yes ]; then
-  step small-model 120 "$PY" -m trp_edge.cli compress resnet18 --data synthetic --steps 0 --target-speedup 2 \
+  step small-model 120 "$PY" -m trp_edge.cli compress "$SMALL_MODEL" --data synthetic --steps 0 --target-speedup 2 \
     --device "$DEVICE" --no-calibrate --no-latency --force -q --out "$SMALL"
 fi
 if [ $TVM = yes ]; then
@@ -191,3 +196,5 @@ cat "$OUT/summary.md"
 (cd "$WORK" && find . \( -name report.json -o -name '*.md' -o -name '*.json' -o -name status.tsv \) -print0 \
   | tar -czf "$OUT/results.tar.gz" --null -T -)
 echo "== done in $((SECONDS - START))s: $OUT/summary.md, $OUT/log.txt, $OUT/results.tar.gz"
+exit 0
+}
