@@ -90,3 +90,74 @@ def test_imagefolder_train_and_val(tmp_path):
     assert a[0].shape == (4, 3, 16, 16) and torch.equal(a[0], b[0])  # augmentation replays exactly
     x, y = next(FolderSplit(tmp_path / "val", 16, False).batches(6))
     assert x.shape == (6, 3, 16, 16) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.fixture
+def jpeg_dir(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b", "c"):
+        (tmp_path / cls).mkdir()
+        for i in range(7):
+            Image.fromarray(rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.jpg")
+    return tmp_path
+
+
+def _epoch(split, **kw):
+    return [(x.clone(), y.clone()) for x, y in split.batches(4, seed=5, shuffle=True, **kw)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_imagefolder_batches_do_not_depend_on_the_worker_count(jpeg_dir):
+    from trp_edge.data import FolderSplit
+
+    one, two = FolderSplit(jpeg_dir, 16, True, workers=0), FolderSplit(jpeg_dir, 16, True, workers=2)
+    for epoch in (0, 1):
+        a, b = _epoch(one, epoch=epoch), _epoch(two, epoch=epoch)
+        assert len(a) == 5 and _same(a, b)  # 21 images, batches of 4, the last partial one dropped
+    assert not _same(_epoch(two, epoch=0), _epoch(two, epoch=1))  # each epoch reshuffles and re-augments
+    val = FolderSplit(jpeg_dir, 16, False, workers=2)
+    assert _same(list(val.batches(8)), list(FolderSplit(jpeg_dir, 16, False).batches(8)))
+    assert [len(y) for _, y in val.batches(8)] == [8, 8, 5]  # evaluation keeps the partial batch
+    two.close()
+    val.close()
+
+
+def test_imagefolder_workers_persist_across_epochs_and_batch_sizes(jpeg_dir):
+    from trp_edge.data import FolderSplit
+
+    split = FolderSplit(jpeg_dir, 16, True, workers=2)
+    _epoch(split, epoch=0)
+    loader = split.loader()
+    assert loader.persistent_workers and loader.prefetch_factor == 2
+    pids = [w.pid for w in loader._iterator._workers]
+    _epoch(split, epoch=1)
+    next(split.batches(3, epoch=2, seed=5, shuffle=True))  # abandoned mid-epoch, as evaluation's next() does
+    assert _same(_epoch(split, epoch=3), _epoch(FolderSplit(jpeg_dir, 16, True), epoch=3))
+    assert split.loader() is loader and [w.pid for w in loader._iterator._workers] == pids
+    split.close()
+
+
+def test_imagefolder_resumes_from_a_batch(jpeg_dir):
+    from trp_edge.data import FolderSplit
+
+    split = FolderSplit(jpeg_dir, 16, True, workers=2)
+    full, tail = _epoch(split, epoch=4), _epoch(split, epoch=4, start=3)
+    assert len(tail) == 2 and _same(full[3:], tail)
+    assert _epoch(split, epoch=4, start=5) == []
+    split.close()
+
+
+def test_a_superseded_imagefolder_iteration_fails_loudly(jpeg_dir):
+    from trp_edge.data import FolderSplit
+
+    split = FolderSplit(jpeg_dir, 16, False, workers=0)
+    old = split.batches(4)
+    next(old)
+    next(split.batches(4))
+    with pytest.raises(RuntimeError, match="took over"):
+        next(old)

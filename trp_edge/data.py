@@ -206,13 +206,20 @@ def synthetic(shape: str | None = None, n_train: int = 512, n_test: int = 256, c
 
 class FolderSplit(_Batching):
     """An ImageFolder split decoded on the fly; each item's augmentation is seeded by
-    (seed, epoch, index) so an epoch replays exactly."""
+    (seed, epoch, index) so an epoch replays exactly, whichever worker decodes it.
 
-    def __init__(self, root: Path, size: int, augment: bool, workers: int = 0):
+    One DataLoader serves every epoch and every batch size: its batch sampler (`_Plan`) is handed the
+    epoch's batches of keys (index, seed, epoch) at each `batches` call, so `workers` processes start once
+    and persist (persistent_workers), each keeping `prefetch` batches in flight; batches are pinned for
+    the copy to the GPU when CUDA is available (`pin_memory`, None: then)."""
+
+    def __init__(self, root: Path, size: int, augment: bool, workers: int = 0, *, prefetch: int = 2,
+                 pin_memory: bool | None = None):
         from torchvision import datasets, transforms
 
         self.ds = datasets.ImageFolder(str(root))
-        self.size, self.augment, self.workers = size, augment, workers
+        self.size, self.augment, self.workers, self.prefetch = size, augment, workers, prefetch
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         norm = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         if augment:
             self.tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
@@ -220,35 +227,75 @@ class FolderSplit(_Batching):
         else:
             self.tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                           transforms.ToTensor(), norm])
+        self._loader: torch.utils.data.DataLoader | None = None
+        self._plan = _Plan()
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self.ds)
 
+    def __getstate__(self):  # what a worker process gets: the images and transforms, not the loader
+        return {**self.__dict__, "_loader": None, "_plan": _Plan()}
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """The one DataLoader of this split, made at the first use."""
+        if self._loader is None:
+            more = dict(persistent_workers=True, prefetch_factor=self.prefetch) if self.workers else {}
+            self._loader = torch.utils.data.DataLoader(_Items(self), batch_sampler=self._plan,
+                                                       num_workers=self.workers, pin_memory=self.pin_memory, **more)
+        return self._loader
+
+    def close(self) -> None:
+        """Stops the worker processes (a later `batches` starts them again)."""
+        self._loader = None
+
     def batches(self, batch: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False, start: int = 0,
                 part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`part` (rank, world): a DistributedSampler's share of the epoch's order, batch / world a batch."""
+        """`part` (rank, world): this rank's share of each global batch, items rank, rank + world, ... (the
+        share a DistributedSampler without shuffling gives), batch / world a batch."""
         nb = self.num_batches(batch, drop_last=shuffle)
-        items = self._order(epoch, seed, shuffle)[start * batch: nb * batch].tolist()
+        order = self._order(epoch, seed, shuffle).tolist()
         r, w = part
-        if w > 1:
-            share = torch.utils.data.distributed.DistributedSampler(items, num_replicas=w, rank=r, shuffle=False)
-            items, batch = [items[j] for j in share], batch // w
-        loader = torch.utils.data.DataLoader(_Seeded(self, seed, epoch), batch_size=batch, sampler=items,
-                                             num_workers=self.workers)
-        yield from loader
+        plan = [[(i, seed, epoch) for i in order[b * batch:(b + 1) * batch][r::w]] for b in range(start, nb)]
+        return self._run(plan)
+
+    def _run(self, plan: list[list[tuple[int, int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._generation += 1
+        mine = self._generation
+        self._plan.batches = plan
+        for xy in self.loader():
+            if self._generation != mine:
+                raise RuntimeError("FolderSplit.batches: a later batches() call took over this split's loader")
+            yield xy
 
 
-class _Seeded(torch.utils.data.Dataset):
-    def __init__(self, split: FolderSplit, seed: int, epoch: int):
-        self.split, self.seed, self.epoch = split, seed, epoch
+class _Plan(torch.utils.data.Sampler):
+    """The batch sampler of a FolderSplit's loader: the batches of the current `batches` call."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Items(torch.utils.data.Dataset):
+    """Decodes the item of key (index, seed, epoch), its augmentation seeded by the key."""
+
+    def __init__(self, split: FolderSplit):
+        self.split = split
 
     def __len__(self):
         return len(self.split)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, seed, epoch = key
         img, label = self.split.ds[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.seed, self.epoch, i))
+            torch.manual_seed(_seed(seed, epoch, i))
             return self.split.tf(img), label
 
 
