@@ -161,3 +161,15 @@ def test_a_superseded_imagefolder_iteration_fails_loudly(jpeg_dir):
     next(split.batches(4))
     with pytest.raises(RuntimeError, match="took over"):
         next(old)
+
+
+def test_imagefolder_ranks_share_each_global_batch(jpeg_dir):
+    """Under torchrun each rank takes items rank, rank + world, ... of every global batch: together the two
+    ranks' batches are the one-process batches, item for item."""
+    from trp_edge.data import FolderSplit
+
+    whole = _epoch(FolderSplit(jpeg_dir, 16, True), epoch=1)
+    halves = [_epoch(FolderSplit(jpeg_dir, 16, True), epoch=1, part=(r, 2)) for r in (0, 1)]
+    assert [len(y) for _, y in halves[0]] == [2] * 5
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves):
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
