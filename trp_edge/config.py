@@ -136,8 +136,8 @@ class CompressConfig(_JSONMixin):
             bad = [v for v in getattr(self, field) or () if v not in known]
             _check(not bad, f"{opt}: unknown {bad[0] if bad else ''!r}: use {', '.join(known)} (comma-separated)")
         _check(not (self.trp.needs_data and self.data is None),
-               "TRP training and --finetune need data: pass --data (fashion-mnist, cifar10:DIR, imagefolder:DIR, "
-               "synthetic) or --steps 0 to decompose directly")
+               "TRP training needs data (so does --finetune): pass --data (fashion-mnist, cifar10:DIR, "
+               "imagefolder:DIR, synthetic) or --steps 0 to decompose directly")
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> CompressConfig:
