@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ResNet-20 on 512 synthetic 16x16 images, global batch 32: 16 steps an epoch, a TSVD every 5 steps
 ARGS = ["resnet20", "--data", "synthetic:3x16x16", "--steps", "24", "--period", "5", "--batch", "32", "--lr", "0.01",
         "--nuclear", "3e-4", "--target-speedup", "2", "--no-calibrate", "--no-latency", "-q"]
-OUTPUTS = {"checkpoint.pt", "compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png"}
+OUTPUTS = {"checkpoint.pt", "compressed.pt", "dense.pt", "dense.onnx", "model.onnx", "report.json", "ranks.png",
+           "metrics.jsonl", "training.png"}  # the training log (rank 0 alone writes it too)
 
 
 def trp_edge(out: Path, ranks: int, *extra: str, env: dict | None = None, timeout: float = 300):

@@ -61,6 +61,17 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
      help="how the nuclear-norm sub-gradient is found: svd, newton-schulz (matrix products; auto: on CUDA)")
 @opt(T, "seed", "--seed", type=int)
 @opt(T, "workers", "--workers", type=int, help="data loader workers (imagefolder; 0: in this process)")
+@opt(T, "finetune", "--finetune", type=int, help="after decomposition, train the low-rank model N epochs (ranks "
+     "fixed; plain SGD, the run's lr and schedule); also after --steps 0")
+@opt(T, "distill", "--distill", type=float, is_flag=False, flag_value=4.0,
+     help="distil from the dense input model (frozen) at temperature T [T without a value: 4]")
+@opt(T, "distill_weight", "--distill-weight", type=float, help="a: loss = (1-a) CE + a T^2 KL")
+@opt(T, "eval_every", "--eval-every", type=int, help="held-out top-1 every N epochs (0: off), in metrics.jsonl")
+@opt(T, "keep", "--keep", help="last, or best: the epoch with the best held-out top-1 (needs --eval-every; under "
+     "TRP scored truncated at its ranks)")
+@opt(T, "amp", "--amp", help="mixed precision of forward and loss: auto (bf16 on CUDA where supported, else off), "
+     "bf16, fp16 or off; SVDs and weights stay fp32")
+@opt(T, "channels_last", "--channels-last/--no-channels-last", help="NHWC memory format for model and inputs")
 @opt(C, "data", "--data", help="fashion-mnist[:DIR], cifar10:DIR, imagefolder:DIR or synthetic[:CxHxW]")
 @opt(C, "arch", "--arch", help="architecture of a .pt state_dict (inferred from its keys when omitted)")
 @opt(C, "weights", "--weights", type=click.Path(dir_okay=False), help="weights for a built-in model name")
@@ -102,7 +113,8 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
 @click.option("--verbose", "-v", count=True)
 @library_errors
 def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, momentum, weight_decay, schedule,
-             device, svd_device, nuclear_solver, seed, workers, data, arch, weights, trust_pickle, in_channels,
+             device, svd_device, nuclear_solver, seed, workers, finetune, distill, distill_weight, eval_every, keep,
+             amp, channels_last, data, arch, weights, trust_pickle, in_channels,
              num_classes, input_size, skip_stem, linear, ranks, target_speedup, allocate, out, force, resume, target,
              runtime, precision, threads, calibrate, calibration, latency_table, latency, quiet, verbose):
     """TRP-train MODEL, decompose it into low-rank convs, export ONNX and report what was gained.
@@ -124,7 +136,9 @@ def compress(model, scheme, energy, nuclear, period, epochs, steps, lr, batch, m
         trp=TRPConfig(period=period, nuclear=nuclear, epochs=epochs, steps=steps, lr=lr, batch=batch,
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
                       seed=seed, workers=workers, svd_device=svd_device,
-                      nuclear_solver=nuclear_solver))
+                      nuclear_solver=nuclear_solver, finetune=finetune, distill=distill,
+                      distill_weight=distill_weight, eval_every=eval_every, keep=keep, amp=amp,
+                      channels_last=channels_last))
     from .trp_distributed import launched
 
     with launched(cfg.trp.device) as dist:  # a torchrun job's rank (one process otherwise)

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .config_base import _check, _JSONMixin
+from .config_train import NUCLEAR_SOLVERS, TRPConfig  # noqa: F401  (re-exported: `from trp_edge.config import TRPConfig`)
 from .targets import RUNTIMES
 
 PRECISIONS = ("fp32", "int8")  # what each runtime is built at is its backend's (trp_edge.backends.capabilities)
@@ -22,39 +23,6 @@ def names(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | 
     """A list option as a tuple (from comma-separated text, the CLI's, or a sequence); None when empty."""
     items = value.split(",") if isinstance(value, str) else list(value or ())
     return tuple(str(v).strip() for v in items if str(v).strip()) or None
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-class _JSONMixin:
-    @classmethod
-    def of(cls, cfg: Any = None, /, **options: Any):
-        """The config a workflow runs (the Python API): `cfg` as it is, or one made from keyword options named
-        as the config's fields (a string `cfg` is the model)."""
-        if isinstance(cfg, cls):
-            _check(not options, f"{cls.__name__} given: set {', '.join(sorted(options))} in it, not beside it")
-            return cfg
-        if isinstance(cfg, str | os.PathLike):
-            options = {"model": str(cfg), **options}
-        elif cfg is not None:
-            raise ConfigError(f"expected a {cls.__name__} or keyword options, got {type(cfg).__name__}")
-        try:
-            return cls.from_dict(options)
-        except TypeError as e:  # a required option missing
-            raise ConfigError(f"{cls.__name__}: {str(e).split('() ', 1)[-1]}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(d) - names
-        _check(not unknown, f"{cls.__name__}: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -107,57 +75,6 @@ class DecomposeConfig(_JSONMixin):
             object.__setattr__(self, "ranks", dict(self.ranks))
         if self.target_speedup is not None:
             _check(self.target_speedup > 1.0, f"target speedup must be > 1, got {self.target_speedup}")
-
-
-NUCLEAR_SOLVERS = ("auto", "svd", "newton-schulz")
-
-
-@dataclass(frozen=True)
-class TRPConfig(_JSONMixin):
-    """TRP training (Xu et al., IJCAI 2020, Alg. 1): every `period` steps project each eligible conv
-    onto TSVD(W, e) and take the step there; `nuclear` > 0 adds lambda * U_tru V_tru^T each step.
-    period = 0 is plain SGD (the paper's baseline, decomposed directly afterwards). nuclear_solver: how
-    U_tru V_tru^T is found between projections: "svd" (batched SVD), "newton-schulz" (the polar factor by
-    matrix products, all shapes in one batch: for GPUs, where small SVDs are slow), "auto" (newton-schulz on
-    CUDA, svd elsewhere)."""
-
-    period: int = 20
-    nuclear: float = 0.0
-    epochs: int | None = None
-    steps: int | None = None
-    lr: float = 0.01
-    batch: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    svd_device: str = "auto"
-    nuclear_solver: str = "auto"
-
-    def __post_init__(self):
-        _check(self.period >= 0, f"period must be >= 0 (0: plain SGD, no TSVD), got {self.period}")
-        _check(self.nuclear >= 0.0, f"nuclear (lambda) must be >= 0, got {self.nuclear}")
-        _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
-        _check(self.steps is None or self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
-        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0.0, f"weight decay must be >= 0, got {self.weight_decay}")
-        _check(self.schedule in ("cosine", "step", "constant"),
-               f"unknown schedule {self.schedule!r}: use cosine, step or constant")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               f"unknown device {self.device!r}: use auto, cpu or cuda")
-        _check(self.svd_device in ("auto", "cpu", "same"),
-               f"unknown svd device {self.svd_device!r}: use auto, cpu or same")
-        _check(self.nuclear_solver in NUCLEAR_SOLVERS,
-               f"unknown nuclear solver {self.nuclear_solver!r}: use {', '.join(NUCLEAR_SOLVERS)}")
-        _check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-
-    @property
-    def trains(self) -> bool:
-        return bool(self.steps) or (self.steps is None and bool(self.epochs))
 
 
 @dataclass(frozen=True)
@@ -218,9 +135,9 @@ class CompressConfig(_JSONMixin):
             object.__setattr__(self, field, names(getattr(self, field)))
             bad = [v for v in getattr(self, field) or () if v not in known]
             _check(not bad, f"{opt}: unknown {bad[0] if bad else ''!r}: use {', '.join(known)} (comma-separated)")
-        _check(not (self.trp.trains and self.data is None),
-               "TRP training needs data: pass --data (fashion-mnist, cifar10:DIR, imagefolder:DIR, synthetic) "
-               "or --steps 0 to decompose directly")
+        _check(not (self.trp.needs_data and self.data is None),
+               "TRP training needs data (so does --finetune): pass --data (fashion-mnist, cifar10:DIR, "
+               "imagefolder:DIR, synthetic) or --steps 0 to decompose directly")
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> CompressConfig:

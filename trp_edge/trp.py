@@ -29,11 +29,13 @@ from .lowrank import ConvLayer, Scheme, conv_layers, get_scheme, scheme_names
 from .planning import SchemeView, plan_for_speedup, plan_model, rank_model
 from .planning_latency import LatencyModel
 from .trp_distributed import current
+from .trp_loop import Loop, LoopOptions, evaluate  # noqa: F401  (evaluate: re-exported)
 from .trp_shard import group_subgradients, group_svds
 
 log = logging.getLogger(__name__)
 
-RESUME_FREE = {("trp", "workers")}  # options that may differ between a run and its --resume
+# options that may differ between a run and its --resume (the fine-tune has its own checkpoint and epochs)
+RESUME_FREE = {("trp", "workers"), ("trp", "eval_every"), ("trp", "finetune")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,23 +45,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     return current().device(torch.device(name))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split, device: torch.device, fixed_batch: int | None = None) -> float:
-    """Top-1 accuracy in percent; in batches of `fixed_batch` for a program exported at that batch only (loading
-    takes batch 1 only, so no batch is partial), of 500 otherwise."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        for x, y in split.batches(fixed_batch or 500):
-            out = model(x.to(device, non_blocking=True))
-            correct += int((out.argmax(1).cpu() == y).sum())
-            total += len(y)
-    finally:
-        model.train(was)
-    return 100.0 * correct / max(total, 1)
 
 
 @dataclass
@@ -86,7 +71,8 @@ class TrainResult:
 class TRPTrainer:
     def __init__(self, model: nn.Module, data: Dataset, tcfg: TRPConfig, dcfg: DecomposeConfig, *,
                  tables: Sequence[LatencyModel] = (), checkpoint: Path | None = None, other_macs: int = 0,
-                 progress: bool = True, on_step: Callable[[TRPTrainer], None] | None = None):
+                 progress: bool = True, on_step: Callable[[TRPTrainer], None] | None = None,
+                 loop: LoopOptions | None = None):
         self.tcfg, self.dcfg, self.data = tcfg, dcfg, data
         self.dist = current()  # one process, or this rank of a torchrun job (trp_distributed)
         self.dist.check_batch(tcfg.batch)
@@ -129,7 +115,7 @@ class TRPTrainer:
         self.history: list[dict] = []
         self.stop_requested = False
         self._svd_seconds = 0.0
-        self._loss = nn.CrossEntropyLoss()
+        self.loop = Loop(self, loop)  # mixed precision, the loss, per-epoch evaluation and metrics (trp_loop)
 
     # ---- schedule ----
     def _lr_factor(self, t: int) -> float:
@@ -238,14 +224,15 @@ class TRPTrainer:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch, "batch": batch,
                 "energy": self.energy, "history": self.history, "layer_scheme": self.layer_scheme,
-                "config": {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}}
+                "config": {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()}, **self.loop.state()}
 
     def _identity(self, config: dict | None = None) -> dict:
         """The settings a checkpoint must share to be resumed: every TRP and decomposition option except those
         that do not change the numbers (RESUME_FREE: data loader workers)."""
         config = {"trp": self.tcfg.to_dict(), "decompose": self.dcfg.to_dict()} if config is None else config
-        return {sec: {k: v for k, v in (config.get(sec) or {}).items() if (sec, k) not in RESUME_FREE}
-                for sec in ("trp", "decompose")}
+        defaults = {"trp": TRPConfig().to_dict(), "decompose": DecomposeConfig().to_dict()}  # options added later
+        return {sec: {k: v for k, v in {**defaults[sec], **(config.get(sec) or {})}.items()
+                      if (sec, k) not in RESUME_FREE} for sec in ("trp", "decompose")}
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
         if self.checkpoint is None or not self.dist.is_main:  # one writer; the state is the same on every rank
@@ -275,6 +262,7 @@ class TRPTrainer:
         self.step, self.energy, self.history = st["step"], st["energy"], st["history"]
         self.layer_scheme.update(st.get("layer_scheme", {}))
         self.groups = self._active()
+        self.loop.load_state(st)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, st["epoch"], st["batch"])
         return st["epoch"], st["batch"]
 
@@ -289,11 +277,13 @@ class TRPTrainer:
         t_start = time.perf_counter()
         steps_at_start = self.step
         acc = None
+        self.loop.start()
         try:
             while self.step < self.total_steps:
                 acc, loss = self._epoch(epoch, start)
                 epoch, start = epoch + 1, 0
                 if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:  # an epoch's end
+                    self.loop.epoch_end(epoch, loss, acc)
                     self.save_checkpoint(epoch, 0)
                     log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch, loss, acc or 0.0,
                              self._total_rank())
@@ -302,6 +292,7 @@ class TRPTrainer:
                 signal.signal(signal.SIGINT, prev)
         self._sync()
         seconds = time.perf_counter() - t_start
+        self.loop.finish()  # --keep best: that epoch's weights back
         done = max(self.step - steps_at_start, 1)
         return TrainResult(self.step, self.step / self.steps_per_epoch, seconds, 1000 * seconds / done,
                            1000 * self._svd_seconds / done, self.history, self.energy, acc)
@@ -338,17 +329,14 @@ class TRPTrainer:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor):
         """One SGD step; every `period` steps at the TSVD-projected weights. Returns (logits, loss, labels)."""
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = self.loop.inputs(x, y)
         projected = self.tcfg.period > 0 and self.step % self.tcfg.period == 0
         if projected:
             self._record(self.project_())
-        out = self.forward_model(x)
-        loss = self._loss(out, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out, loss = self.loop.forward_backward(x, y)  # under autocast with --amp; the loss distills with a teacher
         if self.tcfg.nuclear > 0:
             self.add_nuclear_grad_(cached=projected)
-        self.opt.step()
+        self.loop.opt_step()
         self.sched.step()
         self.step += 1
         return out, loss, y

@@ -27,6 +27,15 @@ from ..planning import LayerPlan, decompose_
 from ..planning_latency import precision_dense, precision_models
 from ..trp_distributed import current
 from .compress_checks import int8_net_check, latency_check
+from .compress_train import (
+    FINETUNE_CHECKPOINT,
+    finetune_stage,
+    finish,
+    loop_options,
+    loop_stats,
+    prepare,
+    training_section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +63,9 @@ def _prepare_out(cfg: CompressConfig, name: str) -> Path:
         raise InputError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (cfg.force or cfg.resume):
         raise InputError(f"--out {out}: already holds a result; pass --force to replace it or --resume to go on")
-    if cfg.force and (out / "checkpoint.pt").exists():
-        (out / "checkpoint.pt").unlink()
+    if cfg.force:
+        for ckpt in ("checkpoint.pt", FINETUNE_CHECKPOINT):
+            (out / ckpt).unlink(missing_ok=True)
     return out
 
 
@@ -79,6 +89,11 @@ class _Run:
     energy: float | None = None  # the energy of TRP's last TSVD (None: the decomposition finds it)
     tables: tuple = ()  # the latency tables of dcfg.latency_table, loaded once (tables_stage)
     services: Services | None = None
+    teacher: torch.nn.Module | None = None  # --distill: the dense model as loaded, frozen (compress_train.prepare)
+    metrics: Any = None  # the MetricsLog of a run that trains
+    loop_stats: dict[str, Any] | None = None  # precision, training and evaluation images/s (compress_train)
+    trp_kept: dict[str, Any] | None = None  # --keep best: TRP's epoch kept
+    finetune: dict[str, Any] | None = None  # --finetune: the fine-tune's figures
 
 
 @dataclass(frozen=True)
@@ -113,10 +128,15 @@ def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, services: Servic
     run.services = services
     with dist.main_first():  # rank 0 finds or measures the tables; the others then find them
         tables_stage(run, progress=progress and dist.is_main)
+    prepare(run)
     train_stage(run, progress=progress, on_step=on_step)
-    if not dist.is_main:  # rank 0 decomposes, exports and writes; the other ranks are done
+    if not dist.is_main and not cfg.trp.finetune:  # rank 0 decomposes, exports and writes; the others are done
         return None
-    dense_model, plans = decompose_stage(run)
+    dense_model, plans = decompose_stage(run)  # with --finetune on every rank: all of them fine-tune
+    finetune_stage(run, plans, progress=progress, on_step=on_step)
+    if not dist.is_main:
+        return None
+    finish(run)
     result = export_stage(run, dense_model, plans)
     return result
 
@@ -185,6 +205,7 @@ def tables_stage(run: _Run, *, progress: bool = True) -> None:
 def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
     """TRP training (when the config trains); the trainer decides the final decomposition's config."""
     from ..trp import TRPTrainer, evaluate, resolve_device
+    from ..trp_loop import timed_evaluate
 
     tcfg = run.cfg.trp
     if not tcfg.trains:
@@ -198,11 +219,12 @@ def train_stage(run: _Run, *, progress: bool = True, on_step=None) -> None:
     run.initial_acc = evaluate(run.model.to(device), run.data.test, device, fixed)
     trainer = TRPTrainer(run.model, run.data, tcfg, run.dcfg, tables=run.tables,
                          checkpoint=run.out / "checkpoint.pt", other_macs=run.other_macs, progress=progress,
-                         on_step=on_step)
+                         on_step=on_step, loop=loop_options(run, "trp"))
     run.train = trainer.train(resume=run.cfg.resume)
     log.info("TRP: %d steps in %.1f s (%.1f ms/step, of which SVD %.1f ms)", run.train.steps, run.train.train_seconds,
              run.train.step_ms, run.train.svd_ms_per_step)
-    run.last_iterate_acc = evaluate(run.model, run.data.test, device, fixed)
+    run.last_iterate_acc, rate = timed_evaluate(run.model, run.data.test, device, fixed)
+    run.trp_kept, run.loop_stats = trainer.loop.kept, loop_stats(trainer.loop, rate)
     run.dcfg, run.energy = trainer.decompose_config()
 
 
@@ -303,12 +325,7 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
         onnx={"max_abs_diff": max(diffs.values()), "max_abs_diff_dense": diffs["dense"],
               "max_abs_diff_compressed": diffs["compressed"], "macs_dense": onnx_count["dense"],
               "macs_compressed": onnx_count["compressed"], "macs_rel_diff": max(rel.values())},
-        training=None if train is None else {
-            "steps": train.steps, "epochs": train.epochs_done, "seconds": train.train_seconds,
-            "step_ms": train.step_ms, "svd_ms_per_step": train.svd_ms_per_step, "device": str(tcfg.device),
-            "train_accuracy_last_epoch": train.train_accuracy,
-            # accuracy of the last SGD iterate, before TRP's final TSVD (dense.accuracy is after it)
-            "last_iterate_accuracy": run.last_iterate_acc},
+        training=training_section(run),
         # host latency in onnxruntime (batch 1): a first look; `trp-edge deploy` measures on the device
         latency=latency, trajectory=[] if train is None else train.history, config=cfg.to_dict(),
         predictions=_predictions(run.tables, plans, precisions), precisions=precisions or None)
