@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trp_edge.backends import capabilities
@@ -685,3 +686,19 @@ def test_a_runtime_built_at_fp32_only_is_refused_at_int8_when_calibrating():
     cfg = CalibrateConfig(model="m", runtime="tvm", precision="int8", local=True)  # the config takes it
     with pytest.raises(ConfigError, match="tvm is built at fp32 only"):
         calibrate_model(cfg, "m", torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.slow
+def test_a_finetune_at_ranks_from_a_table(table, tmp_path):
+    """--finetune after ranks chosen by a latency table: the fine-tune's trainer is handed the run's tables (it
+    once failed here: 'the config names latency tables but none were passed'), and the ranks stay the table's."""
+    res = CliRunner().invoke(main, ["compress", "resnet20", "--data", "synthetic:3x16x16", "--steps", "0",
+                                    "--finetune", "1", "--batch", "64", "--scheme", "spatial", "--target-speedup", "2",
+                                    "--latency-table", str(table), "--out", str(tmp_path / "ft"), "--no-latency"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert rep["training"]["finetune"]["steps"] > 0 and rep["mac_speedup"] > 1.5
+    shapes = {k: tuple(v.shape) for k, v in torch.load(tmp_path / "ft" / "compressed.pt")["state_dict"].items()}
+    for la in rep["layers"]:
+        if la["rank"] is not None:
+            assert shapes[f"{la['name']}.first.weight"][0] == la["rank"]

@@ -172,4 +172,5 @@ def test_imagefolder_ranks_share_each_global_batch(jpeg_dir):
     halves = [_epoch(FolderSplit(jpeg_dir, 16, True), epoch=1, part=(r, 2)) for r in (0, 1)]
     assert [len(y) for _, y in halves[0]] == [2] * 5
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves):
-        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)

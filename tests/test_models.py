@@ -98,3 +98,31 @@ def test_compressed_payload_rebuilds_without_unpickling_code(tmp_path):
     model.eval(), loaded.model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), loaded.model(x))
+
+
+def test_the_shipped_trained_model_is_the_file_its_record_names():
+    """resnet20-fashion-mnist (make demo's starting point) loads by name, and its bytes are those its JSON record
+    (the command that made it, its top-1) describes."""
+    import hashlib
+    import json
+
+    from trp_edge.models.loading import PRETRAINED, load_model
+
+    record = json.loads((PRETRAINED / "resnet20-fashion-mnist.json").read_text())
+    assert hashlib.sha256((PRETRAINED / record["file"]).read_bytes()).hexdigest() == record["sha256"]
+    loaded = load_model("resnet20-fashion-mnist")
+    assert loaded.name == "resnet20-fashion-mnist"
+    assert (loaded.spec["name"], loaded.spec["in_channels"], loaded.spec["num_classes"]) == ("resnet20", 1, 10)
+
+
+@pytest.mark.slow
+def test_the_shipped_trained_model_scores_its_recorded_top1():
+    import json
+
+    from trp_edge.data import fashion_mnist
+    from trp_edge.models.loading import PRETRAINED, load_model
+    from trp_edge.trp import evaluate
+
+    record = json.loads((PRETRAINED / "resnet20-fashion-mnist.json").read_text())
+    top1 = evaluate(load_model("resnet20-fashion-mnist").model, fashion_mnist().test, torch.device("cpu"))
+    assert top1 == pytest.approx(record["top1"], abs=0.02)

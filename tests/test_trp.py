@@ -47,7 +47,8 @@ def test_nuclear_term_is_lambda_u_vt(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_trp_session.sh on a lent GPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (tools/gpu_trp_session.sh on a lent GPU)")
 @pytest.mark.parametrize("solver", ["svd", "newton-schulz"])
 def test_the_nuclear_term_on_cuda_is_the_cpus(tiny, solver):
     """TRP's nuclear term on the GPU (each solver) equals lambda * U V^T computed on the CPU."""

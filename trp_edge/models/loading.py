@@ -99,6 +99,8 @@ def load_model(source: str | nn.Module, *, arch: str | None = None, weights: str
     if isinstance(source, nn.Module):
         return _from_module(source, type(source).__name__.lower(), in_channels, input_size)
     path = Path(source)
+    if not path.exists() and not path.suffix and (shipped := pretrained(source)) is not None:
+        path = shipped  # a trained model that ships with trp-edge, by its name
     if not path.exists() and not path.suffix and is_known(source):
         spec = builtin_spec(source, in_channels or 3, num_classes)
         model = build(spec)
@@ -107,7 +109,8 @@ def load_model(source: str | nn.Module, *, arch: str | None = None, weights: str
         return LoadedModel(model, spec, source)
     if not path.exists():
         hint = (f"; built-in models: {', '.join(BUILTIN_NAMES)} and every torchvision classification model "
-                "(torchvision.models.list_models())") if not path.suffix else ""
+                "(torchvision.models.list_models()); trained: "
+                f"{', '.join(sorted(p.stem for p in PRETRAINED.glob('*.pt')))}") if not path.suffix else ""
         raise InputError(f"{source}: no such file{hint}")
     if path.is_dir():
         found = model_file(path, "compressed")
@@ -129,6 +132,15 @@ def load_model(source: str | nn.Module, *, arch: str | None = None, weights: str
     model = build(spec)
     _load_weights(model, sd, str(path))
     return LoadedModel(model, spec, name)
+
+
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"  # each NAME.pt beside NAME.json (how it was made)
+
+
+def pretrained(name: str) -> Path | None:
+    """The file of a trained model shipped with trp-edge (`resnet20-fashion-mnist`: the demo's), None if none."""
+    path = PRETRAINED / f"{name}.pt"
+    return path if "/" not in name and path.is_file() else None
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:

@@ -59,8 +59,8 @@ def finetune_stage(run: _Run, plans: list[LayerPlan], *, progress: bool = True, 
     device = resolve_device(cfg.device)
     fixed = run.spec.get("fixed_batch")
     before = evaluate(run.model.to(device), run.data.test, device, fixed)
-    trainer = TRPTrainer(run.model, run.data, cfg, run.dcfg, checkpoint=ckpt, other_macs=run.other_macs,
-                         progress=progress, on_step=on_step,
+    trainer = TRPTrainer(run.model, run.data, cfg, run.dcfg, tables=run.tables, checkpoint=ckpt,
+                         other_macs=run.other_macs, progress=progress, on_step=on_step,
                          loop=loop_options(run, "finetune", (rank, run.dense_macs.total / macs)))
     res = trainer.train(resume=resume)
     after, rate = timed_evaluate(run.model, run.data.test, device, fixed)
