@@ -25,7 +25,9 @@ def compress_lines(result) -> list[str]:
     out.append(f"{r.model}: {scheme} scheme, e={r.energy:.4g}: {r.mac_speedup:.2f}x fewer MACs "
                f"({r.dense['macs'] / 1e6:.1f}M -> {r.compressed['macs'] / 1e6:.1f}M), "
                f"{len(r.layers) - left}/{len(r.layers)} convs decomposed")
-    out.append(f"accuracy: dense {acc(r.dense['accuracy'])}, decomposed {acc(r.compressed['accuracy'])}; "
+    start = f"input model {acc(r.initial_accuracy)}, " if r.initial_accuracy is not None else ""
+    after = "after TRP " if r.training and r.training.get("steps") else ""
+    out.append(f"accuracy: {start}dense {after}{acc(r.dense['accuracy'])}, decomposed {acc(r.compressed['accuracy'])}; "
                f"ONNX max abs diff {r.onnx['max_abs_diff']:.2g}")
     if ft := (r.training or {}).get("finetune"):
         out.append(f"fine-tuned {ft['epochs']} epoch{'s' if ft['epochs'] > 1 else ''} at fixed ranks: top-1 "
@@ -90,7 +92,8 @@ def deploy_lines(path: Path) -> list[str]:
                + (f"; {r['fp32_dense']['speedup']:.2f}x against fp32 dense" if r.get("fp32_dense") else "") + em)
     acc = r.get("accuracy")
     if acc:
-        out.append(f"  top-1: trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
+        start = f"input model {acc['input']:.2f}%, " if acc.get("input") not in (None, acc["trained"]) else ""
+        out.append(f"  top-1: {start}trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
                    + "".join(f", {prec} {k} {v:.2f}%" for k, v in acc.get("quantized", {}).items()))
     if tvm_line(r):
         out.append(f"  {tvm_line(r)}")

@@ -108,10 +108,11 @@ def _tvm_line(part: Part, result: dict[str, Any], manifest: dict[str, Any], ms: 
 
 
 def _accuracy(src: CompressReport, manifest: dict[str, Any], precision: str) -> dict[str, Any] | None:
-    """Top-1 per stage, when the model's data is known: trained (the dense model), decomposed, and "quantized":
+    """Top-1 per stage, when the model's data is known: input (the model compress was given, when it trained it),
+    trained (the dense model), decomposed, and "quantized":
     per variant (dense, compressed), the artifact of this precision as built for this runtime (on the build's
     evaluation images from the test set)."""
-    out: dict[str, Any] = {"data": src.data, "trained": src.dense.get("accuracy"),
+    out: dict[str, Any] = {"data": src.data, "input": src.initial_accuracy, "trained": src.dense.get("accuracy"),
                            "decomposed": src.compressed.get("accuracy"), "quantized": {}}
     for a in manifest["artifacts"]:
         acc = a.get("accuracy") or {}
