@@ -172,3 +172,10 @@ def test_a_run_interrupted_in_the_finetune_resumes(tmp_path):
     assert resumed.report.training["finetune"]["steps"] == straight.report.training["finetune"]["steps"] == 8
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_a_fraction_of_an_epoch_finetunes_that_share_of_its_steps(tmp_path):
+    _run(tmp_path, steps=0, finetune=0.5)  # 512 images in batches of 128: 4 steps an epoch
+    ft = json.loads((tmp_path / "report.json").read_text())["training"]["finetune"]
+    assert (ft["epochs"], ft["steps"]) == (0.5, 2)

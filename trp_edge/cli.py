@@ -61,8 +61,8 @@ D, T, C, P, B, Dp, Ca = (DecomposeConfig, TRPConfig, CompressConfig, ProfileConf
      help="how the nuclear-norm sub-gradient is found: svd, newton-schulz (matrix products; auto: on CUDA)")
 @opt(T, "seed", "--seed", type=int)
 @opt(T, "workers", "--workers", type=int, help="data loader workers (imagefolder; 0: in this process)")
-@opt(T, "finetune", "--finetune", type=int, help="after decomposition, train the low-rank model N epochs (ranks "
-     "fixed; plain SGD, the run's lr and schedule); also after --steps 0")
+@opt(T, "finetune", "--finetune", type=float, help="after decomposition, train the low-rank model N epochs (ranks "
+     "fixed; plain SGD, the run's lr and schedule; 0.5: half an epoch's steps); also after --steps 0")
 @opt(T, "distill", "--distill", type=float, is_flag=False, flag_value=4.0,
      help="distil from the dense input model (frozen) at temperature T [T without a value: 4]")
 @opt(T, "distill_weight", "--distill-weight", type=float, help="a: loss = (1-a) CE + a T^2 KL")

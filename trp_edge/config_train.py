@@ -20,8 +20,9 @@ class TRPConfig(_JSONMixin):
     matrix products, all shapes in one batch: for GPUs, where small SVDs are slow), "auto" (newton-schulz on
     CUDA, svd elsewhere).
 
-    After training (and after decomposition): `finetune` epochs of plain SGD on the low-rank model itself, ranks
-    fixed. `distill`: a temperature T makes the dense input model, frozen, a teacher: loss = (1-a) CE +
+    After training (and after decomposition): `finetune` epochs (a fraction: that share of one epoch's steps) of
+    plain SGD on the low-rank model itself, ranks fixed. `distill`: a temperature T makes the dense input model,
+    frozen, a teacher: loss = (1-a) CE +
     a T^2 KL(teacher || student) on softmax(logits / T), a = `distill_weight`. `eval_every`: held-out top-1 every
     N epochs (0: never); `keep`: "best" ships the weights of the epoch with the best held-out top-1 (needs
     eval_every). `amp`: autocast of forward and loss (SVDs and weights stay fp32); `channels_last`: NHWC memory."""
@@ -40,7 +41,7 @@ class TRPConfig(_JSONMixin):
     workers: int = 0
     svd_device: str = "auto"
     nuclear_solver: str = "auto"
-    finetune: int = 0
+    finetune: float = 0  # epochs; a fraction is that share of an epoch's steps
     distill: float | None = None
     distill_weight: float = 0.5
     eval_every: int = 0

@@ -30,7 +30,7 @@ def compress_lines(result) -> list[str]:
     out.append(f"accuracy: {start}dense {after}{acc(r.dense['accuracy'])}, decomposed {acc(r.compressed['accuracy'])}; "
                f"ONNX max abs diff {r.onnx['max_abs_diff']:.2g}")
     if ft := (r.training or {}).get("finetune"):
-        out.append(f"fine-tuned {ft['epochs']} epoch{'s' if ft['epochs'] > 1 else ''} at fixed ranks: top-1 "
+        out.append(f"fine-tuned {ft['epochs']:g} epoch{'s' if ft['epochs'] != 1 else ''} at fixed ranks: top-1 "
                    f"{acc(ft['accuracy_before'])} -> {acc(ft['accuracy_after'])} ({ft['seconds']:.0f} s)")
     tables = r.latency_tables
     spread = " (spread over layers for latency at the MAC target)" if r.allocate == "latency" else ""

@@ -48,7 +48,9 @@ def finetune_stage(run: _Run, plans: list[LayerPlan], *, progress: bool = True, 
     tcfg = run.cfg.trp
     if tcfg.finetune == 0:
         return
-    cfg = replace(tcfg, period=0, nuclear=0.0, epochs=tcfg.finetune, steps=None)
+    whole = float(tcfg.finetune).is_integer()  # a fraction of an epoch runs as that share of its steps
+    steps = None if whole else max(1, round(tcfg.finetune * run.data.train.num_batches(tcfg.batch, drop_last=True)))
+    cfg = replace(tcfg, period=0, nuclear=0.0, epochs=int(tcfg.finetune) if whole else None, steps=steps)
     ckpt, trp_ckpt = run.out / FINETUNE_CHECKPOINT, run.out / "checkpoint.pt"
     resume = run.cfg.resume and ckpt.exists() and (not trp_ckpt.exists()
                                                    or ckpt.stat().st_mtime >= trp_ckpt.stat().st_mtime)
