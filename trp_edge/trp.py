@@ -285,8 +285,9 @@ class TRPTrainer:
                 if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:  # an epoch's end
                     self.loop.epoch_end(epoch, loss, acc)
                     self.save_checkpoint(epoch, 0)
-                    log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %d", epoch, loss, acc or 0.0,
-                             self._total_rank())
+                    rank, speedup = self.loop.shape()  # the fine-tune's fixed ranks too
+                    log.info("epoch %d: loss %.4f, train acc %.2f%%, total rank %s (%.2fx fewer MACs)", epoch, loss,
+                             acc or 0.0, rank or 0, speedup or 1.0)
         finally:
             if prev is not None:
                 signal.signal(signal.SIGINT, prev)
