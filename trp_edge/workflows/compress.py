@@ -319,7 +319,8 @@ def _report(run: _Run, plans: list[LayerPlan], comp_macs, dense_model, diffs, on
         dense={"macs": dense_macs.total, "params": param_count(dense_model),
                "accuracy": evaluate(dense_model, test, cpu, fixed) if test is not None else None},
         compressed={"macs": comp_macs.total, "params": param_count(model),
-                    "accuracy": evaluate(model, test, cpu, fixed) if test is not None else None},
+                    "accuracy": None if test is None else run.finetune["accuracy_after"] if run.finetune else
+                    evaluate(model, test, cpu, fixed)},  # the fine-tune's last evaluation is of this model
         initial_accuracy=run.initial_acc, mac_speedup=dense_macs.total / comp_macs.total,
         param_ratio=param_count(dense_model) / param_count(model), layers=layers,
         onnx={"max_abs_diff": max(diffs.values()), "max_abs_diff_dense": diffs["dense"],
