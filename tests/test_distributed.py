@@ -100,6 +100,10 @@ def test_two_ranks_train_as_one_process_and_only_rank_0_writes(tmp_path):
     # the two runs differ slightly, within 5 %
     a, b = train_loss(tmp_path / "out0" / "dense.pt"), train_loss(tmp_path / "out2" / "dense.pt")
     assert abs(a - b) <= 0.05 * a, (a, b)
+    # metrics.jsonl splits the sharded SVDs' broadcasts out as comm_ms: none in one process, some on two ranks
+    comm = {r: [json.loads(x)["comm_ms"] for x in (tmp_path / f"out{r}" / "metrics.jsonl").read_text().splitlines()]
+            for r in (0, 2)}
+    assert set(comm[0]) == {0.0} and all(c > 0 for c in comm[2])
 
 
 @pytest.mark.slow

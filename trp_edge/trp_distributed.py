@@ -22,6 +22,7 @@ import math
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class Dist:
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, backend: str | None = None):
         self.rank, self.world, self.local_rank, self.backend = rank, world, local_rank, backend
+        self.comm_seconds = 0.0  # in spread's broadcasts (metrics.jsonl comm_ms; DDP's all-reduce is in backward)
 
     @property
     def is_main(self) -> bool:
@@ -131,6 +133,7 @@ class Dist:
         mine = [c for c in chunks if c.rank == self.rank]
         got = dict(zip(mine, run(mine)))
         comm = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+        t0 = time.perf_counter()
         for src in range(self.world):
             theirs = [c for c in chunks if c.rank == src]
             dims = [tuple(s) for c in theirs for s in shapes(c)]
@@ -146,6 +149,7 @@ class Dist:
                 flat = iter(buf.to(device).split([math.prod(s) for s in dims]))
                 for c in theirs:
                     got[c] = tuple(next(flat).view(s) for s in shapes(c))
+        self.comm_seconds += time.perf_counter() - t0
         out = []
         for j in range(len(sizes)):
             parts = [got[c] for c in chunks if c.job == j]
