@@ -135,6 +135,21 @@ def test_a_newer_device_result_is_refused_and_every_job_goes_out_versioned():
     assert old("bench", {}, {})["runtime"] == "ort"
 
 
+def test_metrics_lines_are_versioned_and_a_newer_one_is_refused(tmp_path):
+    from trp_edge.contracts import METRICS
+    from trp_edge.trp_metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", fresh=True)
+    log.write({"phase": "trp", "epoch": 1, "loss": 0.5})
+    (row,) = log.rows()
+    assert (row["format"], row["version"], row["loss"]) == (METRICS.format, METRICS.version, 0.5)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**row, "epoch": 2, "version": NEWER}) + "\n")
+    with pytest.raises(ContractError) as e:
+        log.rows()
+    _one_line_newer(e, "metrics.jsonl:2")
+
+
 def test_a_newer_compressed_model_is_refused(tmp_path):
     from trp_edge.models import load_model
 

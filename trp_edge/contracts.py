@@ -10,7 +10,8 @@ fields are the same.
     DEPLOY_REPORT       reports/<target>/*.json                  workflows.deploy      report.aggregate, cli
     DEVICE_JOB          the job a Session sends the device       transport             device.bench (device side)
     DEVICE_RESULT       the device's answer to a job             device.bench          transport
-    CHECKPOINT          OUT/checkpoint.pt                        trp                   trp (--resume)
+    CHECKPOINT          OUT/checkpoint.pt, OUT/finetune.pt       trp                   trp (--resume)
+    METRICS             each line of OUT/metrics.jsonl           trp_metrics           trp_metrics (training.png)
     COMPRESSED_MODEL    the spec inside compressed.pt / dense.pt models (save)         models (load)
 
 A leaf: nothing of trp_edge but errors, no torch; atomic writers live here so every layer can use them."""
@@ -65,8 +66,9 @@ DEVICE_JOB = Contract("trp-edge/device-job", 1, "device job")
 DEVICE_RESULT = Contract("trp-edge/device-result", 1, "device result")
 CHECKPOINT = Contract("trp-edge/checkpoint", 1, "training checkpoint")
 COMPRESSED_MODEL = Contract("trp-edge/compressed", 1, "compressed model")
+METRICS = Contract("trp-edge/metrics", 1, "training metrics line")
 CONTRACTS = (COMPRESS_REPORT, BUILD_MANIFEST, CALIBRATION, DEPLOY_REPORT, DEVICE_JOB, DEVICE_RESULT, CHECKPOINT,
-             COMPRESSED_MODEL)
+             COMPRESSED_MODEL, METRICS)
 
 
 def pair_job(runtime: str, threads: int, protocol: Any, dense: str, compressed: str, reference: str,

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .contracts import METRICS
+
 log = logging.getLogger(__name__)
 
 SCALARS = ("loss", "train_accuracy", "test_accuracy", "total_rank", "mac_speedup", "lr", "images_per_s",
@@ -30,7 +32,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(METRICS.stamp(row)) + "\n")
             f.flush()
         writer = self._writer()
         if writer is not None:
@@ -54,7 +56,12 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(self.path.read_text().splitlines(), 1):
+            if line.strip():
+                rows.append(json.loads(line))
+                METRICS.check(rows[-1], f"{self.path}:{i}")  # a newer trp-edge's line is refused, not misread
+        return rows
 
     def close(self) -> None:
         if self._tb is not None:
