@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-RUNTIMES = ("tvm", "ort", "tflite")
+RUNTIMES = ("tvm", "ort", "tflite", "executorch")
 GPU_APIS = ("opencl", "cuda", "vulkan")
 # the targets shipped with trp-edge: inside an installed package (setup.py copies targets/ there), else the
 # checkout's targets/ beside the package

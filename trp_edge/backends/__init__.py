@@ -1,4 +1,4 @@
-"""Runtimes as same-shaped modules: tvm, ort, tflite. Each implements the runtime protocol of
+"""Runtimes as same-shaped modules: tvm, ort, tflite, executorch. Each implements the runtime protocol of
 trp_edge.backends.base (CAPABILITIES, check_available, build, load, profile_ops, ...); `get(name)` returns one
 and `capabilities(name)` what it can do. Heavy imports stay inside the functions, so a missing runtime is one
 clear line when it is used, and a backend's CAPABILITIES is read without importing the runtime itself.
@@ -22,6 +22,8 @@ def get(name: str) -> Runtime:
         from . import tflite as mod
     elif name == "tvm":
         from . import tvm as mod
+    elif name == "executorch":
+        from . import executorch as mod
     else:
         raise ValueError(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
     return mod  # type: ignore[return-value]

@@ -1,6 +1,6 @@
 """The runtime protocol and the types a build hands between stages.
 
-Every runtime (tvm, ort, tflite) is a module of this package with the same functions:
+Every runtime (tvm, ort, tflite, executorch) is a module of this package with the same functions:
 
     CAPABILITIES                                     -> what the runtime can do (Capabilities), read without
                                                         importing the runtime itself
@@ -68,7 +68,9 @@ class Capabilities:
         device identity's "sessions"; a table measured another way is stale), or None.
     reference: the runtime deploy times its compressed model against in the same run (with its untuned module:
         the report's tuned / untuned / reference line), or None.
-    ops_note: why it has no per-op profile (profile_ops gives None), or None."""
+    ops_note: why it has no per-op profile (profile_ops gives None), or None.
+    host_validates: why a foreign target's artifacts are validated on this host rather than under emulation (they
+        are CPU-portable and the emulated userland cannot run the runtime), or None."""
 
     int8: bool
     in_net: bool
@@ -77,6 +79,7 @@ class Capabilities:
     session_mode: str | None = None
     reference: str | None = None
     ops_note: str | None = None
+    host_validates: str | None = None
 
     def built_at(self, precision: str) -> bool:
         """Whether trp-edge builds (so deploys and calibrates) the runtime at `precision`."""
@@ -192,6 +195,21 @@ def calibration_images(shape, n: int = 8) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
 
 
+def middle_mean(a: np.ndarray) -> float:
+    """The mean of the middle half of the runs: a profiler counting whole microseconds makes the median of a thin
+    layer's few microseconds that coarse; this is as robust and finer."""
+    lo, hi = np.percentile(a, [25, 75])
+    mid = a[(a >= lo) & (a <= hi)]
+    return float(mid.mean() if len(mid) else np.median(a))
+
+
+def layer_stats(total: np.ndarray, layers: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A layer_profile's answer from per-run sums: each whole run's time and each layer tag's conv time."""
+    stats = {t: {"median_ms": middle_mean(a), "p10_ms": float(np.percentile(a, 10)),
+                 "p90_ms": float(np.percentile(a, 90)), "runs": len(a)} for t, a in layers.items()}
+    return {"total_ms": middle_mean(total), "layers": stats}
+
+
 Lowered = dict[str, Path | Callable[[], Path]]  # a calibration call's files: a file, or a function that writes it
 
 
@@ -220,3 +238,43 @@ class Runtime(Protocol):
     def int8_artifact(self, model: ModelFiles, work: Path, name: str, shape: tuple[int, ...], calib: np.ndarray,
                       target: Target) -> Path: ...
 
+
+def lower_nets(g: dict[str, Any], int8: bool, lower: Callable[[str, Any, list[int] | None], Path],
+               name: Callable[[str, bool], str]) -> tuple[list[dict[str, Any]], Lowered]:
+    """The whole nets of a calibration's NET group grid (workflows.in_net.net_grid), each lowered by the backend's
+    `lower(stem, model, tags)`: tags[i] the layer of the model's i-th conv call (a pair's two convs share one),
+    which the backend's layer_profile sums by. `name(stem, int8)` is the file `lower` writes. The dense net is
+    lowered now; every other net's file is a function that lowers it when its call comes, so the host holds one
+    net at a time (ResNet-18's 37 ONNX nets took 0.8 GB at once). Only the dense net when the tags do not fit the
+    export (`lower` raises ConversionError: a conv called twice, say): the table then has the layers as timed
+    alone."""
+    import copy
+    import logging
+    from functools import partial
+
+    from ..errors import ConversionError
+    from ..latency_table import DENSE
+    from ..lowrank import make_pair
+
+    net, order = g["variants"][DENSE], g["order"]
+
+    def one(vi: int, pairs: dict[str, tuple[str, int]], tag: bool = True) -> Path:
+        model = copy.deepcopy(net) if pairs else net
+        for layer, (scheme, k) in pairs.items():
+            parent, _, attr = layer.rpartition(".")
+            setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(layer), scheme, k, init=False))
+        tags = [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)] if tag else None
+        return lower(f"net{vi}", model, tags)
+
+    grid = list(g["grid"].items())
+    try:
+        dense = one(0, grid[0][1])
+    except ConversionError as e:
+        logging.getLogger(__name__).warning("calibrate: cannot find the layers in the exported net (%s): every "
+                                            "layer is timed alone", e)
+        dense = one(0, grid[0][1], tag=False)
+        grid = grid[:1]
+    arts = [{"variant": variant, "file": name(f"net{vi}", int8)} for vi, (variant, _) in enumerate(grid)]
+    files: Lowered = {arts[0]["file"]: dense}
+    files.update({a["file"]: partial(one, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
+    return arts, files

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError, ConversionError, MissingTool
-from ..latency_table import CALL, DENSE, NET
+from ..latency_table import CALL, NET
 from .base import (
     PROFILE_RUNS,
     Artifact,
@@ -37,6 +37,8 @@ from .base import (
     Samples,
     Source,
     calibration_images,
+    layer_stats,
+    lower_nets,
     write_onnx,
 )
 
@@ -177,17 +179,7 @@ def layer_profile(path: str, x: np.ndarray, threads: int = 1, runs: int = 2 * PR
         if tag and op in CONV_KERNELS:
             acc = layers.setdefault(tag.group(1), np.zeros(runs))
             acc[-len(last):] += last
-    stats = {t: {"median_ms": _middle_mean(a), "p10_ms": float(np.percentile(a, 10)),
-                 "p90_ms": float(np.percentile(a, 90)), "runs": runs} for t, a in layers.items()}
-    return {"total_ms": _middle_mean(total), "layers": stats}
-
-
-def _middle_mean(a: np.ndarray) -> float:
-    """The mean of the middle half of the runs: the profiler counts whole microseconds, so the median of a thin
-    layer's few microseconds is that coarse; this is as robust and finer."""
-    lo, hi = np.percentile(a, [25, 75])
-    mid = a[(a >= lo) & (a <= hi)]
-    return float(mid.mean() if len(mid) else np.median(a))
+    return layer_stats(total, layers)
 
 
 def optimize(src_onnx: Path, dst: Path, level_all: bool) -> None:
@@ -313,33 +305,10 @@ def _lower_model(module, shape, path: Path, int8: bool, tags: list[int] | None =
 
 def _lower_nets(g: dict[str, Any], cfg: CalibrateConfig, tmp: Path) -> tuple[list, Lowered]:
     """The whole nets of the NET group's grid as ONNX models whose nodes are tagged with their layer (tag_layers;
-    INT8: quantized afterwards, as a layer's models are). The dense net is lowered now; every other net's file is a
-    function that lowers it when its call comes, so the host holds one net at a time (ResNet-18's 37 nets took
-    0.8 GB of the host's disk at once). Only the dense net when the tags do not fit the export (a conv called
-    twice, say): the table then has the layers as timed alone."""
-    import copy
-    from functools import partial
+    INT8: quantized afterwards, as a layer's models are): base.lower_nets."""
+    int8 = cfg.precision == "int8"
 
-    from ..lowrank import make_pair
+    def lower(stem: str, model, tags: list[int] | None) -> Path:
+        return _lower_model(model, g["input_shape"], tmp / _onnx_name(stem, int8), int8, tags)
 
-    net, order, int8 = g["variants"][DENSE], g["order"], cfg.precision == "int8"
-
-    def lower(vi: int, pairs: dict[str, tuple[str, int]], tag: bool = True) -> Path:
-        model = copy.deepcopy(net) if pairs else net
-        for name, (scheme, k) in pairs.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, make_pair(model.get_submodule(name), scheme, k, init=False))
-        tags = [i for i, n in enumerate(order) for _ in range(2 if n in pairs else 1)] if tag else None
-        return _lower_model(model, g["input_shape"], tmp / _onnx_name(f"net{vi}", int8), int8, tags)
-
-    grid = list(g["grid"].items())
-    try:
-        dense = lower(0, grid[0][1])
-    except ConversionError as e:
-        log.warning("calibrate: cannot find the layers in the exported net (%s): every layer is timed alone", e)
-        dense = lower(0, grid[0][1], tag=False)
-        grid = grid[:1]
-    arts = [{"variant": variant, "file": _onnx_name(f"net{vi}", int8)} for vi, (variant, _) in enumerate(grid)]
-    files: Lowered = {arts[0]["file"]: dense}
-    files.update({a["file"]: partial(lower, vi, pairs) for vi, (a, (_, pairs)) in enumerate(zip(arts, grid)) if vi})
-    return arts, files
+    return lower_nets(g, int8, lower, _onnx_name)

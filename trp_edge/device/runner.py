@@ -41,10 +41,20 @@ def runtime_versions() -> dict[str, str | None]:
         caps = capabilities(rt)
         for package in (caps.version_key, *caps.other_packages):
             try:
-                out[package] = getattr(importlib.import_module(package), "__version__", "unknown")
+                out[package] = getattr(importlib.import_module(package), "__version__", None) or _dist(package)
             except Exception:  # noqa: BLE001 - a runtime that fails to import is as good as missing
                 out[package] = None
     return out
+
+
+def _dist(package: str) -> str:
+    """An installed package's version from its metadata (a namespace package has no __version__: executorch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def session_modes() -> dict[str, str]:

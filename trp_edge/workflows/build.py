@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import tuning_device
-from ..backends import get, int8_runtimes
+from ..backends import capabilities, get, int8_runtimes
 from ..backends.base import Artifact, Runtime, Samples, Source, Variant, sha256
 from ..config import BuildConfig
 from ..contracts import CompressReport, Manifest
@@ -170,19 +170,23 @@ def validate(folder: Path, artifacts: list[Artifact], target: Target, ref_file: 
         a.validation = {"status": "compile-only", "reason": why}
     if not runnable:
         return
-    job = {"reference": os.path.relpath(ref_file, folder), "threads": 1,
-           "artifacts": [{"file": a.file, "runtime": a.runtime, "variant": a.variant, "device": a.device}
-                         for a, _ in runnable]}
-    if target.native:
+    on_host = [target.native or bool(capabilities(a.runtime).host_validates) for a, _ in runnable]
+    here = [a for (a, _), h in zip(runnable, on_host) if h]
+    away = [a for (a, _), h in zip(runnable, on_host) if not h]
+    results: list[tuple[Artifact, dict[str, Any], str]] = []
+    if here:
         from ..device.runner import check
 
-        results, where = check(job, folder), "native"
-    else:
+        hosted = "native" if target.native else f"this host ({capabilities(here[0].runtime).host_validates})"
+        results += [(a, r, hosted) for a, r in zip(here, check(_check_job(here, folder, ref_file), folder))]
+    if away:
         from ..emulate import run_check
 
-        results, where = run_check(job, folder, target), f"emulated ({target.cpu.arch} under qemu-user)"
+        emulated = f"emulated ({target.cpu.arch} under qemu-user)"
+        results += [(a, r, emulated) for a, r in zip(away, run_check(_check_job(away, folder, ref_file), folder,
+                                                                     target))]
     failures = []
-    for (a, _), r in zip(runnable, results):
+    for a, r, where in results:
         v: dict[str, Any] = {"where": where}
         if "error" in r:
             v.update(status="failed", error=r["error"])
@@ -204,6 +208,12 @@ def validate(folder: Path, artifacts: list[Artifact], target: Target, ref_file: 
         raise ValidationError(f"{folder.name}: {len(failures)} artifact(s) fail validation: " + "; ".join(failures))
 
 
+def _check_job(artifacts: list[Artifact], folder: Path, ref_file: Path) -> dict[str, Any]:
+    return {"reference": os.path.relpath(ref_file, folder), "threads": 1,
+            "artifacts": [{"file": a.file, "runtime": a.runtime, "variant": a.variant, "device": a.device}
+                          for a in artifacts]}
+
+
 def compile_only_reason(a: Artifact, target: Target, emulate: bool) -> str | None:
     if a.extra.get("linked") is False:
         return "object files, not linked here: " + a.extra.get("link_note", "link them on the device")
@@ -216,7 +226,7 @@ def compile_only_reason(a: Artifact, target: Target, emulate: bool) -> str | Non
         except Exception:  # noqa: BLE001 - a runtime built without that API
             pass
         return f"no {a.device} device runs {target.name} code on this machine"
-    if target.native:
+    if target.native or capabilities(a.runtime).host_validates:
         return None
     if not emulate:
         return "foreign CPU and emulation turned off"
