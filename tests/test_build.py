@@ -294,7 +294,7 @@ def test_each_backend_builds_what_its_capabilities_declare(host_ort):
     caps = capabilities("ort")
     assert {a["precision"] for a in m["artifacts"]} == {p for p in PRECISIONS if caps.built_at(p)} == {"fp32", "int8"}
     assert m["runtime_version"] == {caps.version_key: m["runtime_version"][caps.version_key]}
-    assert set(int8_runtimes()) == {"ort", "tflite"} and not capabilities("tvm").built_at("int8")
+    assert set(int8_runtimes()) == {"ort", "tflite", "executorch"} and not capabilities("tvm").built_at("int8")
     for rt in RUNTIMES:
         c = capabilities(rt)
         if rt != "tvm":  # tvm's capabilities are declared by the registry until its backend declares them

@@ -75,7 +75,7 @@ def check_report(r: dict, runtime: str, precision: str = "fp32") -> None:
     assert r["device"]["cores"] >= 1 and r["device"]["runtimes"]["numpy"]
 
 
-# builds for TVM, ORT and TFLite (fp32 and INT8) and times them all over RPC
+# builds for TVM, ORT, TFLite and ExecuTorch (fp32 and INT8) and times them all over RPC
 @pytest.mark.slow
 def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
     res = deploy(["--model", str(compressed), "--host", "127.0.0.1", "--port", str(server), "--precision",
@@ -83,13 +83,14 @@ def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
     assert res.exit_code == 0, res.output
     every = {(r["runtime"], r["precision"]): r for r in reports_in(tmp_path)}
     # INT8 where the runtime builds it: over RPC, INT8 dense against INT8 compressed
-    assert set(every) == {("tvm", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("tflite", "fp32"), ("tflite", "int8")}
+    assert set(every) == {("tvm", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("tflite", "fp32"), ("tflite", "int8"),
+                          ("executorch", "fp32"), ("executorch", "int8")}
     for (rt, prec), r in every.items():
         check_report(r, rt, prec)
         assert r["transport"].startswith("rpc (127.0.0.1")
-    for rt in ("ort", "tflite"):
+    for rt in ("ort", "tflite", "executorch"):
         q = every[(rt, "int8")]
-        assert q["artifacts"]["compressed"]["file"].endswith((".int8.onnx", ".int8.tflite"))
+        assert q["artifacts"]["compressed"]["file"].endswith((".int8.onnx", ".int8.tflite", ".int8.pte"))
         # the fp32 dense model, timed in the same run, is the reference line
         assert q["fp32_dense"]["median_ms"] == every[(rt, "fp32")]["dense"]["median_ms"]
         assert q["fp32_dense"]["speedup"] == pytest.approx(q["fp32_dense"]["median_ms"] / q["compressed"]["median_ms"])
@@ -98,9 +99,10 @@ def test_deploy_every_runtime_through_serve(compressed, server, tmp_path):
     for r in reps.values():
         for ext in ("md", "png"):
             assert (tmp_path / "host" / r["files"][{"md": "markdown", "png": "plot"}[ext]]).stat().st_size > 0
-    for rt in ("tvm", "ort"):  # per-layer breakdown: every decomposed layer has both times
+    for rt in ("tvm", "ort", "executorch"):  # per-layer breakdown: every decomposed layer has both times
         lay = [la for la in reps[rt]["layers"] if la["rank"] is not None]
-        assert lay and all(la["dense_ms"] and la["compressed_ms"] for la in lay), rt
+        assert lay and all(la["dense_ms"] is not None and la["compressed_ms"] is not None for la in lay), rt
+        assert sum(la["compressed_ms"] for la in lay) > 0, rt
         assert reps[rt]["layers_unmatched_kernels"] == {"dense": 0, "compressed": 0}
     assert "no op profiler" in reps["tflite"]["layers_note"]
     # the untuned TVM build is timed against ONNX Runtime's compressed model in the same run

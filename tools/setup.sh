@@ -40,6 +40,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --no-cache-dir "${TORCH[@]}" -e ".[all,test]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import trp_edge, torch, onnxruntime, matplotlib, tvm, ai_edge_litert" \
     || { echo "setup: the install did not complete (see pip's output above)" >&2; exit 1; }
+  # ExecuTorch pairs with one torch release (1.5.x with 2.14) and does not pin it: install it only beside that torch.
+  tv=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+  if [ "${tv%.*}" = "2.14" ]; then
+    .venv/bin/pip install -q --no-cache-dir "${TORCH[@]}" -e ".[executorch]" 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import executorch.runtime" 2>/dev/null \
+      || { echo "setup: executorch did not install (see pip's output above)" >&2; exit 1; }
+  else
+    echo "setup: executorch skipped: executorch 1.5 pairs with torch 2.14, this .venv has torch $tv"
+  fi
   # The TFLite converter in its own environment (see pyproject.toml, extra "litert").
   # torch with its CUDA libraries is 5.5 GB: .venv-litert reads it from .venv (a .pth file puts .venv's
   # site-packages after its own) instead of holding a second copy, and keeps its own typing-extensions,

@@ -5,7 +5,7 @@ partitioner=[XnnpackPartitioner()])`), plus one constant method, CONVS_METHOD, t
 XNNPACK's profile (ETDump) names its ops after XNNPACK operators ("Convolution (NHWC, F32) IGEMM #3"), not after
 graph nodes (its preprocess leaves no debug handles), so the program carries what the device needs to map them
 back: one row per conv call in execution order (out and in channels, kernel, output size, groups, layer tag).
-The k-th convolution event of a run is the k-th row; runtime.py checks the counts and kernel classes agree."""
+runtime.py lines the events up with these rows by order and kernel class."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ resized under a loaded method: one job, one thread count), and checks the count 
 
 Per-op rows come from ETDump (the Inspector's events of the "Execute" block). XNNPACK names them after its own
 operators, so convolution events are mapped to the model's convs by order and kernel class, from the rows the
-program carries (export.CONVS_METHOD): the k-th convolution event of a run is the k-th conv call. Where the
-counts or kernel classes disagree the mapping is refused with the reason, not guessed."""
+program carries (export.CONVS_METHOD): the k-th conv call takes the next event that can be its kernel (an
+IGEMM or DWConv convolution, a 1x1 conv a GEMM convolution or a fully connected op). Where they do not line up
+the mapping is refused with the reason, not guessed."""
 
 from __future__ import annotations
 
@@ -123,26 +124,38 @@ def _events(path: str, x: np.ndarray, threads: int, runs: int) -> list[tuple[str
     return out
 
 
-def kernel_class(row) -> str:
-    """The XNNPACK convolution a conv row becomes: depthwise, 1x1 (GEMM) or spatial (IGEMM)."""
-    out_c, in_c, kh, kw, _, _, groups, _ = (int(v) for v in row)
+def _fits(row, event: str) -> bool:
+    """Whether an XNNPACK event can be the conv of `row`: a depthwise conv is a DWConv convolution, a 1x1 conv a
+    GEMM convolution or (stride 1, NHWC) a fully connected op, any other conv an IGEMM convolution."""
+    _, in_c, kh, kw, _, _, groups, _ = (int(v) for v in row)
+    kind = event.split(" #")[0]
     if groups > 1 and groups == in_c:
-        return "DWConv"
-    return "GEMM" if (kh, kw) == (1, 1) and groups == 1 else "IGEMM"
+        return kind.startswith("Convolution") and "DWConv" in kind
+    if (kh, kw) == (1, 1) and groups == 1:
+        return kind.startswith("Fully Connected") or kind.startswith("Convolution") and kind.endswith("GEMM")
+    return kind.startswith("Convolution") and "DWConv" not in kind
 
 
 def _conv_events(events: list[tuple[str, list[float]]], rows: np.ndarray) -> list[int]:
-    """Which events are the model's convs, in order, checked against the program's rows by count and kernel
-    class. Raises ConversionError naming the mismatch (the mapping is not guessed)."""
-    idx = [i for i, (name, _) in enumerate(events) if "onvolution" in name]
-    if len(idx) != len(rows):
-        raise ConversionError(f"{len(idx)} convolution events in the ETDump profile, {len(rows)} convs in the "
-                              "model: per-layer rows not mapped (ops run outside XNNPACK, or a conv was merged)")
-    for i, row in zip(idx, rows):
-        name, want = events[i][0], kernel_class(row)
-        if want == "DWConv" and "DWConv" not in name or want != "DWConv" and not name.split(" #")[0].endswith(want):
-            raise ConversionError(f"event {name!r} is not a {want} conv {row[:4].tolist()}: per-layer rows not "
-                                  "mapped (the op order differs from the model's)")
+    """Which events are the model's convs, in order: each conv row takes the next event that can be its conv
+    (_fits); a fully connected event passed over is the classifier. Raises ConversionError naming the mismatch
+    (a convolution event passed over, a conv left without one): the mapping is not guessed."""
+    idx, at = [], 0
+    for row in rows:
+        while at < len(events) and not _fits(row, events[at][0]):
+            if events[at][0].startswith(("Convolution", "Deconvolution")):
+                raise ConversionError(f"event {events[at][0]!r} does not fit conv {row[:4].tolist()} of the model: "
+                                      "per-layer rows not mapped (the op order differs from the model's)")
+            at += 1
+        if at == len(events):
+            raise ConversionError(f"{len(rows) - len(idx)} of {len(rows)} convs have no XNNPACK event in the ETDump "
+                                  "profile: per-layer rows not mapped (ops run outside XNNPACK, or were merged)")
+        idx.append(at)
+        at += 1
+    left = [n for n, _ in events[at:] if n.startswith(("Convolution", "Deconvolution"))]
+    if left:
+        raise ConversionError(f"{len(left)} convolution events left over after the model's {len(rows)} convs: "
+                              "per-layer rows not mapped")
     return idx
 
 
