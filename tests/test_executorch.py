@@ -78,7 +78,7 @@ def test_build_validate_and_deploy_locally_fp32_and_int8(compressed, tmp_path):
                                     "executorch", "--precision", "fp32,int8", "--reports", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "reusing the build" in res.output
-    reps = {r["precision"]: r for r in map(lambda f: json.loads(f.read_text()), (tmp_path / "r" / "host").glob("*.json"))}
+    reps = {r["precision"]: r for r in (json.loads(f.read_text()) for f in (tmp_path / "r" / "host").glob("*.json"))}
     assert set(reps) == {"fp32", "int8"}
     fp32 = reps["fp32"]
     assert fp32["runtime"] == "executorch" and fp32["dense"]["median_ms"] > 0 and fp32["compressed"]["median_ms"] > 0
