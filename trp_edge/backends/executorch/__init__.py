@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "executorch==1.5.0"  # the release that pairs with torch 2.14 (tools/setup.sh installs it)
 CAPABILITIES = Capabilities(int8=True, in_net=True, version_key="executorch",
-                            host_validates="a .pte is CPU-portable (XNNPACK picks kernels at load) and the "
-                                           "emulated userland has no torch, which ExecuTorch's runtime links")
+                            host_validates="CPU-portable .pte; no torch in the emulated userland")
 QUANTIZATION = "PT2E, XNNPACKQuantizer: symmetric s8 per-channel weights, static s8 activations, min/max calibration"
 
 
