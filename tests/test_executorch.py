@@ -88,6 +88,12 @@ def test_build_validate_and_deploy_locally_fp32_and_int8(compressed, tmp_path):
     assert sum(la["dense_ms"] for la in lay) > 0 and sum(la["compressed_ms"] for la in lay) > 0
     assert fp32["layers_unmatched_kernels"] == {"dense": 0, "compressed": 0}
     assert reps["int8"]["fp32_dense"]["median_ms"] == fp32["dense"]["median_ms"]
+    # the run's closing line and field: the fastest compressed deployment against the fastest dense one
+    f = fp32["fastest"]
+    assert f == reps["int8"]["fastest"] and f["deployments"] == 2 and "fastest compressed executorch" in res.output
+    assert f["compressed"]["median_ms"] == min(r["compressed"]["median_ms"] for r in reps.values())
+    assert f["dense"]["median_ms"] == min(r["dense"]["median_ms"] for r in reps.values())
+    assert f["speedup"] == pytest.approx(f["dense"]["median_ms"] / f["compressed"]["median_ms"])
 
 
 @pytest.mark.slow

@@ -261,6 +261,10 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
             shown.add((r["runtime"], r["target"]))
             click.echo(f"side by side ({r['target']}/{r['runtime']}, one run):")
             click.echo("\n".join(comparison_markdown(r["comparison"])))
+    if paths.fastest:
+        from .workflows.deploy import fastest_line
+
+        click.echo(fastest_line(paths.fastest))
 
 
 @main.command()

@@ -187,6 +187,8 @@ class DeployResult:
     """What a deploy wrote: the report files, the deployed model's first for each runtime and precision."""
 
     reports: tuple[Path, ...]
+    # the fastest compressed deployment against the fastest dense one of this run (`fastest`), or None
+    fastest: dict[str, Any] | None = None
 
     def __iter__(self):  # `for path in deploy(cfg)`, as when deploy returned the list
         return iter(self.reports)
@@ -208,7 +210,8 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     conn = None if cfg.local or cfg.emulate else resolve(target, **cfg.reach)
     threads = resolve_threads(cfg.threads, target)
     planned = CompressReport.read(models[0] / "report.json").planned_precisions
-    written = []
+    written: list[Path] = []
+    mine: list[tuple[Path, dict[str, Any]]] = []  # the deployed model's report per runtime and precision
     for rt in runtimes:
         precs = precisions(cfg, rt, planned)
         if cfg.precision is None:
@@ -233,7 +236,38 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
                 for r in reps:
                     r["comparison"] = comparison
             written += [write_report(r, Path(cfg.reports)) for r in reps]
-    return DeployResult(tuple(written))
+            if key in parts[0].variants:
+                mine.append((written[-len(reps)], reps[0]))
+    return DeployResult(tuple(written), fastest(mine))
+
+
+def fastest(mine: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any] | None:
+    """What a user asks of a deploy run: how much faster the fastest compressed deployment measured on this device
+    is than the fastest dense one (each named by runtime, precision and threads). Written into each of the run's
+    reports of the deployed model as "fastest" and returned; None when the run timed fewer than two deployments."""
+    if len(mine) < 2:
+        return None
+    from ..contracts import DEPLOY_REPORT, write_json
+
+    def best(variant: str) -> dict[str, Any]:
+        r = min((r for _, r in mine), key=lambda r: r[variant]["median_ms"])
+        return {"runtime": r["runtime"], "precision": r.get("precision", "fp32"), "threads": r["threads"],
+                "median_ms": r[variant]["median_ms"]}
+
+    out = {"compressed": best("compressed"), "dense": best("dense"), "deployments": len(mine),
+           "note": "each runtime timed in its own alternating run on this device"}
+    out["speedup"] = out["dense"]["median_ms"] / out["compressed"]["median_ms"]
+    for path, rep in mine:
+        rep["fastest"] = out
+        write_json(path, DEPLOY_REPORT.stamp(rep))
+    return out
+
+
+def fastest_line(f: dict[str, Any]) -> str:
+    c, d = f["compressed"], f["dense"]
+    return (f"fastest compressed {c['runtime']} {c['precision']} ({c['threads']} thread(s)) {c['median_ms']:.3f} ms "
+            f"against fastest dense {d['runtime']} {d['precision']} {d['median_ms']:.3f} ms: {f['speedup']:.2f}x "
+            f"({f['deployments']} deployments timed)")
 
 
 def profile_build(folder: Path, target_name: str = "host", cfg: DeployConfig | None = None) -> Path:
