@@ -352,3 +352,17 @@ def test_deploy_times_by_default_the_precisions_compress_planned(compressed, tmp
     assert res.exit_code == 0, res.output
     assert [(r["runtime"], r["precision"]) for r in reports_in(tmp_path)] == [("ort", "fp32")]
     assert "compressed for fp32" in caplog.text and "--precision" in caplog.text
+
+
+def test_an_efficiency_above_1_1_is_flagged_as_a_weak_dense_baseline_with_the_layers_behind_it():
+    from trp_edge.workflows.deploy_report import WEAK_BASELINE, weak_baseline
+
+    layers = [{"name": "a", "mac_speedup": 2.0, "dense_ms": 3.0, "compressed_ms": 0.5},   # 2 ms beyond its MACs
+              {"name": "b", "mac_speedup": 2.0, "dense_ms": 1.0, "compressed_ms": 0.5},   # as its MACs say
+              {"name": "c", "mac_speedup": 2.0, "dense_ms": 1.5, "compressed_ms": 0.5},   # 0.5 ms beyond
+              {"name": "d", "mac_speedup": 1.0, "dense_ms": None, "compressed_ms": 0.1}]
+    w = weak_baseline({"efficiency": 3.04, "layers": layers, "layers_other_ms": {"dense": 4.0, "compressed": 0.3}})
+    assert w["threshold"] == WEAK_BASELINE == 1.1 and w["efficiency"] == 3.04
+    assert [la["name"] for la in w["layers"]] == ["a", "c"] and w["layers"][0]["excess_ms"] == pytest.approx(2.0)
+    assert "a, c" in w["explained_by"] and w["other_ms"]["dense"] == 4.0
+    assert "no per-layer rows" in weak_baseline({"efficiency": 1.5, "layers": []})["explained_by"]

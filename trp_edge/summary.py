@@ -95,6 +95,9 @@ def deploy_lines(path: Path) -> list[str]:
         start = f"input model {acc['input']:.2f}%, " if acc.get("input") not in (None, acc["trained"]) else ""
         out.append(f"  top-1: {start}trained {acc['trained']:.2f}%, decomposed {acc['decomposed']:.2f}%"
                    + "".join(f", {prec} {k} {v:.2f}%" for k, v in acc.get("quantized", {}).items()))
+    if w := r.get("weak_dense_baseline"):
+        out.append(f"  weak dense baseline: efficiency {w['efficiency']:.2f} > {w['threshold']}: the dense model ran "
+                   f"slower than its MACs say ({w['explained_by']})")
     if tvm_line(r):
         out.append(f"  {tvm_line(r)}")
     out.append(f"  report: {path} (+ .md, .png)")

@@ -81,11 +81,31 @@ def make_report(part: Part, target: Target, result: dict[str, Any], *, transport
         _add_layers(rep, model, src, result)
     else:
         rep["layers_note"] = "per-layer breakdown for fp32 only (the quantized graphs fuse and requantize ops)"
+    if rep["efficiency"] > WEAK_BASELINE:
+        rep["weak_dense_baseline"] = weak_baseline(rep)
     if api == "cpu":  # latency tables are measured on the CPU
         _add_prediction(rep, src, d, c)
     if capabilities(result["runtime"]).reference:  # the tuned / untuned / reference line (report: "tvm")
         rep["tvm"] = _tvm_line(part, full, manifest, c["median_ms"], api)
     return rep
+
+
+WEAK_BASELINE = 1.1  # an efficiency above this: the dense model ran slower than its MACs say, not the pairs faster
+
+
+def weak_baseline(rep: dict[str, Any]) -> dict[str, Any]:
+    """Why a report's efficiency is above WEAK_BASELINE: the layers whose dense conv took most beyond what the MAC
+    ratio gives their pair (dense ms - compressed ms x MAC speedup, top 3), and the other ops' time in each model.
+    Compare such a report with the fastest dense deployment of the run (deploy's "fastest"), not with its own
+    dense model."""
+    excess = sorted(((la["dense_ms"] - la["compressed_ms"] * la["mac_speedup"], la["name"]) for la in rep["layers"]
+                     if la.get("dense_ms") is not None and la.get("compressed_ms") is not None), reverse=True)
+    out: dict[str, Any] = {"efficiency": rep["efficiency"], "threshold": WEAK_BASELINE,
+                           "layers": [{"name": n, "excess_ms": ms} for ms, n in excess[:3] if ms > 0],
+                           "other_ms": rep.get("layers_other_ms")}
+    out["explained_by"] = ("the dense model's layers " + ", ".join(la["name"] for la in out["layers"])
+                           if out["layers"] else "no per-layer rows here (see the runtime's layers_note)")
+    return out
 
 
 def _tvm_line(part: Part, result: dict[str, Any], manifest: dict[str, Any], ms: float, api: str) -> dict[str, Any]:
