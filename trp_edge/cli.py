@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_options import connection_options, default, library_errors, opt, parse_ranks, protocol_options
+from .cli_options import (
+    connection_options,
+    default,
+    library_errors,
+    opt,
+    parse_ranks,
+    protocol_options,
+    serve_limit_options,
+)
 from .config import (
     ALLOCATIONS,
     NUCLEAR_SOLVERS,
@@ -196,22 +204,26 @@ def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, in
 @click.option("--tracker", default=None, help="register with a TVM RPC tracker at HOST:PORT")
 @click.option("--key", default="", help="the device key to register under (with --tracker)")
 @click.option("--runtimes", default=None, help="offer only these runtimes (comma-separated)")
+@serve_limit_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
-def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
+def serve(host, port, tracker, key, runtimes, token, max_upload_mb, job_seconds, quiet, verbose) -> None:
     """Device side: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models. Needs numpy, the TVM
     runtime and the runtimes to offer; not torch."""
     from .device.runner import runtime_versions, tvm_device_apis
+    from .device.serve import Limits, wait
     from .device.serve import serve as start
-    from .device.serve import wait
 
     if tracker and not key:
         raise click.ClickException("--tracker needs --key (the name clients request the device by)")
     have = runtime_versions()
     click.echo("runtimes here: " + ", ".join(f"{k} {v}" if v else f"{k} (missing)" for k, v in have.items()))
     click.echo("TVM device APIs here: " + (", ".join(tvm_device_apis()) or "none (no TVM runtime)"))
-    server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None)
+    server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None,
+                   limits=Limits(token, max_upload_mb, job_seconds))
+    if server.token_generated:  # printed once, here only (Jupyter's way): never logged or written
+        click.echo(f"trp-edge serve: clients need this token (--token or $TRP_EDGE_TOKEN): {server.token}")
     click.echo(f"trp-edge serve: listening on {host}:{server.port}" + (f", tracker {tracker} key {key}" if tracker
                                                                           else "") + " (Ctrl-C stops)")
     wait(server)
