@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .cli_options import (
+    boards_option,
     connection_options,
     default,
     library_errors,
@@ -319,11 +320,12 @@ def report(reports) -> None:
 @opt(Ca, "data", "--data", help="take input size and channels from this data set (as compress --data)")
 @click.option("--trust-pickle", is_flag=True, help="allow a .pt holding a pickled nn.Module (as for compress)")
 @opt(Ca, "out", "--out")
+@boards_option
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def calibrate(target, model, schemes, runtime, precision, local, host, port, tracker, key, timeout, threads,
-              input_size, data, trust_pickle, out, quiet, verbose) -> None:
+              input_size, data, trust_pickle, out, boards, quiet, verbose) -> None:
     """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, on the
     device (over RPC, as deploy) or here (--local), and write calibration/<target>/<runtime>/<model>.csv with a
     JSON header (<model>-int8, <model>-<N>t for INT8 and N threads)."""
@@ -333,7 +335,7 @@ def calibrate(target, model, schemes, runtime, precision, local, host, port, tra
                             runtime=runtime, precision=precision, threads=threads, local=local, out=out,
                             input_size=input_size, data=data, trust_pickle=trust_pickle, host=host, port=port,
                             tracker=tracker, key=key, timeout=timeout),
-            progress=quiet == 0 and sys.stderr.isatty())
+            progress=quiet == 0 and sys.stderr.isatty(), boards=boards)
     click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")
 
 

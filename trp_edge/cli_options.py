@@ -111,6 +111,21 @@ def connection_options(f):
     return f
 
 
+def _boards(ctx, param, value):
+    if value is None:
+        return None
+    if value == "all":
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"a number of boards or 'all', got {value!r}")
+    return int(value)
+
+
+boards_option = click.option(
+    "--boards", default=None, callback=_boards, metavar="N|all",
+    help="spread the jobs over N (or all) free boards with the key at --tracker; a dropped board's job is requeued")
+
+
 def serve_limit_options(f):
     from .device.jobs import JOB_SECONDS, MAX_UPLOAD_MB
 

@@ -155,7 +155,9 @@ def _via_tracker(conn: Connection, token: str | None, timeout: float, retries: i
                 if value[0] != base.TrackerCode.SUCCESS:
                     raise RuntimeError(f"the tracker answered {value!r}")
                 url, port, matchkey = value[1]
-                return rpc.connect(url, port, handshake_key(matchkey, token), session_timeout=timeout)
+                sess = rpc.connect(url, port, handshake_key(matchkey, token), session_timeout=timeout)
+                sess.trp_edge_board = f"{url}:{port}"  # which board, for a fleet's messages
+                return sess
             except (OSError, RuntimeError) as e:
                 last = e
                 if "wrong or missing token" in str(e):
@@ -182,30 +184,34 @@ def _remote_call(sess, conn: Connection, kind: str, job: dict[str, Any], timeout
     raise DeviceError(f"{conn.describe()}: the run failed ({_last_line(err)})") from err
 
 
+def session_call(sess, conn: Connection, kind: str, job: dict[str, Any], files: dict[str, Path],
+                 timeout: float) -> dict[str, Any]:
+    """Upload the files to an open session, run trp_edge.<kind> on them there and remove them again."""
+    try:
+        try:
+            for name, path in files.items():
+                sess.upload(str(path), name)
+        except Exception as e:  # noqa: BLE001 - socket and RPC errors alike
+            raise DeviceError(f"{conn.describe()} refused the upload ({_last_line(e)})") from e
+        return _remote_call(sess, conn, kind, job, timeout)
+    finally:
+        try:
+            for name in files:
+                sess.remove(name)
+        except Exception:  # noqa: BLE001 - the session may be gone already
+            pass
+
+
 @contextmanager
 def rpc_session(conn: Connection, timeout: float) -> Iterator[Call]:
-    """A session on the device's `trp-edge serve`; yields call(kind, job, files) -> result, which uploads the
-    files, runs trp_edge.<kind> on them there and removes them again."""
+    """A session on the device's `trp-edge serve`; yields call(kind, job, files) -> result (session_call)."""
     held = [connect(conn, timeout)]  # the only reference: the server serves one session at a time, and TVM
     # closes a session when its object goes, so it is dropped on leaving even if a caller keeps `call`
 
     def call(kind: str, job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
         if not held:
             raise DeviceError(f"{conn.describe()}: the session was closed")
-        sess = held[0]
-        try:
-            try:
-                for name, path in files.items():
-                    sess.upload(str(path), name)
-            except Exception as e:  # noqa: BLE001 - socket and RPC errors alike
-                raise DeviceError(f"{conn.describe()} refused the upload ({_last_line(e)})") from e
-            return _remote_call(sess, conn, kind, job, timeout)
-        finally:
-            try:
-                for name in files:
-                    sess.remove(name)
-            except Exception:  # noqa: BLE001 - the session may be gone already
-                pass
+        return session_call(held[0], conn, kind, job, files, timeout)
 
     try:
         yield call
@@ -220,6 +226,7 @@ class Session:
     transport: str
     call: Call
     emulated: bool = False
+    workers: int = 1  # how many calls may run at once (a fleet: one per board; trp_edge.transport_fleet)
 
 
 @contextmanager
