@@ -184,3 +184,26 @@ def test_a_killed_calibrate_resumes_without_timing_a_row_again(tracker, tmp_path
     assert len(keys) == len(set(keys)) and res.rows == len(keys)
     assert sent and not answered & set(sent)  # the answered calls were not run again
     assert not journal.exists()
+
+
+@pytest.mark.slow
+def test_deploy_spreads_its_runtimes_over_the_boards(compressed, tracker, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from trp_edge.cli import main
+
+    addr, _ = tracker
+    monkeypatch.setenv("TRP_EDGE_TOKEN", "fleet-token")
+    procs = [board(addr, tmp_path / f"d{i}.log") for i in range(2)]
+    try:
+        res = CliRunner().invoke(main, ["deploy", "--target", "host", "--model", str(compressed), "--tracker", addr,
+                                        "--key", "fleet", "--boards", "all", "--runtime", "ort,tflite", "--min-runs",
+                                        "5", "--min-seconds", "0.05", "--reports", str(tmp_path / "r"), "-q"])
+    finally:
+        for p in procs:
+            stop(p)
+    assert res.exit_code == 0, res.output
+    reps = [json.loads(f.read_text()) for f in (tmp_path / "r" / "host").glob("*.json")]
+    assert sorted(r["runtime"] for r in reps) == ["ort", "tflite"]
+    for r in reps:  # each runtime's dense and compressed models timed side by side, in one job on one board
+        assert r["transport"].startswith("rpc fleet (2 boards") and r["dense"]["runs"] >= 5 and r["compressed"]["runs"]

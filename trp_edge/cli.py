@@ -250,11 +250,13 @@ def serve(host, port, tracker, key, runtimes, token, max_upload_mb, job_seconds,
               help="another compress output to time side by side in the same run (repeatable), e.g. the same "
                    "model compressed without --latency-table")
 @protocol_options
+@boards_option
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def deploy(target, model, runtimes, precision, host, port, tracker, key, local, emulate, tune_trials, tune_minutes,
-           tuning_db, timeout, reports, layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
+           tuning_db, timeout, reports, layers, compare, min_runs, min_seconds, threads, boards, quiet,
+           verbose) -> None:
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
     reports/<target>/<model>-<runtime>[-int8]-<time>.{json,md,png}. With --compare, every model is timed in the same
     alternating run and each report carries the side-by-side table."""
@@ -265,7 +267,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
                              tracker=tracker, key=key, local=local, emulate=emulate, threads=threads,
                              tune_trials=tune_trials, tune_minutes=tune_minutes, tuning_db=tuning_db, reports=reports,
                              timeout=timeout, layers=layers, compare=compare,
-                             protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)))
+                             protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)), boards=boards)
     shown = set()
     for p in paths:
         click.echo("\n".join(deploy_lines(p)))
