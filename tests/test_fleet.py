@@ -207,3 +207,15 @@ def test_deploy_spreads_its_runtimes_over_the_boards(compressed, tracker, tmp_pa
     assert sorted(r["runtime"] for r in reps) == ["ort", "tflite"]
     for r in reps:  # each runtime's dense and compressed models timed side by side, in one job on one board
         assert r["transport"].startswith("rpc fleet (2 boards") and r["dense"]["runs"] >= 5 and r["compressed"]["runs"]
+
+
+def test_boards_need_a_tracker(tmp_path):
+    from click.testing import CliRunner
+
+    from trp_edge.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--local", "--model", "resnet20", "--input-size",
+                                    "16", "--boards", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "--boards spreads the jobs over the boards of a tracker" in res.output
+    res = CliRunner().invoke(main, ["calibrate", "--target", "host", "--model", "resnet20", "--boards", "none"])
+    assert res.exit_code == 2 and "a number of boards or 'all'" in res.output

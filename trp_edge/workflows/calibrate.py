@@ -136,7 +136,9 @@ def _session(target: Target, cfg: CalibrateConfig, conn, boards: int | None, jou
     """One session (local or one board), or a fleet of boards; every answer journaled as it comes."""
     from ..transport_fleet import Journal, open_fleet
 
-    if boards is not None and conn is not None:
+    if boards is not None:
+        if conn is None:
+            raise ConfigError("--boards spreads the jobs over the boards of a tracker: drop --local, pass --tracker")
         with open_fleet(conn, boards, cfg.timeout, journal) as session:
             yield session
         return

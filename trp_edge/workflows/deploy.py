@@ -221,6 +221,9 @@ def deploy(cfg: DeployConfig | None = None, /, *, boards: int | None = None, **o
         return plan_job(folders, threads, cfg, precs, refs)
 
     written: list[Path] = []
+    if boards is not None and conn is None:
+        raise ConfigError("--boards spreads the runs over the boards of a tracker: drop --local/--emulate, pass "
+                          "--tracker")
     if boards is not None and conn is not None:
         from ..transport_fleet import open_fleet
         from .in_net import fan_out
