@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr, start_new_session=True,
                             env={**os.environ, **env})
 
 
@@ -38,6 +38,18 @@ def stop(p: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     p.wait()
+
+
+def wait_for(ready, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the tracker or the servers did not come up")
 
 
 def main() -> None:
@@ -67,10 +79,10 @@ def main() -> None:
         tport = free_port()
         tracker = spawn([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport),
                          "--port-end", str(tport + 1)], env)
-        time.sleep(2)
+        wait_for(lambda tport=tport: socket.create_connection(("127.0.0.1", tport), timeout=1).close() or True)
         boards = [spawn([sys.executable, "-m", "trp_edge", "serve", "--port", str(free_port()), "--tracker",
                          f"127.0.0.1:{tport}", "--key", "bench"], env) for _ in range(n)]
-        time.sleep(8)
+        wait_for(lambda tport=tport, n=n: tf.free_boards(tf.Connection(tracker=f"127.0.0.1:{tport}", key="bench")) == n)
         sent.update(bytes=0, calls=0)
         try:
             with tempfile.TemporaryDirectory() as out:

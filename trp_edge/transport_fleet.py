@@ -59,6 +59,7 @@ class Fleet:
         self.held: list[Board] = []  # refused boards, kept so the tracker does not hand them out again
         self.lock = threading.Lock()
         self.opening = False
+        self.why = "no answer"
 
     def open(self, handshake: float = 30.0) -> Board | None:
         """One more board from the tracker, checked; None when none came or it was refused."""
@@ -67,6 +68,7 @@ class Fleet:
             info = json.loads(sess.get_function("trp_edge.info")())
         except Exception as e:  # noqa: BLE001 - no board free now, or one that died on the way
             log.debug("fleet: no board (%s)", e)
+            self.why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             return None
         board = Board(sess, getattr(sess, "trp_edge_board", f"board {self.live + len(self.held) + 1}"), info)
         ident = tuple(info.get(k) for k in IDENTITY)
@@ -139,7 +141,7 @@ def open_fleet(conn: Connection, boards: int, timeout: float = 900.0,
     try:
         first = fleet.open(handshake=60.0)
         if first is None:
-            raise DeviceError(f"no board with key {conn.key!r} at tracker {conn.tracker} answered")
+            raise DeviceError(f"no board with key {conn.key!r} at tracker {conn.tracker} answered ({fleet.why})")
         fleet.idle.put(first)
         for _ in range(wanted - 1):
             if (b := fleet.open(handshake=10.0)) is not None:
