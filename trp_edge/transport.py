@@ -123,14 +123,20 @@ def connect(conn: Connection, timeout: float, handshake: float = 60.0):
 
     token = client_token(conn.token_env)
 
+    lock, given_up, got = threading.Lock(), [False], {}
+
     def go():
-        if conn.tracker:
-            return _via_tracker(conn, token, timeout)
-        return rpc.connect(conn.host, conn.port, key=handshake_key(conn.key or "", token), session_timeout=timeout)
+        sess = (_via_tracker(conn, token, timeout) if conn.tracker else
+                rpc.connect(conn.host, conn.port, key=handshake_key(conn.key or "", token), session_timeout=timeout))
+        with lock:  # a session that comes after the caller gave up is dropped, so the board is free again
+            if not given_up[0]:
+                got["sess"] = sess
 
     box = _in_thread(go, handshake)
-    if "value" in box:
-        return box["value"]
+    with lock:
+        given_up[0] = True
+        if "sess" in got:
+            return got["sess"]
     why = redact(_last_line(box["error"]), token) if "error" in box else f"no answer within {handshake:.0f} s"
     if "wrong or missing token" in why:
         raise DeviceError(f"{conn.describe()}: {REFUSED}")
