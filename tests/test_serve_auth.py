@@ -31,8 +31,8 @@ def no_token(monkeypatch):
 def open_server(tmp_path_factory):
     """A trp-edge serve bound to every interface, with no token given: it makes one and prints it."""
     port, log = free_port(), tmp_path_factory.mktemp("open") / "log"
-    p = start([EXE, "serve", "--host", "0.0.0.0", "--port", str(port), "--max-upload-mb", "0.01"], "listening on",
-              log)
+    p = start([EXE, "serve", "--host", "0.0.0.0", "--port", str(port), "--max-upload-mb", "0.01", "--job-seconds",
+               "1"], "listening on", log)
     token = re.search(r"clients need this token .*: (\S+)", log.read_text())
     yield port, token and token.group(1), log
     stop(p)
@@ -88,7 +88,24 @@ def test_a_job_breaking_a_limit_gets_one_line_and_the_server_goes_on(open_server
         assert "not a plain file name inside the session folder" in out["error"] and not out["artifacts"]
     with rpc_session(conn, 30) as call:
         assert "is a JSON object" in call("calibrate", ["not", "a", "job"], {})["error"]  # type: ignore[arg-type]
+    relu = tmp_path / "relu.onnx"
+    relu.write_bytes(relu_model())
+    slow = {"runtime": "ort", "threads": 1, "input_shape": [1, 3, 8, 8], "artifacts": [{"variant": "dense",
+            "file": "relu.onnx"}], "protocol": {"min_runs": 10**7, "min_seconds": 30.0, "max_seconds": 60.0}}
+    t0 = time.monotonic()
+    with rpc_session(conn, 60) as call:  # a job timed for 30 s on a server that allows 1 s
+        out = call("calibrate", slow, {"relu.onnx": relu})
+    assert "ran past this server's limit of 1 s" in out["error"] and time.monotonic() - t0 < 20
     assert "numpy" in connect(conn, 30).get_function("trp_edge.info")()  # still serving
+
+
+def relu_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def test_through_the_tracker_with_the_token(tmp_path, no_token):
