@@ -81,10 +81,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], ready: str, log: Path) -> subprocess.Popen:
+def start(cmd: list[str], ready: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     f = open(log, "w")  # noqa: SIM115 - closed with the process
+    keep = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}  # a worktree's code, not the install's
     p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **keep,
+                              **(env or {})})
     for _ in range(300):
         if ready in log.read_text():
             return p

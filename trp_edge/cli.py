@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_options import connection_options, default, library_errors, opt, parse_ranks, protocol_options
+from .cli_options import (
+    boards_option,
+    connection_options,
+    default,
+    library_errors,
+    opt,
+    parse_ranks,
+    protocol_options,
+    serve_limit_options,
+)
 from .config import (
     ALLOCATIONS,
     NUCLEAR_SOLVERS,
@@ -196,22 +205,26 @@ def build(model, target, runtimes, tune_trials, tune_minutes, tuning_db, out, in
 @click.option("--tracker", default=None, help="register with a TVM RPC tracker at HOST:PORT")
 @click.option("--key", default="", help="the device key to register under (with --tracker)")
 @click.option("--runtimes", default=None, help="offer only these runtimes (comma-separated)")
+@serve_limit_options
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
-def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
+def serve(host, port, tracker, key, runtimes, token, max_upload_mb, job_seconds, quiet, verbose) -> None:
     """Device side: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models. Needs numpy, the TVM
     runtime and the runtimes to offer; not torch."""
     from .device.runner import runtime_versions, tvm_device_apis
+    from .device.serve import Limits, wait
     from .device.serve import serve as start
-    from .device.serve import wait
 
     if tracker and not key:
         raise click.ClickException("--tracker needs --key (the name clients request the device by)")
     have = runtime_versions()
     click.echo("runtimes here: " + ", ".join(f"{k} {v}" if v else f"{k} (missing)" for k, v in have.items()))
     click.echo("TVM device APIs here: " + (", ".join(tvm_device_apis()) or "none (no TVM runtime)"))
-    server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None)
+    server = start(host, port, tracker, key, tuple(runtimes.split(",")) if runtimes else None,
+                   limits=Limits(token, max_upload_mb, job_seconds))
+    if server.token_generated:  # printed once, here only (Jupyter's way): never logged or written
+        click.echo(f"trp-edge serve: clients need this token (--token or $TRP_EDGE_TOKEN): {server.token}")
     click.echo(f"trp-edge serve: listening on {host}:{server.port}" + (f", tracker {tracker} key {key}" if tracker
                                                                           else "") + " (Ctrl-C stops)")
     wait(server)
@@ -237,11 +250,13 @@ def serve(host, port, tracker, key, runtimes, quiet, verbose) -> None:
               help="another compress output to time side by side in the same run (repeatable), e.g. the same "
                    "model compressed without --latency-table")
 @protocol_options
+@boards_option
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def deploy(target, model, runtimes, precision, host, port, tracker, key, local, emulate, tune_trials, tune_minutes,
-           tuning_db, timeout, reports, layers, compare, min_runs, min_seconds, threads, quiet, verbose) -> None:
+           tuning_db, timeout, reports, layers, compare, min_runs, min_seconds, threads, boards, quiet,
+           verbose) -> None:
     """Build (or reuse) the dense and compressed artifacts for a target, run them on the device and write
     reports/<target>/<model>-<runtime>[-int8]-<time>.{json,md,png}. With --compare, every model is timed in the same
     alternating run and each report carries the side-by-side table."""
@@ -252,7 +267,7 @@ def deploy(target, model, runtimes, precision, host, port, tracker, key, local, 
                              tracker=tracker, key=key, local=local, emulate=emulate, threads=threads,
                              tune_trials=tune_trials, tune_minutes=tune_minutes, tuning_db=tuning_db, reports=reports,
                              timeout=timeout, layers=layers, compare=compare,
-                             protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)))
+                             protocol=ProfileConfig(min_runs=min_runs, min_seconds=min_seconds)), boards=boards)
     shown = set()
     for p in paths:
         click.echo("\n".join(deploy_lines(p)))
@@ -311,11 +326,12 @@ def report(reports) -> None:
 @opt(Ca, "data", "--data", help="take input size and channels from this data set (as compress --data)")
 @click.option("--trust-pickle", is_flag=True, help="allow a .pt holding a pickled nn.Module (as for compress)")
 @opt(Ca, "out", "--out")
+@boards_option
 @click.option("-q", "--quiet", count=True)
 @click.option("-v", "--verbose", count=True)
 @library_errors
 def calibrate(target, model, schemes, runtime, precision, local, host, port, tracker, key, timeout, threads,
-              input_size, data, trust_pickle, out, quiet, verbose) -> None:
+              input_size, data, trust_pickle, out, boards, quiet, verbose) -> None:
     """Measure every eligible conv of MODEL dense and as low-rank pairs over a grid of ranks and schemes, on the
     device (over RPC, as deploy) or here (--local), and write calibration/<target>/<runtime>/<model>.csv with a
     JSON header (<model>-int8, <model>-<N>t for INT8 and N threads)."""
@@ -325,7 +341,7 @@ def calibrate(target, model, schemes, runtime, precision, local, host, port, tra
                             runtime=runtime, precision=precision, threads=threads, local=local, out=out,
                             input_size=input_size, data=data, trust_pickle=trust_pickle, host=host, port=port,
                             tracker=tracker, key=key, timeout=timeout),
-            progress=quiet == 0 and sys.stderr.isatty())
+            progress=quiet == 0 and sys.stderr.isatty(), boards=boards)
     click.echo(f"{r.rows} measurements in {r.seconds:.0f} s: {r.csv} (+ {r.header.name})")
 
 

@@ -90,11 +90,51 @@ def parse_ranks(value: str | None) -> dict[str, int] | None:
     return out
 
 
+def _token(ctx, param, value):
+    """--token goes to $TRP_EDGE_TOKEN, where the transport reads it: never into a config, so never into a report,
+    a manifest or a log."""
+    import os
+
+    if value:
+        os.environ["TRP_EDGE_TOKEN"] = value
+    return None
+
+
 def connection_options(f):
+    f = click.option("--token", default=None, expose_value=False, callback=_token, metavar="TOKEN",
+                     help="the token the device's trp-edge serve requires [default: $TRP_EDGE_TOKEN, else the "
+                          "variable the target's [rpc] token_env names]")(f)
     f = click.option("--host", default=None, help="the device's trp-edge serve address")(f)
     f = click.option("--port", type=int, default=None)(f)
     f = click.option("--tracker", default=None, help="a TVM RPC tracker HOST:PORT")(f)
     f = click.option("--key", default=None, help="the device key at the tracker [default: the target's]")(f)
+    return f
+
+
+def _boards(ctx, param, value):
+    if value is None:
+        return None
+    if value == "all":
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"a number of boards or 'all', got {value!r}")
+    return int(value)
+
+
+boards_option = click.option(
+    "--boards", default=None, callback=_boards, metavar="N|all",
+    help="spread the jobs over N (or all) free boards with the key at --tracker; a dropped board's job is requeued")
+
+
+def serve_limit_options(f):
+    from .device.jobs import JOB_SECONDS, MAX_UPLOAD_MB
+
+    f = click.option("--token", envvar="TRP_EDGE_TOKEN", default=None, show_envvar=True,
+                     help="the token clients must present [beyond loopback without one: made and printed once]")(f)
+    f = click.option("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, show_default=True,
+                     help="the largest file a client may upload")(f)
+    f = click.option("--job-seconds", type=float, default=JOB_SECONDS, show_default=True,
+                     help="the longest one job may run (0: no limit)")(f)
     return f
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +89,23 @@ def pair_job(runtime: str, threads: int, protocol: Any, dense: str, compressed: 
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic: a reader sees the old file or the whole new one."""
+    """Atomic: a reader sees the old file or the whole new one; two writers each write a temporary of their own."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def claim(path: Path) -> bool:
+    """Create `path` empty if no file is there, atomically (O_EXCL): False when one is."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def write_json(path: Path, obj: Any) -> None:

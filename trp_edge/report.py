@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .contracts import DEPLOY_REPORT, CompressReport, precision_entry, read_json, write_json, write_text  # noqa: F401 - where 0.1 code imported them from
+from .contracts import DEPLOY_REPORT, CompressReport, claim, precision_entry, read_json, write_json, write_text  # noqa: F401 - where 0.1 code imported them from
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def write_report(rep: dict[str, Any], root: Path) -> Path:
                                         if v not in ("cpu", "fp32")])
     stem = d / f"{rep['name']}-{kind}-{stamp}"
     n = 1
-    while stem.with_suffix(".json").exists():
+    while not claim(stem.with_suffix(".json")):  # created exclusively: two deploys never pick one name
         n += 1
         stem = d / f"{rep['name']}-{kind}-{stamp}-{n}"
     rep["files"] = {"json": stem.name + ".json", "markdown": stem.name + ".md", "plot": stem.name + ".png"}

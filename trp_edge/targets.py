@@ -74,6 +74,7 @@ class Connection:
     tracker: str | None = None
     host: str | None = None
     port: int = 9090
+    token_env: str | None = None  # the environment variable holding the server's token (never the token itself)
 
     def describe(self) -> str:
         return f"tracker {self.tracker} key {self.key!r}" if self.tracker else f"{self.host}:{self.port}"
@@ -247,12 +248,15 @@ def parse_target(path: Path) -> Target:
 
     rpc = Connection()
     if (n := r.sub("rpc")) is not None:
-        n.check_known({"key", "tracker", "host", "port"})
+        if "token" in n.table:
+            raise n.fail("token", "a secret does not go in a target file: export it and name the variable, "
+                         'token_env = "MY_BOARD_TOKEN" (or pass --token, or set $TRP_EDGE_TOKEN)')
+        n.check_known({"key", "tracker", "host", "port", "token_env"})
         tracker = n.get("tracker", str, None) or None
         if tracker and ":" not in tracker:
             raise n.fail("tracker", f"must be HOST:PORT, got {tracker!r}")
         rpc = Connection(key=n.get("key", str, None), tracker=tracker, host=n.get("host", str, None) or None,
-                         port=n.get("port", int, 9090))
+                         port=n.get("port", int, 9090), token_env=n.get("token_env", str, None) or None)
     return Target(name=name, description=r.get("description", str, ""), cpu=cpu, gpu=gpu, runtimes=runtimes,
                   threads=threads, rpc=rpc, path=str(path))
 

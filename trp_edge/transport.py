@@ -12,6 +12,7 @@ DeviceTimeout (a TimeoutError), whatever transport raised it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -36,7 +37,13 @@ Call = Callable[[str, dict[str, Any], dict[str, Path]], dict[str, Any]]
 
 def resolve(target: Target, *, host: str | None = None, port: int | None = None, tracker: str | None = None,
             key: str | None = None) -> Connection:
-    """Flags, else the target file, else $TRP_EDGE_TRACKER / $TRP_EDGE_RPC."""
+    """Flags, else the target file, else $TRP_EDGE_TRACKER / $TRP_EDGE_RPC; the target's token_env goes with it."""
+    conn = _resolve(target, host=host, port=port, tracker=tracker, key=key)
+    return dataclasses.replace(conn, token_env=target.rpc.token_env) if target.rpc.token_env else conn
+
+
+def _resolve(target: Target, *, host: str | None, port: int | None, tracker: str | None,
+             key: str | None) -> Connection:
     def via_tracker(addr: str, fallback_key: str | None = None) -> Connection:
         return Connection(tracker=addr, key=key or fallback_key or target.rpc.key or target.name)
 
@@ -108,20 +115,62 @@ def _in_thread(fn: Callable[[], Any], seconds: float) -> dict[str, Any]:
 
 def connect(conn: Connection, timeout: float, handshake: float = 60.0):
     """Open the session in a daemon thread so a server that accepts the socket but never answers (a wedged
-    listener, a wrong port) becomes an error after `handshake` seconds instead of a hang."""
+    listener, a wrong port) becomes an error after `handshake` seconds instead of a hang. The token (--token,
+    $TRP_EDGE_TOKEN or the target's token_env) rides in TVM's handshake: trp_edge.device.auth."""
     from tvm import rpc
 
+    from .device.auth import REFUSED, client_token, handshake_key, redact
+
+    token = client_token(conn.token_env)
+
+    lock, given_up, got = threading.Lock(), [False], {}
+
     def go():
-        if conn.tracker:
-            h, _, p = conn.tracker.rpartition(":")
-            return rpc.connect_tracker(h, int(p)).request(conn.key, priority=1, session_timeout=timeout, max_retry=2)
-        return rpc.connect(conn.host, conn.port, key=conn.key or "", session_timeout=timeout)
+        sess = (_via_tracker(conn, token, timeout) if conn.tracker else
+                rpc.connect(conn.host, conn.port, key=handshake_key(conn.key or "", token), session_timeout=timeout))
+        with lock:  # a session that comes after the caller gave up is dropped, so the board is free again
+            if not given_up[0]:
+                got["sess"] = sess
 
     box = _in_thread(go, handshake)
-    if "value" in box:
-        return box["value"]
-    why = _last_line(box["error"]) if "error" in box else f"no answer within {handshake:.0f} s"
+    with lock:
+        given_up[0] = True
+        if "sess" in got:
+            return got["sess"]
+    why = redact(_last_line(box["error"]), token) if "error" in box else f"no answer within {handshake:.0f} s"
+    if "wrong or missing token" in why:
+        raise DeviceError(f"{conn.describe()}: {REFUSED}")
     raise DeviceError(f"cannot open a session on {conn.describe()} ({why}); " + SERVE_HINT.format(port=conn.port))
+
+
+def _via_tracker(conn: Connection, token: str | None, timeout: float, retries: int = 2):
+    """TVM's TrackerSession.request, with the token in the handshake to the board (never sent to the tracker)."""
+    from tvm import rpc
+    from tvm.rpc import base
+
+    from .device.auth import handshake_key
+
+    h, _, p = (conn.tracker or "").rpartition(":")
+    tracker = rpc.connect_tracker(h, int(p))
+    last: Exception | None = None
+    try:
+        for _ in range(retries):
+            try:
+                base.sendjson(tracker._sock, [base.TrackerCode.REQUEST, conn.key, "", 1])  # noqa: SLF001 - TVM 0.27
+                value = base.recvjson(tracker._sock)  # noqa: SLF001
+                if value[0] != base.TrackerCode.SUCCESS:
+                    raise RuntimeError(f"the tracker answered {value!r}")
+                url, port, matchkey = value[1]
+                sess = rpc.connect(url, port, handshake_key(matchkey, token), session_timeout=timeout)
+                sess.trp_edge_board = f"{url}:{port}"  # which board, for a fleet's messages
+                return sess
+            except (OSError, RuntimeError) as e:
+                last = e
+                if "wrong or missing token" in str(e):
+                    break
+        raise RuntimeError(f"cannot request {conn.key!r} from the tracker ({_last_line(last or Exception())})")
+    finally:
+        tracker.close()
 
 
 def _remote_call(sess, conn: Connection, kind: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -141,30 +190,34 @@ def _remote_call(sess, conn: Connection, kind: str, job: dict[str, Any], timeout
     raise DeviceError(f"{conn.describe()}: the run failed ({_last_line(err)})") from err
 
 
+def session_call(sess, conn: Connection, kind: str, job: dict[str, Any], files: dict[str, Path],
+                 timeout: float) -> dict[str, Any]:
+    """Upload the files to an open session, run trp_edge.<kind> on them there and remove them again."""
+    try:
+        try:
+            for name, path in files.items():
+                sess.upload(str(path), name)
+        except Exception as e:  # noqa: BLE001 - socket and RPC errors alike
+            raise DeviceError(f"{conn.describe()} refused the upload ({_last_line(e)})") from e
+        return _remote_call(sess, conn, kind, job, timeout)
+    finally:
+        try:
+            for name in files:
+                sess.remove(name)
+        except Exception:  # noqa: BLE001 - the session may be gone already
+            pass
+
+
 @contextmanager
 def rpc_session(conn: Connection, timeout: float) -> Iterator[Call]:
-    """A session on the device's `trp-edge serve`; yields call(kind, job, files) -> result, which uploads the
-    files, runs trp_edge.<kind> on them there and removes them again."""
+    """A session on the device's `trp-edge serve`; yields call(kind, job, files) -> result (session_call)."""
     held = [connect(conn, timeout)]  # the only reference: the server serves one session at a time, and TVM
     # closes a session when its object goes, so it is dropped on leaving even if a caller keeps `call`
 
     def call(kind: str, job: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
         if not held:
             raise DeviceError(f"{conn.describe()}: the session was closed")
-        sess = held[0]
-        try:
-            try:
-                for name, path in files.items():
-                    sess.upload(str(path), name)
-            except Exception as e:  # noqa: BLE001 - socket and RPC errors alike
-                raise DeviceError(f"{conn.describe()} refused the upload ({_last_line(e)})") from e
-            return _remote_call(sess, conn, kind, job, timeout)
-        finally:
-            try:
-                for name in files:
-                    sess.remove(name)
-            except Exception:  # noqa: BLE001 - the session may be gone already
-                pass
+        return session_call(held[0], conn, kind, job, files, timeout)
 
     try:
         yield call
@@ -179,6 +232,7 @@ class Session:
     transport: str
     call: Call
     emulated: bool = False
+    workers: int = 1  # how many calls may run at once (a fleet: one per board; trp_edge.transport_fleet)
 
 
 @contextmanager

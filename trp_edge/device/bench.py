@@ -34,6 +34,7 @@ from ..config import ProfileConfig
 from ..contracts import DEVICE_JOB, DEVICE_RESULT
 from ..errors import ContractError
 from ..profile import host_identity, time_alternating
+from .jobs import problem
 from .runner import load, runtime_versions, session_modes, tvm_device_apis
 
 
@@ -177,6 +178,9 @@ def _versioned(run: Callable[[dict[str, Any], Path], dict[str, Any]]) -> Callabl
             DEVICE_JOB.check(job, "the job sent to this device")
         except ContractError as e:
             return DEVICE_RESULT.stamp({"runtime": job.get("runtime"), "error": str(e), "artifacts": {}})
+        if (why := problem(run.__name__, job, plain=False)) is not None:  # the kinds are the functions' names
+            return DEVICE_RESULT.stamp({"runtime": job.get("runtime"), "error": f"a malformed job: {why}",
+                                        "artifacts": {}})
         return DEVICE_RESULT.stamp(run(job, base))
 
     return functools.wraps(run)(versioned)

@@ -31,10 +31,13 @@ time them on the device, one call per shape -> write the table."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,7 @@ from ..latency_table import (
 )
 from ..targets import Target, load_target, resolve_threads
 from ..transport import Session, open_session, resolve
-from .in_net import net_grid, place, time_net, written
+from .in_net import fan_out, net_grid, place, time_net, written
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +81,19 @@ class CalibrationResult:
     seconds: float
 
 
-def calibrate(cfg: CalibrateConfig | str | None = None, /, *, progress: bool = False,
+def calibrate(cfg: CalibrateConfig | str | None = None, /, *, progress: bool = False, boards: int | None = None,
               **options: Any) -> CalibrationResult:
     """Measure every eligible conv of cfg.model on the target (here with `local`, else over RPC on the target's
     `trp-edge serve`) and write the table and its header; returns where. `cfg` a CalibrateConfig, or its options
-    as keywords."""
+    as keywords. `boards`: spread the calls over that many boards of the tracker (0: every free one;
+    trp_edge.transport_fleet); the time of a call does not depend on which board of one CPU ran it."""
     cfg = CalibrateConfig.of(cfg, **options)
     name, net, example = calibration_model(cfg)
-    return calibrate_model(cfg, name, net, example, progress=progress)
+    return calibrate_model(cfg, name, net, example, progress=progress, boards=boards)
 
 
 def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: bool = False,
-                    path: Path | None = None) -> CalibrationResult:
+                    path: Path | None = None, boards: int | None = None) -> CalibrationResult:
     """`calibrate` for a model already loaded (`net` in eval mode, `example` its batch-1 input), as compress
     calls it; cfg.model is not read. `path`: where the table goes instead of the deployment's (table_path, or
     beside another machine's table there: machine_path)."""
@@ -103,8 +107,10 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
     conn = None if cfg.local else resolve(target, **cfg.reach)
     threads = resolve_threads(cfg.threads, target)
     t0 = time.perf_counter()
+    journal = (path or table_path(calibration_root(cfg.out), target.name, cfg.runtime, cfg.precision, threads,
+                                  name)).with_suffix(".partial.jsonl")  # answers so far: a killed run resumes
     try:
-        with open_session(target, local=cfg.local, conn=conn, timeout=cfg.timeout) as session:
+        with _session(target, cfg, conn, boards, journal) as session:
             rows, shapes, device, net_ms, in_net = measure_layers(net, example, cfg, session, target, threads,
                                                                   progress)
     except DeviceError as e:
@@ -121,7 +127,23 @@ def calibrate_model(cfg: CalibrateConfig, name: str, net, example, *, progress: 
             path = machine_path(path, device)[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = LatencyTable(header, rows).write(path.with_suffix(""))
+    journal.unlink(missing_ok=True)
     return CalibrationResult(csv_path, json_path, len(rows), time.perf_counter() - t0)
+
+
+@contextmanager
+def _session(target: Target, cfg: CalibrateConfig, conn, boards: int | None, journal: Path) -> Iterator[Session]:
+    """One session (local or one board), or a fleet of boards; every answer journaled as it comes."""
+    from ..transport_fleet import Journal, open_fleet
+
+    if boards is not None:
+        if conn is None:
+            raise ConfigError("--boards spreads the jobs over the boards of a tracker: drop --local, pass --tracker")
+        with open_fleet(conn, boards, cfg.timeout, journal) as session:
+            yield session
+        return
+    with open_session(target, local=cfg.local, conn=conn, timeout=cfg.timeout) as session:
+        yield dataclasses.replace(session, call=Journal(journal).wrap(session.call))
 
 
 def calibration_model(cfg: CalibrateConfig):
@@ -203,14 +225,20 @@ def measure_layers(net, example, cfg: CalibrateConfig, session: Session, target:
         bar = tqdm(lowered.items(), desc=f"calibrate {cfg.runtime} {cfg.precision}", unit="shape",
                    disable=not progress)
         in_net: dict[tuple[str, str, int], dict[str, Any]] = {}
-        for key, (arts, files) in bar:
+
+        def one(item):
+            key, (arts, files) = item
             job = {"runtime": cfg.runtime, "threads": threads, "protocol": cfg.protocol.to_dict(),
                    "input_shape": groups[key]["input_shape"], "artifacts": arts}
             if key == NET:
-                net_ms, in_net, device = time_net(session, job, files, groups[NET], target)
-                continue
+                return key, time_net(session, job, files, groups[NET], target)
             with written(files) as paths:
-                res = session.call("calibrate", job, paths)
+                return key, session.call("calibrate", job, paths)
+
+        for key, res in fan_out(session.workers, one, bar):
+            if key == NET:
+                net_ms, in_net, device = res
+                continue
             if res.get("error"):
                 raise DeviceError(f"{target.name}/{cfg.runtime}: {res['error']}")
             device = res["device"]

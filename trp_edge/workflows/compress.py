@@ -26,6 +26,7 @@ from ..lowrank import conv_layers, scheme_names
 from ..planning import LayerPlan, decompose_
 from ..planning_latency import precision_dense, precision_models
 from ..trp_distributed import current
+from . import out_lock
 from .compress_checks import int8_net_check, latency_check
 from .compress_train import (
     FINETUNE_CHECKPOINT,
@@ -61,7 +62,10 @@ def _prepare_out(cfg: CompressConfig, name: str) -> Path:
     out = Path(cfg.out) if cfg.out else default_out(name)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.force or cfg.resume):
+    if current().is_main:  # one run per --out: of two racing, the second is refused here (out_lock)
+        out.mkdir(parents=True, exist_ok=True)
+        out_lock.claim(out)
+    if out.is_dir() and any(p.name != out_lock.LOCK for p in out.iterdir()) and not (cfg.force or cfg.resume):
         raise InputError(f"--out {out}: already holds a result; pass --force to replace it or --resume to go on")
     if cfg.force:
         for ckpt in ("checkpoint.pt", FINETUNE_CHECKPOINT):
@@ -123,6 +127,12 @@ def compress(cfg: CompressConfig | torch.nn.Module | str, /, *, services: Servic
         cfg = CompressConfig.from_options(label, **options)
     elif options:
         raise InputError(f"compress(config) takes no options ({', '.join(options)}): set them in the config")
+    with out_lock.released():  # the --out lock load_stage takes goes however the run ends
+        return _stages(cfg, module, services, progress, on_step)
+
+
+def _stages(cfg: CompressConfig, module: torch.nn.Module | None, services: Services, progress: bool,
+            on_step) -> CompressResult | None:
     dist = current()  # under torchrun: this rank (trp_distributed); else one process
     run = load_stage(cfg, module=module)
     run.services = services

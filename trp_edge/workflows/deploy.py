@@ -197,9 +197,11 @@ class DeployResult:
         return len(self.reports)
 
 
-def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
+def deploy(cfg: DeployConfig | None = None, /, *, boards: int | None = None, **options: Any) -> DeployResult:
     """Deploy the model (and each --compare model, timed in the same alternating run) with every runtime;
-    `cfg` a DeployConfig, or its options as keywords. Returns the report files written."""
+    `cfg` a DeployConfig, or its options as keywords. Returns the report files written. `boards`: the runtimes'
+    runs spread over that many boards of the tracker (0: every free one; trp_edge.transport_fleet), each runtime's
+    dense and compressed models still timed side by side on one board, in one job."""
     cfg = DeployConfig.of(cfg, **options)
     target = load_target(cfg.target)
     if cfg.local and not target.native:
@@ -210,35 +212,59 @@ def deploy(cfg: DeployConfig | None = None, /, **options: Any) -> DeployResult:
     conn = None if cfg.local or cfg.emulate else resolve(target, **cfg.reach)
     threads = resolve_threads(cfg.threads, target)
     planned = CompressReport.read(models[0] / "report.json").planned_precisions
-    written: list[Path] = []
-    mine: list[tuple[Path, dict[str, Any]]] = []  # the deployed model's report per runtime and precision
-    for rt in runtimes:
+
+    def plan(rt: str):
         precs = precisions(cfg, rt, planned)
         if cfg.precision is None:
             log.info("%s/%s: timing %s: %s was compressed for %s (compress --precision); pass --precision to time "
                      "others", target.name, rt, ", ".join(precs), models[0].name, ", ".join(planned))
         folders = [(m, ensure_built(m, target, rt, cfg, "int8" in precs, threads)) for m in models]
         refs = references(folders[0][0], rt, target, folders[0][1], cfg, threads)
-        job, files, parts = plan_job(folders, threads, cfg, precs, refs)
+        return plan_job(folders, threads, cfg, precs, refs)
+
+    written: list[Path] = []
+    mine: list[tuple[Path, dict[str, Any]]] = []  # the deployed model's report per runtime and precision
+    if boards is not None and conn is None:
+        raise ConfigError("--boards spreads the runs over the boards of a tracker: drop --local/--emulate, pass "
+                          "--tracker")
+    if boards is not None and conn is not None:
+        from ..transport_fleet import open_fleet
+        from .in_net import fan_out
+
+        plans = [plan(rt) for rt in runtimes]  # built here first, then timed on the boards at once
+        with open_fleet(conn, boards, cfg.timeout) as s:
+            results = list(fan_out(s.workers, lambda p: s.call("bench", p[0], p[1]), plans))
+        for rt, (_, _, parts), result in zip(runtimes, plans, results, strict=True):
+            written += _write_reports(rt, parts, result, s, target, cfg, mine)
+        return DeployResult(tuple(written), fastest(mine))
+    for rt in runtimes:
+        job, files, parts = plan(rt)
         # one session per runtime: --timeout bounds each runtime's run
         with open_session(target, local=cfg.local, emulate=cfg.emulate, conn=conn, timeout=cfg.timeout) as s:
             result = s.call("bench", job, files)
-        for key in parts[0].variants:
-            prec, api = key
-            skipped = {result.get("artifacts", {}).get(v, {}).get("skipped") for v in parts[0].variants[key].values()}
-            if skipped - {None}:
-                log.warning("%s/%s: the %s artifacts were not run: %s", target.name, rt, api, skipped.pop())
-                continue
-            reps = [make_report(p, target, result, transport=s.transport, emulated=s.emulated, precision=prec,
-                                api=api) for p in parts if key in p.variants]
-            if len(reps) > 1:
-                comparison = [summary_row(r) for r in reps]
-                for r in reps:
-                    r["comparison"] = comparison
-            written += [write_report(r, Path(cfg.reports)) for r in reps]
-            if key in parts[0].variants:
-                mine.append((written[-len(reps)], reps[0]))
+        written += _write_reports(rt, parts, result, s, target, cfg, mine)
     return DeployResult(tuple(written), fastest(mine))
+
+
+def _write_reports(rt: str, parts, result: dict[str, Any], s, target: Target, cfg: DeployConfig,
+                   mine: list[tuple[Path, dict[str, Any]]]) -> list[Path]:
+    """The reports of one runtime's run; the deployed model's (parts[0]) also go to `mine` (fastest)."""
+    written = []
+    for key in parts[0].variants:
+        prec, api = key
+        skipped = {result.get("artifacts", {}).get(v, {}).get("skipped") for v in parts[0].variants[key].values()}
+        if skipped - {None}:
+            log.warning("%s/%s: the %s artifacts were not run: %s", target.name, rt, api, skipped.pop())
+            continue
+        reps = [make_report(p, target, result, transport=s.transport, emulated=s.emulated, precision=prec,
+                            api=api) for p in parts if key in p.variants]
+        if len(reps) > 1:
+            comparison = [summary_row(r) for r in reps]
+            for r in reps:
+                r["comparison"] = comparison
+        written += [write_report(r, Path(cfg.reports)) for r in reps]
+        mine.append((written[-len(reps)], reps[0]))
+    return written
 
 
 def fastest(mine: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any] | None:

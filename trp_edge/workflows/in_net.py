@@ -6,10 +6,12 @@ and pair given its time in the net (in_net_rows, place). Also how a calibration 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..backends.base import Lowered
 from ..errors import ConversionError, DeviceError
@@ -18,6 +20,7 @@ from ..targets import Target
 from ..transport import Session
 
 log = logging.getLogger(__name__)
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def net_grid(groups: dict[str, dict[str, Any]], members: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, int]]]:
@@ -38,6 +41,22 @@ def net_grid(groups: dict[str, dict[str, Any]], members: dict[str, list[str]]) -
     return grid
 
 
+_LOWERING = threading.Lock()  # lowering (torch export) one file at a time, whichever board waits for it
+
+
+def fan_out(workers: int, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """fn over items, `workers` at a time (a fleet's boards), the results in the items' order as they are ready;
+    one at a time in this thread with one worker."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="trp-edge-board")
+    try:
+        yield from pool.map(fn, items)
+    finally:  # a caller that stops early (a failed net) leaves the jobs not started unrun
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 @contextmanager
 def written(files: Lowered) -> Iterator[dict[str, Path]]:
     """The files of one call as paths: a file that the backend's lower_calibration left as a function is written
@@ -45,7 +64,8 @@ def written(files: Lowered) -> Iterator[dict[str, Path]]:
     paths = {}
     try:
         for name, file in files.items():
-            paths[name] = file() if callable(file) else file
+            with _LOWERING:
+                paths[name] = file() if callable(file) else file
         yield paths
     finally:
         for name, file in files.items():
@@ -61,12 +81,15 @@ def time_net(session: Session, job: dict[str, Any], files: Lowered, g: dict[str,
     dense = job["artifacts"][0]["file"]
     if len(job["artifacts"]) > 1:
         res: dict[str, Any] = {"nets": {}, "errors": {}}
-        for a in job["artifacts"]:
+
+        def one_net(a):
             try:
                 with written({a["file"]: files[a["file"]]}) as paths:
-                    one = session.call("in_net", {**job, "artifacts": [a]}, paths)
+                    return session.call("in_net", {**job, "artifacts": [a]}, paths)
             except (DeviceError, ConversionError) as e:
-                one = {"error": str(e)}
+                return {"error": str(e)}
+
+        for one in fan_out(session.workers, one_net, job["artifacts"]):  # one net per call, on any free board
             res["nets"].update(one.get("nets") or {})
             res["errors"].update(one.get("errors") or {})
             res.setdefault("device", one.get("device"))
