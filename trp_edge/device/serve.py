@@ -1,10 +1,11 @@
-"""`trp-edge serve`: a TVM RPC server that also benchmarks ONNX Runtime and TFLite models uploaded to it,
+"""`trp-edge serve`: a TVM RPC server that also benchmarks ONNX Runtime, TFLite and ExecuTorch models uploaded to it,
 so one transport, one tracker and one upload path serve every runtime.
 
 It registers three functions in the server: `trp_edge.info()` (device identity and the runtimes present),
 `trp_edge.bench(job_json)` (trp_edge.device.bench on the uploaded files) and `trp_edge.calibrate(job_json)`
 (one layer of `trp-edge calibrate`). It needs numpy, the TVM
-runtime and whichever of onnxruntime / ai-edge-litert / tflite-runtime the device has; no torch. A
+runtime and whichever of onnxruntime / ai-edge-litert / tflite-runtime / executorch the device has; torch only
+for executorch, whose runtime links it. A
 runtime that is missing is reported to the client, not crashed on. Bound beyond loopback it requires a token
 (trp_edge.device.auth); every job is checked and bounded (trp_edge.device.jobs).
 
