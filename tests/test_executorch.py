@@ -117,7 +117,9 @@ def test_calibration_in_place_and_a_table_of_another_runtime_refused(tmp_path):
     for layer in t.header["layers"]:
         assert t.dense(layer) > 0
         pairs = [r for r in t.rows if r["layer"] == layer and r["scheme"] in ("channel", "spatial")]
-        assert pairs and all(r["median_ms"] > 0 and r["rank"] >= 1 for r in pairs)
+        # ETDump counts whole microseconds: a rank-1 pair of a 3-channel conv at 16x16 can profile at 0 in place
+        assert pairs and all(r["median_ms"] >= 0 and r["rank"] >= 1 for r in pairs)
+        assert any(r["median_ms"] > 0 for r in pairs)
     assert stale(t.header, t.header["device"], capabilities("executorch")) is None
     with pytest.raises(InputError, match="measured with executorch, not ort"):
         load_table(res.csv, target="host", runtime="ort", precision="fp32")
