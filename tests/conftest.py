@@ -97,6 +97,20 @@ def start(cmd: list[str], ready: str, log: Path, env: dict[str, str] | None = No
     raise RuntimeError(f"not ready: {log.read_text()}")
 
 
+def start_tracker(log: Path) -> tuple[str, subprocess.Popen]:
+    """A TVM RPC tracker on 127.0.0.1, once it accepts connections: (HOST:PORT, its process)."""
+    port = free_port()
+    p = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+               str(port + 1)], "", log)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return f"127.0.0.1:{port}", p
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A trp-edge serve reached directly at 127.0.0.1:port."""

@@ -2,10 +2,7 @@
 deployed through it, the report's figures consistent, and each failure a clear line."""
 
 import json
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ from click.testing import CliRunner
 
 from trp_edge.cli import main
 
-from .conftest import EXE, free_port, start, stop
+from .conftest import EXE, free_port, start, start_tracker, stop
 
 FAST = ["--min-runs", "5", "--min-seconds", "0.05"]
 TOP_KEYS = {"target", "runtime", "device", "emulated", "mac_speedup", "dense", "compressed", "latency_speedup",
@@ -23,16 +20,8 @@ TOP_KEYS = {"target", "runtime", "device", "emulated", "mac_speedup", "dense", "
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
-    port = free_port()
-    p = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
-               str(port + 1)], "", tmp_path_factory.mktemp("tracker") / "log")
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
+    addr, p = start_tracker(tmp_path_factory.mktemp("tracker") / "log")
+    yield addr
     stop(p)
 
 

@@ -6,8 +6,6 @@ started, every row once and the same keys as a single-board table."""
 import json
 import os
 import random
-import socket
-import sys
 import threading
 import time
 
@@ -20,7 +18,7 @@ from trp_edge.targets import Connection
 from trp_edge.transport_fleet import Fleet, Journal
 from trp_edge.workflows.calibrate import calibrate
 
-from .conftest import EXE, free_port, start, stop
+from .conftest import EXE, free_port, start, start_tracker, stop
 
 FAST = ProfileConfig(warmup=1, block=2, min_runs=2, min_seconds=0.0, max_seconds=5.0)
 
@@ -76,16 +74,8 @@ def test_the_journal_answers_a_call_once(tmp_path):
 
 @pytest.fixture
 def tracker(tmp_path):
-    port = free_port()
-    p = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
-               str(port + 1)], "", tmp_path / "tracker.log")
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}", p
+    addr, p = start_tracker(tmp_path / "tracker.log")
+    yield addr, p
     stop(p)
 
 

@@ -5,8 +5,6 @@ a job that breaks a limit is answered with one line while the server goes on."""
 
 import gc
 import re
-import socket
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from trp_edge.errors import ConfigError, DeviceError
 from trp_edge.targets import Connection, load_target
 from trp_edge.transport import connect, rpc_session
 
-from .conftest import EXE, free_port, start, stop
+from .conftest import EXE, free_port, start, start_tracker, stop
 
 
 @pytest.fixture
@@ -109,20 +107,12 @@ def relu_model() -> bytes:
 
 
 def test_through_the_tracker_with_the_token(tmp_path, no_token):
-    tport = free_port()
-    tracker = start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport),
-                     "--port-end", str(tport + 1)], "", tmp_path / "tracker.log")
+    addr, tracker = start_tracker(tmp_path / "tracker.log")
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", tport), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        board = start([EXE, "serve", "--port", str(free_port()), "--tracker", f"127.0.0.1:{tport}", "--key", "tb"],
+        board = start([EXE, "serve", "--port", str(free_port()), "--tracker", addr, "--key", "tb"],
                       "listening on", tmp_path / "board.log", env={"TRP_EDGE_TOKEN": "fleet-secret"})
         try:
-            conn = Connection(tracker=f"127.0.0.1:{tport}", key="tb")
+            conn = Connection(tracker=addr, key="tb")
             with pytest.raises(DeviceError, match="wrong or missing token"):
                 connect(conn, 30)
             no_token.setenv("TRP_EDGE_TOKEN", "fleet-secret")
