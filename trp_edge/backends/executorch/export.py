@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-CONVS_METHOD = "trp_edge_convs"
+from .runtime import CONVS_METHOD  # the method export writes: its one name lives with its reader
+
 CONV_COLUMNS = ("out_c", "in_c", "kh", "kw", "oh", "ow", "groups", "tag")
 
 

@@ -7,7 +7,7 @@ resized under a loaded method: one job, one thread count), and checks the count 
 
 Per-op rows come from ETDump (the Inspector's events of the "Execute" block). XNNPACK names them after its own
 operators, so convolution events are mapped to the model's convs by order and kernel class, from the rows the
-program carries (export.CONVS_METHOD): the k-th conv call takes the next event that can be its kernel (an
+program carries (CONVS_METHOD): the k-th conv call takes the next event that can be its kernel (an
 IGEMM or DWConv convolution, a 1x1 conv a GEMM convolution or a fully connected op). Where they do not line up
 the mapping is refused with the reason, not guessed."""
 
@@ -27,7 +27,7 @@ import numpy as np
 from ...errors import ConfigError, ConversionError
 from ..base import PROFILE_RUNS, Run, layer_stats
 
-CONVS_METHOD = "trp_edge_convs"  # export.CONVS_METHOD (export.py imports torch at the top of its functions only)
+CONVS_METHOD = "trp_edge_convs"  # the constant method export.py writes, listing the program's convs
 
 
 def _runtime():
@@ -90,17 +90,16 @@ def load_signature(path: str, signature: str, threads: int = 1) -> Run:
     return _runner(_method(path, signature, threads)[1])
 
 
-def convs(path: str) -> np.ndarray:
-    """The conv rows the program carries (export.CONV_COLUMNS), empty when it has none."""
-    program = _runtime().load_program(Path(path))
+def _convs(program) -> np.ndarray:
+    """The conv rows a loaded program carries (export.CONV_COLUMNS), empty when it has none."""
     if CONVS_METHOD not in program.method_names:
         return np.zeros((0, 8), np.int64)
     return program.load_method(CONVS_METHOD).execute([])[0].numpy().reshape(-1, 8)
 
 
-def _events(path: str, x: np.ndarray, threads: int, runs: int) -> list[tuple[str, list[float]]]:
+def _events(path: str, x: np.ndarray, threads: int, runs: int) -> tuple[list[tuple[str, list[float]]], np.ndarray]:
     """`runs` calls of the model with ETDump on: each op event of the execution, in order, with its time in
-    ms per run."""
+    ms per run; and the program's conv rows (_convs, read once the dump is written)."""
     from executorch.devtools import Inspector
 
     program, method = _method(path, "forward", threads, etdump=True)
@@ -111,6 +110,7 @@ def _events(path: str, x: np.ndarray, threads: int, runs: int) -> list[tuple[str
     os.close(fd)
     try:
         program.write_etdump_result_to_file(dump, dump + ".bin")
+        rows = _convs(program)
         with warnings.catch_warnings():  # "Output Buffer not found": no tensor dumps were asked for, only times
             warnings.simplefilter("ignore")
             inspector = Inspector(etdump_path=dump)
@@ -124,7 +124,7 @@ def _events(path: str, x: np.ndarray, threads: int, runs: int) -> list[tuple[str
         for e in block.events:
             if e.perf_data is not None and e.name not in ("Method::execute", "DELEGATE_CALL"):
                 out.append((e.name, [float(v) for v in e.perf_data.raw]))
-    return out
+    return out, rows
 
 
 def _fits(row, event: str) -> bool:
@@ -166,8 +166,7 @@ def profile_ops(path: str, x: np.ndarray, threads: int = 1, device: str = "cpu",
                 runs: int = PROFILE_RUNS) -> list[dict[str, Any]]:
     """Per op of the XNNPACK execution (ETDump), median over runs; each convolution named after the conv it
     runs ("weight" [out, in, kh, kw] and "output" [1, out, oh, ow], for trp_edge.layers)."""
-    events = _events(path, x, threads, runs)
-    rows = convs(path)
+    events, rows = _events(path, x, threads, runs)
     conv_at = dict(zip(_conv_events(events, rows), rows))
     out = []
     for i, (name, ms) in enumerate(events):
@@ -185,8 +184,7 @@ def layer_profile(path: str, x: np.ndarray, threads: int = 1, runs: int = 2 * PR
     """Per layer tag (the program's conv rows, export.conv_rows with tags) the convolution events' time summed
     per run: median_ms (the mean of the middle half of the runs), p10, p90; and each run's whole time over every
     op ("total_ms", for scaling to the model's timed latency). Two warm-up runs are left out."""
-    events = _events(path, x, threads, runs + 2)
-    rows = convs(path)
+    events, rows = _events(path, x, threads, runs + 2)
     total = np.zeros(runs)
     layers: dict[str, np.ndarray] = {}
     conv_at = dict(zip(_conv_events(events, rows), rows))
